@@ -1,0 +1,30 @@
+"""What every launcher shares: ``--config C`` plus ``key.sub=value`` overrides, and logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from evr1.config import Config, ConfigError, load_config
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config under configs/ (defaults if omitted)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted overrides, e.g. data.video.fps=1.0")
+    return parser
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    """Load the config or exit with the error message (it names the offending field)."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
