@@ -1,0 +1,1 @@
+"""Training: the GRPO objective (``grpo``) and, built on it, the actor update loop."""

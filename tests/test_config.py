@@ -1,0 +1,60 @@
+"""The typed config: YAML + dotted overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evr1.config import Config, ConfigError, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs, "configs/ must ship at least the CPU demo"
+    for path in configs:
+        assert isinstance(load_config(path), Config)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml",
+                      ["data.video.fps=1", "preprocess.num_tasks=3", "launch.setup=[a, b]",
+                       "data.video.total_pixels=null", "run_dir=/scratch/x"])
+    assert cfg.data.video.fps == 1.0 and isinstance(cfg.data.video.fps, float)
+    assert cfg.preprocess.num_tasks == 3
+    assert cfg.launch.setup == ["a", "b"]
+    assert cfg.data.video.total_pixels is None
+    assert cfg.shard_dir == Path("/scratch/x/shards")
+    # The demo's own values survive where not overridden.
+    assert cfg.data.video.max_pixels == 3136
+
+
+def test_roundtrip_through_yaml(tmp_path):
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml", ["seed=7"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.vidoe.fps=1", "unknown config key data.vidoe"),
+    ("data.video.fps=fast", "data.video.fps must be float"),
+    ("preprocess.num_tasks=2.5", "preprocess.num_tasks must be int"),
+    ("preprocess.num_tasks=0", "preprocess.num_tasks must be >= 1"),
+    ("preprocess.backend=ffmpeg", "preprocess.backend='ffmpeg' is not one of"),
+    ("data.video.max_pixels=10", "data.video: need 0 < min_pixels <= max_pixels"),
+    ("reward.accuracy_weight=0.5", "must sum to 1"),
+    ("launch.setup=notalist", "launch.setup must be a list"),
+    ("nokey", "not of the form key.sub=value"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_lists_valid_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  video:\n    fsp: 2\n")
+    with pytest.raises(ConfigError, match=r"data.video.fsp; valid keys here: .*fps"):
+        load_config(path)
