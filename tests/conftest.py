@@ -1,0 +1,24 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Prompts like the synthetic tasks', so the tiny tokenizer keeps them short.
+TINY_CORPUS = [
+    "What colour is the moving shape?",
+    "Which direction does the shape move? A. left B. right C. up D. down",
+    "How many shapes appear in the video?",
+    "Is the square larger than the circle?",
+    "<answer>B</answer>",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init Qwen2.5-VL folder (model, tokenizer, processor), built once."""
+    from evr1.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), TINY_CORPUS, seed=0)
