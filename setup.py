@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="evr1",
     version="0.1.0",
-    description="Reinforcement learning on video understanding for Qwen-VL models, on Slurm clusters",
+    description="RL on video understanding for Qwen-VL models, on Slurm clusters",
     python_requires=">=3.10",
     packages=find_packages(include=["evr1", "evr1.*"]),
     install_requires=[

@@ -105,7 +105,7 @@ def _run_wave(executor: submitit.AutoExecutor, fn: Callable[[int], Any], tasks: 
         outcome.job_ids += [j.job_id for j in jobs]
         log.info("%s: submitted %d %s task(s): %s", executor.cluster, len(jobs), cluster,
                  ", ".join(j.job_id for j in jobs))
-        for task, job in zip(batch, jobs):
+        for task, job in zip(batch, jobs, strict=True):
             try:
                 outcome.results[task] = job.result()
                 outcome.failed.pop(task, None)

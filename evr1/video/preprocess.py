@@ -73,7 +73,8 @@ def load_all_samples(cfg: Config) -> list[Sample]:
         for sample in load_samples(path, media_root=cfg.data.media_root or None,
                                    check_media=False):
             if sample.id in seen:
-                raise ValueError(f"{path}: sample id {sample.id!r} also appears in {seen[sample.id]}")
+                raise ValueError(f"{path}: sample id {sample.id!r} also appears in "
+                                 f"{seen[sample.id]}")
             seen[sample.id] = path
             samples.append(sample)
     return samples

@@ -1,0 +1,149 @@
+"""The preprocessing stage end to end: synthetic + real + corrupt media -> shards, as an array.
+
+Runs the real launcher through submitit's local executor; the kill test SIGKILLs a task
+process midway and checks that the re-run produces the same manifest as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evr1.config import Config, dump_config, load_config
+from evr1.data.schema import load_samples
+from evr1.data.synthetic import make_synthetic
+from evr1.launch import stages
+from evr1.video.decode import load_visual
+from evr1.video.preprocess import collect_media, task_slice
+from evr1.video.shards import FAILURES, MANIFEST, ShardReader, TaskFiles, frames_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml",
+                      [f"synthetic.out_dir={out}", "synthetic.num_videos=6"])
+    make_synthetic(cfg.synthetic, progress=False)
+    return out
+
+
+def demo_config(dataset: Path, run_dir: Path, *overrides: str) -> Config:
+    return load_config(ROOT / "configs/demo_cpu.yaml", [
+        f"run_dir={run_dir}", f"data.train_jsonl={dataset / 'train.jsonl'}",
+        f"data.eval_jsonl={dataset / 'heldout.jsonl'}", "launch.cluster=local", *overrides])
+
+
+def test_array_run_writes_shards_manifest_and_failures(dataset, tmp_path):
+    cfg = demo_config(dataset, tmp_path / "run")
+    assert stages.preprocess_array(cfg) == 0
+    manifest = json.loads((cfg.shard_dir / MANIFEST).read_text())
+    failures = [json.loads(x) for x in (cfg.shard_dir / FAILURES).read_text().splitlines()]
+
+    samples = (load_samples(dataset / "train.jsonl", check_media=False)
+               + load_samples(dataset / "heldout.jsonl", check_media=False))
+    visual = [s for s in samples if s.data_type != "text"]
+    failed_ids = {f["id"] for f in failures}
+    # Every visual sample is either in the manifest or recorded as a failure, never both.
+    assert set(manifest["samples"]) | failed_ids == {s.id for s in visual}
+    assert not set(manifest["samples"]) & failed_ids
+    # The deliberately broken files are the failures, each with a reason naming the problem.
+    assert failed_ids == {s.id for s in visual if s.id.startswith("corrupt-")}
+    reasons = {f["path"].rsplit("/", 1)[-1]: f["reason"] for f in failures}
+    assert any("empty" in r.lower() or "zero" in r.lower() for r in reasons.values()), reasons
+    # Real H.264 clips and both synthetic codecs made it in; each media file stored once.
+    paths = {m["path"] for m in manifest["media"].values()}
+    assert any("bigbuckbunny" in p for p in paths)
+    assert {Path(p).suffix for p in paths} >= {".mp4", ".webm", ".png"}
+    assert len(manifest["media"]) < len(manifest["samples"])
+    assert len(manifest["shards"]) == cfg.preprocess.num_tasks
+
+    # Shard frames are exactly what decoding + sampling + resizing gives on the fly.
+    reader = ShardReader(cfg.shard_dir)
+    for sample in visual[:12]:
+        if sample.id in failed_ids:
+            continue
+        got = reader.get(sample.id)
+        direct = load_visual(sample.path, sample.data_type, cfg.data,
+                             backend=got.media.backend.split("-")[0])
+        np.testing.assert_array_equal(got.frames, direct.frames)
+        assert got.media.sha256 == frames_sha256(direct.frames)
+        assert got.media.indices == list(direct.indices)
+        budget = cfg.data.video if sample.data_type == "video" else cfg.data.image
+        t, h, w, _ = got.frames.shape
+        assert h % cfg.data.resize_factor == 0 and w % cfg.data.resize_factor == 0
+        assert h * w <= budget.max_pixels
+        if sample.data_type == "video":
+            assert t % cfg.data.temporal_patch_size == 0 and t <= budget.max_frames
+
+
+def test_rerun_skips_complete_tasks_and_redoes_a_damaged_one(dataset, tmp_path):
+    cfg = demo_config(dataset, tmp_path / "run")
+    assert stages.preprocess_sequential(cfg) == 0
+    before = (cfg.shard_dir / MANIFEST).read_bytes()
+    shard1 = TaskFiles.of(cfg.shard_dir, 1, 2).shard
+    mtime0 = TaskFiles.of(cfg.shard_dir, 0, 2).shard.stat().st_mtime_ns
+
+    data = bytearray(shard1.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # silent corruption: same size, different bytes
+    shard1.write_bytes(bytes(data))
+    assert stages.preprocess_sequential(cfg) == 0
+    assert TaskFiles.of(cfg.shard_dir, 0, 2).shard.stat().st_mtime_ns == mtime0, \
+        "a complete task must not be redone"
+    assert (cfg.shard_dir / MANIFEST).read_bytes() == before
+
+
+def test_killed_task_rerun_gives_the_same_manifest(dataset, tmp_path):
+    reference = demo_config(dataset, tmp_path / "reference")
+    assert stages.preprocess_sequential(reference) == 0
+    cfg = demo_config(dataset, tmp_path / "killed")
+    config_path = tmp_path / "killed.yaml"
+    dump_config(cfg, config_path)
+    files = TaskFiles.of(cfg.shard_dir, 0, 2)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launchers/preprocess.py"),
+                             "--config", str(config_path), "--task", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp_glob = f".{files.shard.name}.*.tmp"
+    deadline = time.monotonic() + 120
+    while not list(cfg.shard_dir.glob(tmp_glob)) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the task never started writing its shard"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the task finished before it could be killed"
+    # Killed midway: nothing under a final name, nothing that looks complete.
+    assert not files.shard.exists() and not files.manifest.exists()
+    assert not (cfg.shard_dir / MANIFEST).exists()
+
+    assert stages.preprocess_array(cfg) == 0
+    assert not list(cfg.shard_dir.glob(".*.tmp")), "the re-run must clean the killed temporaries"
+    assert (cfg.shard_dir / MANIFEST).read_text() == \
+        (reference.shard_dir / MANIFEST).read_text()
+
+
+def test_task_slices_cover_every_media_file_once(dataset):
+    samples = load_samples(dataset / "train.jsonl", check_media=False)
+    jobs = collect_media(samples)
+    for num_tasks in (1, 2, 3, 7, len(jobs) + 3):
+        covered = [i for t in range(num_tasks) for i in task_slice(len(jobs), t, num_tasks)]
+        assert covered == list(range(len(jobs)))
+    with pytest.raises(ValueError, match="outside 0..1"):
+        task_slice(10, 2, 2)
+
+
+def test_preprocess_cli_reports_a_bad_config_field(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "launchers/preprocess.py"),
+                          "--config", str(ROOT / "configs/demo_cpu.yaml"),
+                          "data.video.fsp=1"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "unknown config key data.video.fsp" in out.stderr
