@@ -64,6 +64,8 @@ class DataConfig:
     eval_jsonl: str = ""
     # Relative media paths in a JSONL resolve against this folder (default: the JSONL's own).
     media_root: str = ""
+    # Train only on these tasks (a sample's task is meta.task, else its problem_type); [] = all.
+    include_tasks: list[str] = field(default_factory=list)
     # Vision geometry of the target model: Qwen2.5-VL patch 14, Qwen3-VL patch 16; merge 2.
     patch_size: int = 14
     merge_size: int = 2
@@ -142,6 +144,158 @@ class RewardConfig:
                 f"{self.accuracy_weight} + {self.format_weight}")
 
 
+# --------------------------------------------------------------------------- model / rollout
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen2.5-VL / Qwen3-VL HF folder, or a tiny one built locally for CPU runs."""
+
+    path: str = ""  # HF folder; empty with tiny=true: <run_dir>/tiny_model
+    tiny: bool = False  # build a random-init tiny model when `path` does not exist yet
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled: the engine and its sampling settings."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = 8  # responses per prompt (the GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    # vLLM (colocated on the trainer's GPUs)
+    gpu_memory_utilization: float = 0.5
+    sleep_level: int = 1
+    sync_bucket_mb: int = 1024
+    offload_trainer: bool = True  # move trainer params/grads/optimizer to CPU while generating
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ConfigError(f"rollout.n must be >= 1, got {self.n}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("rollout: need temperature >= 0 and 0 < top_p <= 1")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# --------------------------------------------------------------------------- training
+
+
+Estimator = Literal["grpo", "drgrpo", "rloo"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+@dataclass
+class GRPOConfig:
+    """Hyper-parameters of the GRPO objective.
+
+    Defaults follow the EasyVideoR1 recipe: group-normalised advantages, asymmetric clipping
+    0.2 / 0.28 (DAPO clip-higher), no KL to a reference, no entropy bonus, and no off-policy
+    correction for offline trajectories.
+    """
+
+    estimator: Estimator = "grpo"
+    clip_low: float = 0.2  # ratio lower bound is 1 - clip_low (matters for negative advantages)
+    clip_high: float = 0.28  # ratio upper bound is 1 + clip_high (for positive advantages)
+    loss_agg: LossAgg = "token-mean"
+    kl_coef: float = 0.0  # 0 disables the KL term (no reference forward needed)
+    kl_estimator: KLEstimator = "k3"
+    entropy_coef: float = 0.0
+    # Truncation c of the per-token weight min(pi_old / pi_behaviour, c) for trajectories that
+    # another policy sampled (offline slot of a group); None applies no correction.
+    offline_is_clip: float | None = None
+    eps: float = 1e-6  # added to the group std in the `grpo` estimator
+
+    def validate(self, where: str = "grpo") -> GRPOConfig:
+        _check_choice(where, "estimator", self.estimator, Estimator)
+        _check_choice(where, "loss_agg", self.loss_agg, LossAgg)
+        _check_choice(where, "kl_estimator", self.kl_estimator, KLEstimator)
+        if not 0.0 < self.clip_low < 1.0:
+            raise ConfigError(f"{where}.clip_low must be in (0, 1), got {self.clip_low}")
+        if not self.clip_high > 0.0:
+            raise ConfigError(f"{where}.clip_high must be > 0, got {self.clip_high}")
+        for name in ("kl_coef", "entropy_coef"):
+            value = getattr(self, name)
+            if not value >= 0.0:  # also rejects nan
+                raise ConfigError(f"{where}.{name} must be >= 0, got {value}")
+        if self.offline_is_clip is not None and not self.offline_is_clip > 0.0:
+            raise ConfigError(
+                f"{where}.offline_is_clip must be > 0 or null, got {self.offline_is_clip}")
+        if not self.eps > 0.0:
+            raise ConfigError(f"{where}.eps must be > 0, got {self.eps}")
+        return self
+
+
+def _check_choice(where: str, name: str, value: object, choices: object) -> None:
+    allowed = typing.get_args(choices)
+    if value not in allowed:
+        raise ConfigError(f"{where}.{name}={value!r} is not one of "
+                          f"{', '.join(map(repr, allowed))}")
+
+
+
+
+@dataclass
+class OfflineConfig:
+    """Mixed offline-online groups: an expert trajectory takes one slot of the group."""
+
+    mode: Literal["never", "always", "below_threshold"] = "always"
+    threshold: float = 0.5  # below_threshold: mix only when the group's accuracy is under this
+
+
+@dataclass
+class MegatronConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_packing: bool = True
+
+
+@dataclass
+class TrainConfig:
+    backend: Literal["hf", "megatron"] = "hf"
+    steps: int = 200
+    prompts_per_step: int = 32  # prompts per optimiser step (x rollout.n responses)
+    micro_batch_size: int = 8  # responses per forward/backward
+    lr: float = 1e-6
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    filter_no_signal: bool = False  # drop groups whose rewards are all equal
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    # checkpoints and logging
+    save_every: int = 50
+    keep_last: int = 3
+    resume: str = "auto"  # auto | never | a checkpoint folder
+    log_every: int = 1
+    eval_every: int = 0  # held-out greedy accuracy every K steps (0: only before and after)
+    eval_samples: int = 64
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "evr1"
+
+    def validate(self) -> None:
+        self.grpo.validate("train.grpo")
+        for name in ("steps", "prompts_per_step", "micro_batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.offline.threshold <= 1:
+            raise ConfigError("train.offline.threshold must be in [0, 1]")
+
+
 # --------------------------------------------------------------------------- launching
 
 
@@ -175,12 +329,17 @@ class Config:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> Config:
         self.data.validate()
         self.preprocess.validate()
         self.reward.validate()
+        self.rollout.validate()
+        self.train.validate()
         return self
 
     # Paths in a config are relative to the working directory the launcher runs in.
@@ -190,6 +349,14 @@ class Config:
     @property
     def shard_dir(self) -> Path:
         return self.path(self.preprocess.out_dir or f"{self.run_dir}/shards")
+
+    @property
+    def model_path(self) -> Path:
+        return self.path(self.model.path or f"{self.run_dir}/tiny_model")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path(f"{self.run_dir}/checkpoints")
 
     @property
     def submitit_dir(self) -> Path:

@@ -263,9 +263,12 @@ def _choice(question: str, choices: tuple[str, ...]) -> tuple[str, list[str]]:
 
 def _sample(sample_id: str, problem_type: str, problem: str, solution: Any, data_type: str,
             path: str | None, meta: dict[str, Any], options: list[str] | None = None) -> Sample:
+    # meta.task names the question kind (colour, direction, ...): evaluation reports accuracy
+    # per task, and data.include_tasks selects tasks for training.
     return Sample(id=sample_id, problem_type=problem_type, problem=problem, options=options,
                   solution=solution, data_type=data_type, path=path,
-                  offline_output=_answer(solution), meta=meta)
+                  offline_output=_answer(solution),
+                  meta={**meta, "task": sample_id.rsplit("-", 1)[-1]})
 
 
 def colour_sample(sample_id: str, colour: str, data_type: str, path: str,

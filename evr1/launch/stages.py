@@ -66,3 +66,35 @@ def print_preprocess_summary(summaries: list[TaskSummary]) -> None:
           f"{sum(s.failures for s in done)} failures; {frames} frames in {wall:.1f} s "
           f"({frames / busy if busy else 0:.0f} frames/s per task); "
           f"{sum(s.bytes_written for s in done) / 2**20:.1f} MiB written; backends {backends}")
+
+
+def run_training(cfg: Config) -> dict:
+    """The training job body (runs inside the submitted job or in this process)."""
+    from evr1.train.trainer import Trainer  # torch + transformers: only where training runs
+
+    result = Trainer(cfg).run()
+    return {"steps": result.steps, "before": result.before, "after": result.after,
+            "checkpoint": result.checkpoint}
+
+
+def train_job(cfg: Config, submit: bool = False) -> int:
+    if submit:
+        outcome = run_array(lambda _: run_training(cfg), [0], cfg.launch,
+                            cfg.submitit_dir / "train", name="evr1-train")
+        if outcome.failed:
+            print(f"training failed: {outcome.failed[0]}")
+            return 1
+        result = outcome.results[0]
+    else:
+        result = run_training(cfg)
+    print_training_summary(result)
+    return 0
+
+
+def print_training_summary(result: dict) -> None:
+    before, after = result["before"], result["after"]
+    print(f"training: {result['steps']} steps; checkpoint {result['checkpoint']}")
+    for key in sorted(set(before) | set(after)):
+        if key.startswith("accuracy"):
+            print(f"  held-out {key:<28} before {before.get(key, float('nan')):.3f}  "
+                  f"after {after.get(key, float('nan')):.3f}")

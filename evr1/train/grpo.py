@@ -30,19 +30,13 @@ right for a single micro-batch holding the whole batch.
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from evr1.config import ConfigError
-
-Estimator = Literal["grpo", "drgrpo", "rloo"]
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-KLEstimator = Literal["k1", "k2", "k3"]
+from evr1.config import Estimator, GRPOConfig, KLEstimator, LossAgg
 
 # exp() of a log-ratio beyond this overflows float32 long before it means anything; tokens that
 # far off-policy are clipped (or hopeless) anyway, so the clamp only buys finite numbers.
@@ -50,57 +44,6 @@ _MAX_LOG_RATIO = 20.0
 # The k3 estimator is unbounded above when the reference gives a token almost no mass; one such
 # token would dominate the KL term, so its per-token value is capped (the usual choice).
 K3_CLAMP = 10.0
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class GRPOConfig:
-    """Hyper-parameters of the GRPO objective.
-
-    Defaults follow the EasyVideoR1 recipe: group-normalised advantages, asymmetric clipping
-    0.2 / 0.28 (DAPO clip-higher), no KL to a reference, no entropy bonus, and no off-policy
-    correction for offline trajectories.
-    """
-
-    estimator: Estimator = "grpo"
-    clip_low: float = 0.2  # ratio lower bound is 1 - clip_low (matters for negative advantages)
-    clip_high: float = 0.28  # ratio upper bound is 1 + clip_high (for positive advantages)
-    loss_agg: LossAgg = "token-mean"
-    kl_coef: float = 0.0  # 0 disables the KL term (no reference forward needed)
-    kl_estimator: KLEstimator = "k3"
-    entropy_coef: float = 0.0
-    # Truncation c of the per-token weight min(pi_old / pi_behaviour, c) for trajectories that
-    # another policy sampled (offline slot of a group); None applies no correction.
-    offline_is_clip: float | None = None
-    eps: float = 1e-6  # added to the group std in the `grpo` estimator
-
-    def validate(self, where: str = "grpo") -> GRPOConfig:
-        _check_choice(where, "estimator", self.estimator, Estimator)
-        _check_choice(where, "loss_agg", self.loss_agg, LossAgg)
-        _check_choice(where, "kl_estimator", self.kl_estimator, KLEstimator)
-        if not 0.0 < self.clip_low < 1.0:
-            raise ConfigError(f"{where}.clip_low must be in (0, 1), got {self.clip_low}")
-        if not self.clip_high > 0.0:
-            raise ConfigError(f"{where}.clip_high must be > 0, got {self.clip_high}")
-        for name in ("kl_coef", "entropy_coef"):
-            value = getattr(self, name)
-            if not value >= 0.0:  # also rejects nan
-                raise ConfigError(f"{where}.{name} must be >= 0, got {value}")
-        if self.offline_is_clip is not None and not self.offline_is_clip > 0.0:
-            raise ConfigError(
-                f"{where}.offline_is_clip must be > 0 or null, got {self.offline_is_clip}")
-        if not self.eps > 0.0:
-            raise ConfigError(f"{where}.eps must be > 0, got {self.eps}")
-        return self
-
-
-def _check_choice(where: str, name: str, value: object, choices: object) -> None:
-    allowed = typing.get_args(choices)
-    if value not in allowed:
-        raise ConfigError(f"{where}.{name}={value!r} is not one of "
-                          f"{', '.join(map(repr, allowed))}")
 
 
 # --------------------------------------------------------------------------- advantages

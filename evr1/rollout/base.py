@@ -1,0 +1,63 @@
+"""What every rollout engine takes and returns; the trainer never knows which engine it has.
+
+An engine receives prompts whose frames were already sampled and resized in preprocessing
+(no second decode, no second resize), samples ``n`` responses per prompt, and returns token
+ids, decoded text and, where the engine computes them, its own per-token log-probs (used to
+log the train/inference mismatch). After every optimiser step the trainer pushes its weights
+with ``sync_weights``; colocated engines also ``sleep``/``wake_up`` around the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Prompt:
+    """One prompt: the problem text and its (already sampled, resized) frames."""
+
+    sample_id: str
+    problem: str
+    data_type: str  # video | image | text
+    frames: np.ndarray | None = None  # uint8 [T, H, W, 3]; None for text
+    fps: float = 2.0  # sampling rate of the frames (video only)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+
+
+@dataclass
+class Rollouts:
+    """n responses per prompt, grouped: responses of prompt i are rows i*n .. i*n+n-1."""
+
+    n: int
+    response_ids: list[list[int]]
+    texts: list[str]
+    logprobs: list[list[float]] | None = None  # engine-side log-probs of each response token
+    truncated: list[bool] = field(default_factory=list)  # hit max_new_tokens without EOS
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> Rollouts: ...
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights, given under their Hugging Face names."""
+
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory (weights and KV cache) until ``wake_up``."""
+
+    def wake_up(self) -> None: ...

@@ -1,0 +1,166 @@
+"""Training backend ``hf``: plain PyTorch over a transformers Qwen-VL model (CPU default).
+
+One ``train_step`` is one optimiser step over a list of micro-batches (gradient accumulation):
+every micro-batch's loss is divided by the token (or sequence) count of the whole step, so the
+accumulated gradient equals the full-batch gradient whatever the micro-batch sizes
+(see ``evr1.train.grpo``). The rollout batch is used for exactly one optimiser step, so the
+"old" policy is the current one: its log-probs are the detached log-probs of the same forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evr1.config import GRPOConfig, TrainConfig
+from evr1.train.batch import PolicyBatch
+from evr1.train.grpo import (
+    importance_weights,
+    loss_normaliser,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up, then constant, cosine or linear decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" \
+            else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return factor
+
+
+class HFBackend:
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, temperature: float = 1.0):
+        self.model = model
+        self.cfg = cfg
+        # Log-probs of the tempered distribution the sampler drew from.
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+            betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.ref_model = None
+        if cfg.grpo.kl_coef > 0:  # the frozen starting policy, only when the KL term is used
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ forward
+
+    def _logits(self, model: torch.nn.Module, batch: PolicyBatch) -> Tensor:
+        width = batch.responses.shape[1]
+        out = model(**batch.model_inputs, logits_to_keep=width + 1, use_cache=False)
+        return out.logits[:, :-1].float() / self.temperature
+
+    @torch.no_grad()
+    def logprobs(self, batch: PolicyBatch) -> Tensor:
+        """Per-token log-probs of the batch's responses under the current weights, [B, R]."""
+        return token_logprobs(self._logits(self.model, batch), batch.responses)
+
+    # ------------------------------------------------------------------ update
+
+    def train_step(self, batches: list[PolicyBatch], grpo: GRPOConfig) -> dict[str, float]:
+        self.model.train()
+        start = time.perf_counter()
+        normaliser = sum(loss_normaliser(b.mask, grpo.loss_agg) for b in batches)
+        totals: dict[str, float] = {}
+        tokens = 0
+        for batch in batches:
+            logits = self._logits(self.model, batch)
+            logp = token_logprobs(logits, batch.responses)
+            old_logp = logp.detach()
+            entropy = token_entropy(logits) if grpo.entropy_coef > 0 else None
+            ref_logp = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logp = token_logprobs(self._logits(self.ref_model, batch),
+                                              batch.responses)
+            loss, metrics = policy_loss(
+                logp, old_logp, batch.advantages, batch.mask, grpo, ref_logp=ref_logp,
+                entropy=entropy, is_weights=self._offline_weights(batch, old_logp, grpo),
+                normaliser=normaliser)
+            loss.backward()
+            if entropy is None:
+                with torch.no_grad():
+                    metrics.entropy_mean = _masked_mean(token_entropy(logits.detach()),
+                                                        batch.mask)
+            n = batch.num_tokens
+            tokens += n
+            for key, value in metrics.as_floats().items():
+                totals[key] = totals.get(key, 0.0) + value * n
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {k: v / max(tokens, 1) for k, v in totals.items() if k != "loss"}
+        out.update(loss=totals.get("loss", 0.0), grad_norm=float(grad_norm), lr=lr,
+                   train_tokens=tokens, time_update=time.perf_counter() - start)
+        return out
+
+    @staticmethod
+    def _offline_weights(batch: PolicyBatch, old_logp: Tensor,
+                         grpo: GRPOConfig) -> Tensor | None:
+        """Importance weights for offline (expert) rows; on-policy rows keep weight 1.
+
+        The expert's own token probabilities are unknown, so it is treated as a deterministic
+        behaviour policy (probability 1): the weight of an offline token is the old policy's
+        probability of it, min(pi_old / 1, c). Off by default (``offline_is_clip: null``), as
+        in the method's recipe.
+        """
+        offline = batch.extras.get("offline")
+        if grpo.offline_is_clip is None or offline is None or not bool(offline.any()):
+            return None
+        weights = importance_weights(old_logp, torch.zeros_like(old_logp), grpo.offline_is_clip)
+        return torch.where(offline[:, None], weights, torch.ones_like(weights))
+
+    # ------------------------------------------------------------------ state
+
+    def named_hf_weights(self) -> Iterator[tuple[str, Tensor]]:
+        yield from self.model.state_dict().items()
+
+    def save(self, folder: Path) -> None:
+        """Model (HF safetensors) + optimizer and scheduler state."""
+        self.model.save_pretrained(folder / "model", safe_serialization=True)
+        torch.save({"optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict()}, folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = {}
+        for shard in sorted((folder / "model").glob("*.safetensors")):
+            state.update(load_file(shard))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # Tied embeddings are stored once; anything else missing is a real mismatch.
+        missing = [k for k in missing if k not in _tied_keys(self.model)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {folder}: missing {missing[:5]}, unexpected "
+                               f"{unexpected[:5]}")
+        opt = torch.load(folder / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied if not isinstance(tied, dict) else tied.keys())
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,236 @@
+"""The GRPO training loop: rollout -> reward -> (offline mix) -> advantages -> update.
+
+Short enough to read whole. The pieces it wires together live elsewhere: prompts over shards
+(``evr1.data.dataset``), the rollout engine (``evr1.rollout``), rewards (``evr1.rewards``),
+group handling (``evr1.train.groups``), the GRPO math (``evr1.train.grpo``), the training
+backend (``evr1.train.backends``) and checkpoints (``evr1.train.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evr1.config import Config, dump_config
+from evr1.data.dataset import PromptSampler, PromptSet
+from evr1.models.loading import load_model, load_processor
+from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
+from evr1.rollout.base import SamplingParams
+from evr1.rollout.hf import HFRolloutEngine
+from evr1.train import checkpoint as ckpt
+from evr1.train.backends.hf import HFBackend
+from evr1.train.batch import make_policy_batches
+from evr1.train.groups import groups_to_mix, offline_response_ids, score_responses
+from evr1.train.grpo import compute_advantages, group_has_signal
+from evr1.train.heldout import evaluate_heldout
+from evr1.train.metrics import MetricsLogger
+from evr1.video.shards import ShardReader
+
+log = logging.getLogger("evr1.train")
+
+# Files that make a checkpoint's model/ folder loadable on its own (tokenizer, processor).
+_PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json",
+                    "chat_template.jinja", "preprocessor_config.json",
+                    "video_preprocessor_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    checkpoint: str = ""
+
+
+def ensure_model(cfg: Config) -> Path:
+    """The model folder; with ``model.tiny`` a random-init tiny model is built once."""
+    path = cfg.model_path
+    if (path / "config.json").exists():
+        return path
+    if not cfg.model.tiny:
+        raise FileNotFoundError(f"model.path {path} has no config.json (set model.tiny=true "
+                                "to build a tiny random-init model there)")
+    corpus = corpus_from_jsonl([p for p in (cfg.data.train_jsonl, cfg.data.eval_jsonl) if p])
+    log.info("building a tiny %s model in %s", cfg.model.family, path)
+    return build_tiny_model(path, corpus, family=cfg.model.family, seed=cfg.seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        model_dir = ensure_model(cfg)
+        self.model_dir = model_dir
+        self.processor = load_processor(model_dir)
+        self.model = load_model(model_dir, cfg.model.dtype, "cpu",
+                                attn_implementation=cfg.model.attn_implementation)
+        if cfg.train.backend != "hf":
+            raise NotImplementedError(f"train.backend={cfg.train.backend!r}: only 'hf' is wired "
+                                      "into this trainer so far")
+        if cfg.rollout.engine != "hf":
+            raise NotImplementedError(f"rollout.engine={cfg.rollout.engine!r}: only 'hf' is "
+                                      "wired into this trainer so far")
+        self.backend = HFBackend(self.model, cfg.train, cfg.rollout.temperature)
+        self.engine = HFRolloutEngine(self.model, self.processor)
+        reader = ShardReader(cfg.shard_dir)
+        self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
+                                        cfg.data.include_tasks, cfg.data.video.fps)
+        self.heldout = None
+        if cfg.data.eval_jsonl:
+            self.heldout = PromptSet.load(cfg.data.eval_jsonl, reader, cfg.data.media_root,
+                                          cfg.data.include_tasks, cfg.data.video.fps)
+        self.sampler = PromptSampler(len(self.train_set), cfg.seed)
+        self.state = ckpt.TrainerState()
+        self.stop_id = self.engine.stop_ids[0]
+        self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
+                                     asdict(cfg))
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop_after: int = 0) -> TrainResult:
+        """Train to ``train.steps`` (or ``stop_after`` more steps), resuming if configured."""
+        self.resume()
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+        result = TrainResult(steps=self.state.step)
+        if self.state.step == 0:
+            result.before = self.evaluate()
+        last = self.cfg.train.steps
+        if stop_after > 0:
+            last = min(last, self.state.step + stop_after)
+        while self.state.step < last:
+            metrics = self.train_step()
+            self.state.step += 1
+            if self.state.step % self.cfg.train.log_every == 0:
+                self.metrics.log(self.state.step, metrics)
+            every = self.cfg.train.eval_every
+            if every and self.state.step % every == 0 and self.state.step < self.cfg.train.steps:
+                self.evaluate()
+            if self.state.step % self.cfg.train.save_every == 0 or self.state.step == last:
+                result.checkpoint = str(self.save())
+        result.steps = self.state.step
+        if self.state.step >= self.cfg.train.steps:
+            result.after = self.evaluate()
+        self.metrics.close()
+        return result
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, n = self.cfg, self.cfg.rollout.n
+        t0 = time.perf_counter()
+        indices = self.sampler.next(cfg.train.prompts_per_step)
+        self.state.data_position = self.sampler.position
+        prompts = [self.train_set.prompt(i) for i in indices]
+        samples = [self.train_set.samples[i] for i in indices]
+        rollouts = self.engine.generate(prompts, SamplingParams(
+            n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens))
+        t_rollout = time.perf_counter() - t0
+
+        responses, texts = list(rollouts.response_ids), list(rollouts.texts)
+        row_samples = [s for s in samples for _ in range(n)]
+        scores = score_responses(row_samples, texts, cfg.reward)
+        offline_rows = self._mix_offline(samples, scores.accuracy.view(-1, n), responses, texts)
+        if offline_rows:
+            mixed = score_responses([row_samples[r] for r in offline_rows],
+                                    [texts[r] for r in offline_rows], cfg.reward)
+            for k, r in enumerate(offline_rows):
+                for name in ("overall", "accuracy", "format"):
+                    getattr(scores, name)[r] = getattr(mixed, name)[k]
+        t_reward = time.perf_counter() - t0 - t_rollout
+
+        advantages = compute_advantages(scores.overall.view(-1, n),
+                                        estimator=cfg.train.grpo.estimator,
+                                        eps=cfg.train.grpo.eps).view(-1)
+        keep = torch.ones(len(samples), dtype=torch.bool)
+        if cfg.train.filter_no_signal:
+            keep = group_has_signal(scores.overall.view(-1, n))
+        rows = [r for r in range(len(responses)) if keep[r // n]]
+        update = {}
+        if rows:
+            batches = make_policy_batches(self.processor, prompts, n, responses, rows,
+                                          cfg.train.micro_batch_size, self.engine.pad_id)
+            offline = torch.zeros(len(responses), dtype=torch.bool)
+            offline[offline_rows] = True
+            for b in batches:
+                b.advantages = advantages[b.rows]
+                b.extras["offline"] = offline[b.rows]
+            update = self.backend.train_step(batches, cfg.train.grpo)
+            self.engine.sync_weights(self.backend.named_hf_weights())
+        elapsed = time.perf_counter() - t0
+        return self._step_metrics(samples, scores, responses, offline_rows, len(rows), update,
+                                  dict(time_rollout=t_rollout, time_reward=t_reward,
+                                       time_step=elapsed))
+
+    def _mix_offline(self, samples, accuracy, responses, texts) -> list[int]:
+        """Put expert trajectories in the last slot of the chosen groups; returns those rows."""
+        n = self.cfg.rollout.n
+        has_offline = torch.tensor([s.offline_output is not None for s in samples])
+        chosen = groups_to_mix(accuracy, has_offline, self.cfg.train.offline)
+        rows = []
+        for g in torch.nonzero(chosen).flatten().tolist():
+            row = g * n + n - 1
+            responses[row] = offline_response_ids(self.processor.tokenizer,
+                                                  samples[g].offline_output, self.stop_id)
+            texts[row] = samples[g].offline_output
+            rows.append(row)
+        return rows
+
+    def _step_metrics(self, samples, scores, responses, offline_rows, trained_rows, update,
+                      times) -> dict[str, Any]:
+        n = self.cfg.rollout.n
+        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
+        out: dict[str, Any] = {
+            "reward": float(scores.overall.mean()), "accuracy": float(scores.accuracy.mean()),
+            "format": float(scores.format.mean()), "response_len": float(lengths.mean()),
+            "offline_groups": len(offline_rows), "trained_rows": trained_rows,
+            "data_position": self.state.data_position, **times, **update}
+        if offline_rows:
+            out["offline_reward"] = float(scores.overall[offline_rows].mean())
+        online = [r for r in range(len(responses)) if r not in set(offline_rows)]
+        out["online_accuracy"] = float(scores.accuracy[online].mean()) if online else 0.0
+        by_type: dict[str, list[float]] = {}
+        for g, sample in enumerate(samples):
+            by_type.setdefault(sample.problem_type, []).extend(
+                scores.overall[g * n:(g + 1) * n].tolist())
+        out.update({f"reward/{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})
+        out["tokens_per_s"] = update.get("train_tokens", 0) / max(times["time_step"], 1e-9)
+        return out
+
+    # ------------------------------------------------------------------ eval / checkpoints
+
+    def evaluate(self) -> dict[str, float]:
+        if self.heldout is None:
+            return {}
+        result = evaluate_heldout(self.engine, self.heldout, self.cfg.reward,
+                                  self.cfg.rollout.max_new_tokens, self.cfg.train.eval_samples)
+        self.metrics.log(self.state.step, result, kind="heldout")
+        return result
+
+    def save(self) -> Path:
+        extra = [self.model_dir / f for f in _PROCESSOR_FILES if (self.model_dir / f).exists()]
+        return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.state, self.backend.save,
+                                    extra, self.cfg.train.keep_last)
+
+    def resume(self) -> None:
+        ckpt.remove_stale_temporaries(self.cfg.checkpoint_dir)
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return
+        folder = ckpt.latest_checkpoint(self.cfg.checkpoint_dir) if mode == "auto" \
+            else Path(mode)
+        if folder is None:
+            return
+        if not (folder / "meta.json").exists():
+            raise FileNotFoundError(f"train.resume={mode}: {folder} is not a complete checkpoint")
+        self.backend.load(folder)
+        self.state = ckpt.load_trainer_state(folder)
+        self.sampler.position = self.state.data_position
+        log.info("resumed from %s (step %d)", folder, self.state.step)
+
