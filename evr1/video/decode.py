@@ -1,0 +1,204 @@
+"""One decoding interface over two backends, and the model-ready ``Visual`` of a media file.
+
+- ``probe(path)``: codec, frame count, fps, duration and size of a video (through PyAV, so
+  every backend samples from the same frame count).
+- ``decode_frames(path, indices, backend)``: RGB uint8 frames for source frame indices.
+- ``load_visual(path, data_type, data_cfg)``: probe, sample frames (Qwen-VL conventions of
+  ``evr1.video.sampling``), decode, resize: what the preprocessing stage stores in a shard.
+
+Backends: ``pyav`` (FFmpeg; any codec), ``dali`` (``dali_device`` "cpu": VP8/VP9/MJPEG;
+"gpu": NVDEC, H.264/HEVC/VP9/...; "auto": GPU when CUDA is visible, else CPU) and ``auto``:
+DALI where it can decode the file, else PyAV; if DALI fails on a file, ``auto`` retries it with
+PyAV rather than losing the sample. DALI-CPU and PyAV return identical frames; see the backend
+modules for why.
+
+Every failure a user can fix (missing, empty, truncated or corrupt file, no video stream,
+unsupported codec) raises ``DecodeError`` whose message names the file and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from evr1.config import DataConfig
+from evr1.video import sampling
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "pyav", "dali"]
+DaliDevice = Literal["auto", "cpu", "gpu"]
+
+
+class DecodeError(RuntimeError):
+    """A media file cannot be turned into frames; ``reason`` says why and what to do."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    codec: str  # FFmpeg codec name: h264, hevc, vp9, mjpeg, ...
+    num_frames: int
+    fps: float
+    duration_s: float
+    width: int
+    height: int
+
+
+@dataclass
+class Visual:
+    """Model-ready frames of one media file, and where they came from."""
+
+    frames: np.ndarray  # uint8 [T, H, W, 3], resized; images have T = 1
+    indices: list[int]  # source frame index of each frame
+    timestamps_s: list[float]  # index / source_fps (constant frame rate); [0.0] for images
+    source_fps: float  # 0.0 for images
+    source_num_frames: int
+    source_size: tuple[int, int]  # (height, width) before resizing
+    backend: str  # pyav | dali-cpu | dali-gpu | pil
+
+
+# --------------------------------------------------------------------------- videos
+
+
+def probe(path: str | os.PathLike[str]) -> VideoInfo:
+    """Stream facts of a video file; DecodeError if it cannot be read."""
+    from evr1.video import pyav_backend
+    return pyav_backend.probe(os.fspath(path))
+
+
+def choose_backend(codec: str, backend: Backend = "auto",
+                   dali_device: DaliDevice = "auto") -> tuple[str, str | None]:
+    """("pyav", None) or ("dali", "cpu" | "gpu") for a file of ``codec``."""
+    if backend not in ("auto", "pyav", "dali"):
+        raise ValueError(f"backend must be auto, pyav or dali, got {backend!r}")
+    if dali_device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"dali_device must be auto, cpu or gpu, got {dali_device!r}")
+    if backend == "pyav":
+        return "pyav", None
+    from evr1.video import dali_backend
+    devices = ["gpu", "cpu"] if dali_device == "auto" else [dali_device]
+    for device in devices:
+        if dali_backend.can_decode(codec, device):
+            return "dali", device
+    if backend == "dali":  # asked for explicitly: let dali_backend explain the refusal
+        return "dali", devices[-1]
+    return "pyav", None
+
+
+def decode_frames(path: str | os.PathLike[str], indices: list[int], backend: Backend = "auto",
+                  *, dali_device: DaliDevice = "auto",
+                  info: VideoInfo | None = None) -> tuple[np.ndarray, str]:
+    """RGB uint8 ``[len(indices), H, W, 3]`` for source frame ``indices``, and the backend name
+    that produced them (``pyav``, ``dali-cpu`` or ``dali-gpu``)."""
+    from evr1.video import dali_backend, pyav_backend
+
+    path = os.fspath(path)
+    info = info or probe(path)
+    indices = [int(i) for i in indices]
+    bad = [i for i in indices if not 0 <= i < info.num_frames]
+    if bad or not indices:
+        raise ValueError(f"{path}: need frame indices in [0, {info.num_frames}), got "
+                         f"{bad[:5] or 'none'}")
+    name, device = choose_backend(info.codec, backend, dali_device)
+    if name == "dali":
+        assert device is not None
+        try:
+            return dali_backend.decode_frames(path, indices, info.codec, device), f"dali-{device}"
+        except DecodeError as exc:
+            if backend == "dali":
+                raise
+            log.warning("%s; decoding it with PyAV instead", exc)
+    return pyav_backend.decode_frames(path, indices, info), "pyav"
+
+
+def load_video(path: str, data_cfg: DataConfig, backend: Backend = "auto",
+               dali_device: DaliDevice = "auto") -> Visual:
+    info = probe(path)
+    budget = data_cfg.video
+    tp = data_cfg.temporal_patch_size
+    indices = sampling.sample_frame_indices(info.num_frames, info.fps, budget, tp)
+    frames, used = decode_frames(path, indices, backend, dali_device=dali_device, info=info)
+    height, width = frames.shape[1:3]
+    size = _checked(path, lambda: sampling.video_frame_size(
+        height, width, len(indices), budget, data_cfg.resize_factor, tp))
+    return Visual(frames=sampling.resize_frames(frames, size), indices=indices,
+                  timestamps_s=[i / info.fps for i in indices], source_fps=info.fps,
+                  source_num_frames=info.num_frames, source_size=(height, width), backend=used)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]`` of an image file; transparency is flattened onto white (as the
+    Qwen-VL utilities do), so a transparent background does not turn black."""
+    from PIL import Image, UnidentifiedImageError
+
+    check_file(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                rgba = img.convert("RGBA")
+                flat = Image.new("RGB", rgba.size, (255, 255, 255))
+                flat.paste(rgba, mask=rgba.getchannel("A"))
+                return np.asarray(flat, dtype=np.uint8)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError as exc:
+        raise DecodeError(path, "not a readable image (unknown format or corrupt)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL reports truncation as OSError
+        raise DecodeError(path, f"corrupt or truncated image ({exc}); fetch it again") from exc
+
+
+def load_image(path: str, data_cfg: DataConfig) -> Visual:
+    rgb = read_image(path)
+    height, width = rgb.shape[:2]
+    size = _checked(path, lambda: sampling.image_size(height, width, data_cfg.image,
+                                                      data_cfg.resize_factor))
+    return Visual(frames=sampling.resize_frames(rgb[None], size), indices=[0],
+                  timestamps_s=[0.0], source_fps=0.0, source_num_frames=1,
+                  source_size=(height, width), backend="pil")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_visual(path: str | os.PathLike[str], data_type: str, data_cfg: DataConfig,
+                backend: Backend = "auto", dali_device: DaliDevice = "auto") -> Visual:
+    """Decode, sample and resize one media file under ``data_cfg``'s budget for its type."""
+    path = os.fspath(path)
+    if data_type == "video":
+        return load_video(path, data_cfg, backend, dali_device)
+    if data_type == "image":
+        return load_image(path, data_cfg)
+    raise ValueError(f"{path}: data_type {data_type!r} has no media to load "
+                     "(expected 'video' or 'image')")
+
+
+def check_file(path: str) -> None:
+    """DecodeError for the failures visible before opening: missing, directory, empty."""
+    if not os.path.exists(path):
+        raise DecodeError(path, "file not found (check the path and data.media_root)")
+    if os.path.isdir(path):
+        raise DecodeError(path, "is a directory, not a media file")
+    if os.path.getsize(path) == 0:
+        raise DecodeError(path, "file is empty (0 bytes): the copy or download did not "
+                                "finish; fetch it again")
+
+
+def _checked(path: str, compute: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    """Run a size computation, reporting an unusable geometry as a DecodeError."""
+    try:
+        return compute()
+    except ValueError as exc:
+        raise DecodeError(path, str(exc)) from exc
