@@ -65,8 +65,6 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
         model_dir = ensure_model(cfg)
         self.model_dir = model_dir
         self.processor = load_processor(model_dir)
@@ -92,6 +90,10 @@ class Trainer:
         self.stop_id = self.engine.stop_ids[0]
         self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
                                      asdict(cfg))
+        # Seeded last: the sampling stream must not depend on what set-up did (building the
+        # tiny model draws random numbers; loading it does not).
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
 
     # ------------------------------------------------------------------ the loop
 

@@ -141,25 +141,14 @@ class HFBackend:
                     "scheduler": self.scheduler.state_dict()}, folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = {}
-        for shard in sorted((folder / "model").glob("*.safetensors")):
-            state.update(load_file(shard))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        # Tied embeddings are stored once; anything else missing is a real mismatch.
-        missing = [k for k in missing if k not in _tied_keys(self.model)]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {folder}: missing {missing[:5]}, unexpected "
-                               f"{unexpected[:5]}")
+        # from_pretrained applies transformers' own checkpoint key mapping (saved names differ
+        # from module names in transformers 5), then the tensors are copied in place so the
+        # optimizer keeps pointing at the same parameters.
+        saved = type(self.model).from_pretrained(folder / "model", dtype=self.model.dtype)
+        self.model.load_state_dict(saved.state_dict())
         opt = torch.load(folder / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-
-
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied if not isinstance(tied, dict) else tied.keys())
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -1,0 +1,136 @@
+"""The GRPO trainer end to end on the tiny model: offline mixing, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from evr1.config import ConfigError, OfflineConfig, load_config
+from evr1.data.synthetic import make_synthetic
+from evr1.launch import stages
+from evr1.train import checkpoint as ckpt
+from evr1.train.groups import groups_to_mix, offline_response_ids
+from evr1.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Synthetic data preprocessed into shards, and a tiny model, shared by the tests here."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = small_config(root)
+    make_synthetic(cfg.synthetic, progress=False)
+    assert stages.preprocess_sequential(cfg) == 0
+    return root
+
+
+def small_config(root: Path, *overrides: str):
+    return load_config(ROOT / "configs/demo_cpu.yaml", [
+        f"run_dir={root}", f"synthetic.out_dir={root / 'data'}", "synthetic.num_videos=6",
+        "synthetic.include_real_videos=false", "synthetic.include_corrupt=false",
+        f"data.train_jsonl={root / 'data/train.jsonl'}",
+        f"data.eval_jsonl={root / 'data/heldout.jsonl'}",
+        f"model.path={root / 'tiny_model'}", f"preprocess.out_dir={root / 'shards'}",
+        "preprocess.num_tasks=1",
+        "rollout.n=4", "rollout.max_new_tokens=8", "train.prompts_per_step=2",
+        "train.micro_batch_size=3", "train.eval_samples=2", "train.wandb_mode=disabled",
+        *overrides])
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_groups_to_mix_modes():
+    acc = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    has = torch.tensor([True, True, False])
+    assert groups_to_mix(acc, has, OfflineConfig("never")).tolist() == [False, False, False]
+    assert groups_to_mix(acc, has, OfflineConfig("always")).tolist() == [True, True, False]
+    # Group accuracies 0.5, 0.0, 0.75; threshold 0.5 mixes only the strictly worse group.
+    assert groups_to_mix(acc, has, OfflineConfig("below_threshold", 0.5)).tolist() == \
+        [False, True, False]
+
+
+def test_offline_slot_holds_the_expert_answer(prepared, tmp_path):
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=1",
+                       "train.offline.mode=always", "train.resume=never")
+    trainer = Trainer(cfg)
+    metrics = trainer.train_step()
+    assert metrics["offline_groups"] == cfg.train.prompts_per_step
+    # The expert answers are correct, so their reward is the maximum.
+    assert metrics["offline_reward"] == pytest.approx(1.0)
+    tokens = offline_response_ids(trainer.processor.tokenizer, "<answer>B</answer>",
+                                  trainer.stop_id)
+    assert tokens[-1] == trainer.stop_id and len(tokens) <= 5
+    assert trainer.processor.tokenizer.decode(tokens[:-1]) == "<answer>B</answer>"
+
+    never = Trainer(small_config(prepared, f"run_dir={tmp_path / 'never'}",
+                                 "train.offline.mode=never", "train.resume=never"))
+    assert never.train_step()["offline_groups"] == 0
+
+
+def test_resumed_run_matches_uninterrupted_run_exactly(prepared, tmp_path):
+    common = ["train.steps=4", "train.save_every=2", "train.offline.mode=always"]
+    straight = Trainer(small_config(prepared, f"run_dir={tmp_path / 'a'}", *common))
+    straight.run()
+    first = Trainer(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
+    first.run(stop_after=2)  # the job ends (time limit, preemption) after step 2
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b/checkpoints")] == \
+        ["step-00000002"]
+    resumed = Trainer(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
+    result = resumed.run()
+    assert result.steps == 4
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    # The weights did move: the comparison is not trivially true.
+    start = Trainer(small_config(prepared, f"run_dir={tmp_path / 'c'}", "train.resume=never"))
+    assert any(not torch.equal(a[k], v) for k, v in weights(start).items())
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()
+             if '"kind": "train"' in x]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_half_written_checkpoint_is_never_resumed(prepared, tmp_path):
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=2", "train.save_every=1")
+    Trainer(cfg).run()
+    root = cfg.checkpoint_dir
+    # A crash inside save leaves a temporary folder; a folder without meta.json is incomplete.
+    (root / ".step-00000003.abc.tmp").mkdir()
+    (root / "step-00000004").mkdir()
+    assert ckpt.latest_checkpoint(root).name == "step-00000002"
+    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "train.steps=2"))
+    trainer.resume()
+    assert trainer.state.step == 2
+    assert not (root / ".step-00000003.abc.tmp").exists()
+
+
+def test_checkpoint_model_loads_with_transformers(prepared, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=1")
+    result = Trainer(cfg).run()
+    model_dir = Path(result.checkpoint) / "model"
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    AutoProcessor.from_pretrained(model_dir)
+    saved = torch.load(Path(result.checkpoint) / "trainer_state.pt", weights_only=True)
+    assert saved["trainer"]["step"] == 1
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("rollout.n=0", "rollout.n must be >= 1"),
+    ("train.grpo.clip_low=1.5", "train.grpo.clip_low must be in"),
+    ("train.grpo.loss_agg=mean", "train.grpo.loss_agg='mean' is not one of"),
+    ("train.offline.mode=sometimes", "train.offline.mode='sometimes' is not one of"),
+    ("train.betas=[0.9]", "train.betas must be two numbers"),
+])
+def test_bad_training_config_names_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(ROOT / "configs/demo_cpu.yaml", [override])
