@@ -30,6 +30,7 @@ from evr1.train.groups import groups_to_mix, offline_response_ids, score_respons
 from evr1.train.grpo import compute_advantages, group_has_signal
 from evr1.train.heldout import evaluate_heldout
 from evr1.train.metrics import MetricsLogger
+from evr1.train.plots import plot_runs
 from evr1.video.shards import ShardReader
 
 log = logging.getLogger("evr1.train")
@@ -120,6 +121,8 @@ class Trainer:
         result.steps = self.state.step
         if self.state.step >= self.cfg.train.steps:
             result.after = self.evaluate()
+            task = self.cfg.data.include_tasks[0] if self.cfg.data.include_tasks else ""
+            plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / "learning_curve.png", task)
         self.metrics.close()
         return result
 
