@@ -147,3 +147,19 @@ def test_preprocess_cli_reports_a_bad_config_field(tmp_path):
                           "data.video.fsp=1"], capture_output=True, text=True)
     assert out.returncode != 0
     assert "unknown config key data.video.fsp" in out.stderr
+
+
+def test_inspect_shards_reports_and_catches_corruption(dataset, tmp_path, capsys):
+    cfg = demo_config(dataset, tmp_path / "run", "preprocess.num_tasks=1")
+    assert stages.preprocess_sequential(cfg) == 0
+    tool = [sys.executable, str(ROOT / "tools/inspect_shards.py"), str(cfg.shard_dir)]
+    ok = subprocess.run(tool, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "checksums: OK" in ok.stdout and "failures: 2 samples" in ok.stdout
+    shard = TaskFiles.of(cfg.shard_dir, 0, 1).shard
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run(tool, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "CHECKSUM MISMATCH" in bad.stdout

@@ -67,7 +67,11 @@ def verify(reader: ShardReader) -> int:
         if file_sha256(reader.shard_dir / shard["shard"]) != shard["shard_sha256"]:
             bad.append(f"shard {shard['shard']}: file checksum differs from the manifest")
     for media_id, entry in tqdm(reader.media.items(), desc="verify", unit="media"):
-        frames = reader.read_frames(entry)
+        try:
+            frames = reader.read_frames(entry)
+        except (OSError, KeyError) as exc:  # a damaged shard may not even parse
+            bad.append(f"media {media_id} ({entry.path}): unreadable: {exc}")
+            continue
         if frames_sha256(frames) != entry.sha256:
             bad.append(f"media {media_id} ({entry.path}): frame checksum differs")
     for line in bad:
