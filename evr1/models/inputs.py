@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 from transformers import BatchFeature
 
-from evr1.models.tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from evr1.models.tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+)
 
 DATA_TYPES = ("video", "image", "text")
 # evr1's default sampling rate (data.video.fps); used when the caller gives no fps.
@@ -24,6 +31,12 @@ DEFAULT_VIDEO_FPS = 2.0
 # for them ("Video features and video tokens do not match"). <|vision_pad|> exists in the real
 # Qwen tokenizers only.
 _VISION_TOKENS = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, "<|vision_pad|>")
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end a response: the chat turn end first, then end-of-text."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in (IM_END, ENDOFTEXT) if t in vocab]
 
 
 def vision_token_ids(tokenizer: Any) -> list[int]:

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from evr1.models.inputs import encode, vision_token_ids
-from evr1.models.tokenizer import ENDOFTEXT, IM_END
+from evr1.models.inputs import encode, stop_token_ids, vision_token_ids
 from evr1.rollout.base import Prompt, Rollouts, SamplingParams
 
 
@@ -21,8 +20,7 @@ class HFRolloutEngine:
         self.model = model
         self.processor = processor
         tokenizer = processor.tokenizer
-        vocab = tokenizer.get_vocab()
-        self.stop_ids = [vocab[t] for t in (IM_END, ENDOFTEXT) if t in vocab]
+        self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else self.stop_ids[-1]
         # A response holding a vision placeholder would break the training forward

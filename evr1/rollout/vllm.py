@@ -47,8 +47,7 @@ import numpy as np
 import torch
 
 from evr1.config import RolloutConfig
-from evr1.models.inputs import build_prompt_messages, vision_token_ids
-from evr1.models.tokenizer import ENDOFTEXT, IM_END
+from evr1.models.inputs import build_prompt_messages, stop_token_ids, vision_token_ids
 from evr1.rollout.base import Prompt, Rollouts, SamplingParams
 from evr1.rollout.vllm_worker import EXTENSION_QUALNAME, pack_bucket
 
@@ -171,8 +170,7 @@ class VLLMRolloutEngine:
         self.sleep_available = sleep_available
         self.in_process = in_process
         self.tokenizer = llm.get_tokenizer()
-        vocab = self.tokenizer.get_vocab()
-        self.stop_ids = [vocab[t] for t in (IM_END, ENDOFTEXT) if t in vocab]
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self.ban_bias = {i: BAN_BIAS for i in vision_token_ids(self.tokenizer)}
         self.vision_factor = _vision_factor(llm)
         self.last_sync = SyncStats()

@@ -33,6 +33,15 @@ class PolicyBatch:
     is_weights: Tensor | None = None  # [B, R]
     extras: dict[str, Tensor] = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> PolicyBatch:
+        """Move the per-response tensors (not the model inputs) to ``device``, in place."""
+        for name in ("responses", "mask", "advantages", "old_logp", "ref_logp", "is_weights"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        self.extras = {k: v.to(device) for k, v in self.extras.items()}
+        return self
+
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum())

@@ -19,6 +19,7 @@ import torch
 
 from evr1.config import Config, dump_config
 from evr1.data.dataset import PromptSampler, PromptSet
+from evr1.models.inputs import stop_token_ids
 from evr1.models.loading import load_model, load_processor
 from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
 from evr1.rollout.base import SamplingParams
@@ -62,6 +63,15 @@ def ensure_model(cfg: Config) -> Path:
     return build_tiny_model(path, corpus, family=cfg.model.family, seed=cfg.seed)
 
 
+def make_engine(cfg: Config, model: torch.nn.Module, processor, model_dir: Path):
+    """The configured rollout engine; ``hf`` shares the trainer's model object."""
+    if cfg.rollout.engine == "vllm":
+        from evr1.rollout.vllm import make_vllm_engine  # only where vLLM is installed
+
+        return make_vllm_engine(model_dir, cfg.rollout, cfg.seed)
+    return HFRolloutEngine(model, processor)
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -69,16 +79,14 @@ class Trainer:
         model_dir = ensure_model(cfg)
         self.model_dir = model_dir
         self.processor = load_processor(model_dir)
-        self.model = load_model(model_dir, cfg.model.dtype, "cpu",
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(model_dir, cfg.model.dtype, device,
                                 attn_implementation=cfg.model.attn_implementation)
         if cfg.train.backend != "hf":
             raise NotImplementedError(f"train.backend={cfg.train.backend!r}: only 'hf' is wired "
                                       "into this trainer so far")
-        if cfg.rollout.engine != "hf":
-            raise NotImplementedError(f"rollout.engine={cfg.rollout.engine!r}: only 'hf' is "
-                                      "wired into this trainer so far")
         self.backend = HFBackend(self.model, cfg.train, cfg.rollout.temperature)
-        self.engine = HFRolloutEngine(self.model, self.processor)
+        self.engine = make_engine(cfg, self.model, self.processor, model_dir)
         reader = ShardReader(cfg.shard_dir)
         self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
                                         cfg.data.include_tasks, cfg.data.video.fps)
@@ -88,7 +96,8 @@ class Trainer:
                                           cfg.data.include_tasks, cfg.data.video.fps)
         self.sampler = PromptSampler(len(self.train_set), cfg.seed)
         self.state = ckpt.TrainerState()
-        self.stop_id = self.engine.stop_ids[0]
+        self.stop_id = stop_token_ids(self.processor.tokenizer)[0]
+        self.pad_id = self.processor.tokenizer.pad_token_id or self.stop_id
         self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
                                      asdict(cfg))
         # Seeded last: the sampling stream must not depend on what set-up did (building the
@@ -160,14 +169,16 @@ class Trainer:
         update = {}
         if rows:
             batches = make_policy_batches(self.processor, prompts, n, responses, rows,
-                                          cfg.train.micro_batch_size, self.engine.pad_id)
+                                          cfg.train.micro_batch_size, self.pad_id)
             offline = torch.zeros(len(responses), dtype=torch.bool)
             offline[offline_rows] = True
             for b in batches:
                 b.advantages = advantages[b.rows]
                 b.extras["offline"] = offline[b.rows]
+            self.engine.sleep()  # colocated engines free their memory for the update
             update = self.backend.train_step(batches, cfg.train.grpo)
             self.engine.sync_weights(self.backend.named_hf_weights())
+            self.engine.wake_up()
         elapsed = time.perf_counter() - t0
         return self._step_metrics(samples, scores, responses, offline_rows, len(rows), update,
                                   dict(time_rollout=t_rollout, time_reward=t_reward,

@@ -63,13 +63,16 @@ class HFBackend:
 
     def _logits(self, model: torch.nn.Module, batch: PolicyBatch) -> Tensor:
         width = batch.responses.shape[1]
-        out = model(**batch.model_inputs, logits_to_keep=width + 1, use_cache=False)
+        inputs = {k: v.to(model.device) if isinstance(v, Tensor) else v
+                  for k, v in batch.model_inputs.items()}
+        out = model(**inputs, logits_to_keep=width + 1, use_cache=False)
         return out.logits[:, :-1].float() / self.temperature
 
     @torch.no_grad()
     def logprobs(self, batch: PolicyBatch) -> Tensor:
         """Per-token log-probs of the batch's responses under the current weights, [B, R]."""
-        return token_logprobs(self._logits(self.model, batch), batch.responses)
+        logits = self._logits(self.model, batch)
+        return token_logprobs(logits, batch.to(logits.device).responses)
 
     # ------------------------------------------------------------------ update
 
@@ -81,6 +84,7 @@ class HFBackend:
         tokens = 0
         for batch in batches:
             logits = self._logits(self.model, batch)
+            batch.to(logits.device)
             logp = token_logprobs(logits, batch.responses)
             old_logp = logp.detach()
             entropy = token_entropy(logits) if grpo.entropy_coef > 0 else None
