@@ -27,6 +27,7 @@ setup(
         "math-verify>=0.7",
         "rouge-score",
         "jiwer>=3",
+        "megatron-core==0.16.1",  # installs on CPU; the megatron backend runs there under gloo
     ],
     extras_require={
         "gpu": ["vllm", "transformer-engine[pytorch]", "megatron-bridge"],

@@ -1,0 +1,358 @@
+"""Training backend ``megatron`` against the ``hf`` backend, on CPU under gloo.
+
+Two multi-process runs (``evr1.train.backends.megatron.spawn``) do the heavy work once per
+session and the tests check different parts of their results:
+
+* run A: TP=2, sequence packing: log-probs, loss, gradients, three GRPO steps, HF export
+  right after loading, a checkpoint after step 2;
+* run B: PP=2 (GPipe over gloo send/recv), padded layout: log-probs, gradients, export, then
+  a resume from run A's TP=2 checkpoint (resharded to PP=2) that takes step 3 again;
+* run C: data parallel 2: gradients summed over replicas that each saw one micro-batch.
+
+The reference is the ``hf`` backend on the same tiny Qwen2.5-VL folder and the same fixed
+micro-batches (video, image and text prompts, responses of different lengths).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from evr1.config import MegatronConfig, TrainConfig  # noqa: E402
+from evr1.train.backends.megatron import spawn  # noqa: E402
+from evr1.train.backends.megatron.logprobs import (  # noqa: E402
+    mask_padded_vocab,
+    vocab_parallel_entropy,
+    vocab_parallel_logprobs,
+)
+from evr1.train.backends.megatron.packing import build_layout  # noqa: E402
+from evr1.train.backends.megatron.weights import (  # noqa: E402
+    Geometry,
+    Rule,
+    disk_name,
+    memory_name,
+    shard,
+    unshard,
+)
+from evr1.train.grpo import token_entropy, token_logprobs  # noqa: E402
+
+LR = 1e-3
+STEPS = 3
+
+
+def _train_config(tp: int = 1, pp: int = 1, packing: bool = True) -> TrainConfig:
+    return TrainConfig(lr=LR, grad_clip=1.0, megatron=MegatronConfig(
+        tensor_parallel=tp, pipeline_parallel=pp, sequence_packing=packing))
+
+
+def make_batches(model_dir: Path) -> list[Any]:
+    """Two micro-batches: four video rows (two clip geometries), then text and image rows."""
+    from evr1.models import load_processor
+    from evr1.rollout.base import Prompt
+    from evr1.train.batch import make_policy_batches
+
+    processor = load_processor(model_dir)
+    rng = np.random.default_rng(0)
+    frames = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)
+    prompts = [
+        Prompt("a", "What colour is the moving shape?", "video", frames(4, 56, 56, 3)),
+        Prompt("b", "How many shapes appear in the video?", "video", frames(2, 56, 84, 3)),
+        Prompt("c", "Is the square larger than the circle?", "text"),
+        Prompt("d", "Which direction does the shape move?", "image", frames(1, 56, 56, 3)),
+    ]
+    responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16], [17, 18, 19, 20, 21],
+                 [22], [23, 24, 25]]
+    pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    batches = make_policy_batches(processor, prompts, 2, responses, list(range(8)), 4, pad)
+    for batch, adv in zip(batches, ([1.0, -1.0, 0.5, -0.5], [-0.8, 0.8, 1.2, -1.2]),
+                          strict=True):
+        batch.advantages = torch.tensor(adv)
+    return batches
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _keep_grads(backend: Any) -> None:
+    """Leave the gradients of the next train_step in place (the step is still taken)."""
+    backend.optimizer.zero_grad = lambda set_to_none=True: None
+
+
+def _drop_grads(backend: Any) -> None:
+    del backend.optimizer.zero_grad
+    backend.optimizer.zero_grad(set_to_none=True)
+
+
+def _run_a(model_dir: Path, out: Path) -> dict[str, Any]:
+    """TP=2, packed: parity data, export, three steps, a checkpoint after step 2."""
+    from evr1.train.backends.megatron import MegatronBackend
+
+    cfg = _train_config(tp=2, packing=True)
+    backend = MegatronBackend(model_dir, cfg)
+    backend.export_hf(out / "export")
+    batches = make_batches(model_dir)
+    result: dict[str, Any] = {"logprobs": [backend.logprobs(b) for b in batches]}
+    _keep_grads(backend)
+    result["metrics"] = [backend.train_step(batches, cfg.grpo)]
+    result["grads"] = dict(backend.named_hf_grads())
+    _drop_grads(backend)
+    for step in range(1, STEPS):
+        if step == STEPS - 1:
+            backend.save(out / "ckpt")
+        result["metrics"].append(backend.train_step(batches, cfg.grpo))
+    result["weights"] = dict(backend.named_hf_weights())
+    return result
+
+
+def _run_b(model_dir: Path, out: Path) -> dict[str, Any]:
+    """PP=2, padded: parity data and export; then resume run A's checkpoint, take step 3."""
+    from evr1.train.backends.megatron import MegatronBackend
+
+    cfg = _train_config(pp=2, packing=False)
+    backend = MegatronBackend(model_dir, cfg)
+    backend.export_hf(out / "export_pp")
+    batches = make_batches(model_dir)
+    result: dict[str, Any] = {"logprobs": [backend.logprobs(b) for b in batches]}
+    _keep_grads(backend)
+    result["metrics"] = [backend.train_step(batches, cfg.grpo)]
+    result["grads"] = dict(backend.named_hf_grads())
+    _drop_grads(backend)
+    backend.load(out / "ckpt")
+    result["resumed_metrics"] = backend.train_step(batches, cfg.grpo)
+    result["resumed_weights"] = dict(backend.named_hf_weights())
+    return result
+
+
+def _run_c(model_dir: Path) -> dict[str, Any]:
+    """Data parallel 2 (TP=1, PP=1): each replica trains on one micro-batch."""
+    from evr1.train.backends.megatron import MegatronBackend
+
+    cfg = _train_config()
+    backend = MegatronBackend(model_dir, cfg)
+    _keep_grads(backend)
+    metrics = backend.train_step(make_batches(model_dir), cfg.grpo)
+    return {"metrics": [metrics], "grads": dict(backend.named_hf_grads())}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_model_dir: Path) -> dict[str, Any]:
+    from evr1.models import load_model
+    from evr1.train.backends.hf import HFBackend
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir, torch.float32, "cpu")
+    cfg = _train_config()
+    backend = HFBackend(model, cfg)
+    batches = make_batches(tiny_model_dir)
+    ref: dict[str, Any] = {"logprobs": [backend.logprobs(b) for b in batches], "masks":
+                           [b.mask for b in batches]}
+    _keep_grads(backend)
+    ref["metrics"] = [backend.train_step(batches, cfg.grpo)]
+    ref["grads"] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    _drop_grads(backend)
+    for _ in range(1, STEPS):
+        ref["metrics"].append(backend.train_step(batches, cfg.grpo))
+    ref["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return ref
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("megatron")
+    a = spawn.run(_run_a, 2, tiny_model_dir, out)
+    b = spawn.run(_run_b, 2, tiny_model_dir, out)
+    c = spawn.run(_run_c, 2, tiny_model_dir)
+    return {"a": a, "b": b, "c": c, "out": out}
+
+
+def _max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    assert set(got) == set(want)
+    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+
+
+def _masked_diff(got: list[torch.Tensor], want: list[torch.Tensor],
+                 masks: list[torch.Tensor]) -> float:
+    return max(float((g - w).abs()[m].max()) for g, w, m in zip(got, want, masks, strict=True))
+
+
+# --------------------------------------------------------------------------- parity (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["a", "b"])
+def test_logprobs_match_hf_on_every_rank(runs, hf_reference, run: str) -> None:
+    for rank_result in runs[run]:
+        diff = _masked_diff(rank_result["logprobs"], hf_reference["logprobs"],
+                            hf_reference["masks"])
+        assert diff < 1e-5, f"run {run}: log-prob difference {diff}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["a", "b", "c"])
+def test_loss_and_gradients_match_hf(runs, hf_reference, run: str) -> None:
+    want = hf_reference["metrics"][0]
+    for rank_result in runs[run]:  # TP, PP and DP ranks all report the whole batch
+        got = rank_result["metrics"][0]
+        for key in ("loss", "pg_loss", "entropy_mean", "ratio_mean", "num_tokens"):
+            assert got[key] == pytest.approx(want[key], abs=1e-5), key
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        assert got["train_tokens"] == want["train_tokens"]
+    # Gradients after clipping, mapped back to HF names.
+    assert _max_diff(runs[run][0]["grads"], hf_reference["grads"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_three_grpo_steps_match_hf(runs, hf_reference) -> None:
+    got = runs["a"][0]
+    for mine, theirs in zip(got["metrics"], hf_reference["metrics"], strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+    # AdamW divides by sqrt(v): gradients that are float noise in both runs (~1e-9) turn
+    # into lr-sized steps of either sign, so weights agree to a fraction of one lr step.
+    assert _max_diff(got["weights"], hf_reference["weights"]) < 0.1 * LR
+    # The two TP ranks hold, and export, identical full weights.
+    assert _max_diff(runs["a"][1]["weights"], got["weights"]) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("export", ["export", "export_pp"])
+def test_export_round_trips_bit_exactly(runs, tiny_model_dir: Path, export: str) -> None:
+    from safetensors.torch import load_file
+
+    original = load_file(str(tiny_model_dir / "model.safetensors"))
+    exported = load_file(str(runs["out"] / export / "model.safetensors"))
+    assert set(exported) == set(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    for file in ("config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (runs["out"] / export / file).read_bytes() == (tiny_model_dir / file).read_bytes()
+
+
+@pytest.mark.slow
+def test_resume_with_another_layout_repeats_the_step(runs) -> None:
+    a, b = runs["a"][0], runs["b"][0]
+    assert b["resumed_metrics"]["loss"] == pytest.approx(a["metrics"][-1]["loss"], abs=1e-6)
+    assert b["resumed_metrics"]["lr"] == a["metrics"][-1]["lr"]
+    assert _max_diff(b["resumed_weights"], a["weights"]) < 0.1 * LR
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_a_loadable_hf_model(runs, hf_reference) -> None:
+    from evr1.models import load_model
+
+    model = load_model(runs["out"] / "ckpt" / "model", torch.float32, "cpu")
+    assert set(model.state_dict()) == set(hf_reference["weights"])
+
+
+# --------------------------------------------------------------------------- units (fast)
+
+
+GEOMETRY = Geometry(num_heads=8, num_kv_heads=4, head_dim=4, vocab_size=10, padded_vocab=12,
+                    tp=2)
+
+
+@pytest.mark.parametrize("kind,shapes", [
+    ("qkv", [(32, 6), (16, 6), (16, 6)]), ("qkv", [(32,), (16,), (16,)]),
+    ("gate_up", [(10, 6), (10, 6)]), ("row", [(6, 10)]), ("column", [(10, 6)]),
+    ("vocab", [(10, 6)]), ("replicated", [(6,)]),
+])
+def test_shard_unshard_is_exact(kind: str, shapes: list[tuple[int, ...]]) -> None:
+    tensors = [torch.randn(s) for s in shapes]
+    rule = Rule("m", tuple(f"hf{i}" for i in range(len(shapes))), kind, 0)  # type: ignore[arg-type]
+    shards = [shard(rule, tensors, GEOMETRY, r) for r in range(GEOMETRY.tp)]
+    for back, original in zip(unshard(rule, shards, GEOMETRY), tensors, strict=True):
+        assert torch.equal(back, original)
+
+
+def test_qkv_shards_hold_whole_query_groups() -> None:
+    """Rank r's fused QKV rows are exactly its groups' q heads, k head and v head."""
+    g = GEOMETRY
+    q = torch.arange(g.num_heads * g.head_dim).float()[:, None]
+    k = 1000 + torch.arange(g.num_kv_heads * g.head_dim).float()[:, None]
+    v = 2000 + torch.arange(g.num_kv_heads * g.head_dim).float()[:, None]
+    rank1 = shard(Rule("m", ("q", "k", "v"), "qkv", 0), [q, k, v], g, 1)
+    per_group = (g.num_heads // g.num_kv_heads + 2) * g.head_dim
+    first_group = rank1[:per_group, 0]
+    group = 2  # rank 1 of 2 starts at group 2 of 4
+    q_rows = g.num_heads // g.num_kv_heads * g.head_dim
+    assert torch.equal(first_group[:q_rows], q[group * q_rows:(group + 1) * q_rows, 0])
+    assert torch.equal(first_group[q_rows:q_rows + g.head_dim],
+                       k[group * g.head_dim:(group + 1) * g.head_dim, 0])
+
+
+def test_checkpoint_names_convert_both_ways() -> None:
+    for disk, memory in [("model.layers.0.mlp.up_proj.weight",
+                          "model.language_model.layers.0.mlp.up_proj.weight"),
+                         ("visual.blocks.0.attn.qkv.bias", "model.visual.blocks.0.attn.qkv.bias"),
+                         ("lm_head.weight", "lm_head.weight")]:
+        assert memory_name(disk) == memory and disk_name(memory) == disk
+        assert memory_name(memory) == memory
+
+
+def test_vocab_logprobs_without_parallelism_match_full_softmax() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 10, (7,))
+    masked = mask_padded_vocab(logits, 0, 10)  # the last two columns are padding
+    got = vocab_parallel_logprobs(masked, targets, 0, None)
+    ent = vocab_parallel_entropy(masked, None)
+    want = token_logprobs(logits[:, :10], targets)
+    want_ent = token_entropy(logits[:, :10])
+    assert torch.allclose(got, want) and torch.allclose(ent, want_ent)
+    (g1,) = torch.autograd.grad((got * torch.arange(7)).sum() + ent.sum(), logits)
+    (g2,) = torch.autograd.grad((want * torch.arange(7)).sum() + want_ent.sum(), logits)
+    assert torch.allclose(g1, g2)
+    assert torch.equal(g1[:, 10:], torch.zeros(7, 2, dtype=torch.float64))
+
+
+def test_packed_layout_predicts_each_response_token_from_its_predecessor() -> None:
+    # Row 0: one left pad, prompt [1, 2], response [3, 4]; row 1: prompt [5, 6, 7], response
+    # [8] and one right pad.
+    inputs = {"input_ids": torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 0]]),
+              "attention_mask": torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    responses = torch.tensor([[3, 4], [8, 0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    positions = torch.arange(5).expand(3, 2, 5)
+    layout = build_layout(inputs, responses, mask, positions, packed=True, thd=False)
+    assert layout.ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert layout.ids[0, layout.logit_index].tolist() == [2, 3, 7]
+    assert layout.targets.tolist() == [3, 4, 8]
+    assert layout.positions[0, 0].tolist() == [1, 2, 3, 4, 0, 1, 2, 3]
+    blocked = layout.attention_mask[0, 0]
+    assert bool(blocked[4, 3]) and not bool(blocked[3, 2]) and bool(blocked[2, 3])
+    padded = build_layout(inputs, responses, mask, positions, packed=False, thd=False)
+    flat = padded.ids.t().reshape(-1)  # [S, B] order, as the decoder sees it
+    assert flat[padded.logit_index].tolist() == [2, 3, 7]
+
+
+def test_unsupported_models_are_refused_by_name() -> None:
+    from transformers import Qwen3VLConfig
+
+    from evr1.train.backends.megatron.model import lm_spec
+
+    with pytest.raises(ValueError, match="qwen3_vl.*train.backend=hf"):
+        lm_spec(Qwen3VLConfig())
+
+
+def test_parallel_sizes_must_divide_the_model() -> None:
+    from transformers import Qwen2_5_VLConfig
+
+    from evr1.train.backends.megatron.model import lm_spec
+
+    spec = lm_spec(Qwen2_5_VLConfig(text_config={"num_key_value_heads": 2,
+                                                 "num_attention_heads": 4,
+                                                 "hidden_size": 512,
+                                                 "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="num_key_value_heads=2.*tensor_parallel=4"):
+        spec.check_parallel(4, 1)
+    with pytest.raises(ValueError, match="num_hidden_layers=3.*pipeline_parallel=2"):
+        spec.check_parallel(1, 2)
+
