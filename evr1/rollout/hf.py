@@ -63,8 +63,21 @@ class HFRolloutEngine:
                 return row[:i + 1], True
         return row, False
 
+    @torch.no_grad()
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Nothing to do: the engine generates with the trainer's model object."""
+        """Copy in weights that are not already this model's own tensors.
+
+        With the ``hf`` backend the engine generates with the trainer's model object, so every
+        tensor is its own and nothing is copied; a sharded backend (Megatron) sends gathered
+        full tensors under the same HF names.
+        """
+        own = self.model.state_dict()
+        for name, tensor in named_tensors:
+            target = own.get(name)
+            if target is None:
+                raise KeyError(f"sync_weights: the rollout model has no tensor named {name!r}")
+            if target.data_ptr() != tensor.data_ptr():
+                target.copy_(tensor)
 
     def sleep(self) -> None:
         """Nothing to free: the engine has no memory of its own."""

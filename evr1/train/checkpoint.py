@@ -20,8 +20,7 @@ import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,26 +53,40 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(root: Path, state: TrainerState, write_model_and_optimizer: Callable[[Path],
-                    None], extra_files: list[Path] = (), keep_last: int = 0) -> Path:
-    """Write a complete checkpoint for ``state.step`` atomically; prune old ones."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{state.step:08d}.", suffix=".tmp"))
+def save_checkpoint(root: Path, state: TrainerState,
+                    write_model_and_optimizer: Callable[[Path], None],
+                    extra_files: Sequence[Path] = (), keep_last: int = 0, *, writer: bool = True,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write a complete checkpoint for ``state.step`` atomically; prune old ones.
+
+    Under torch.distributed every rank calls this (``write_model_and_optimizer`` may be
+    collective, e.g. gathering tensor-parallel shards); only the ``writer`` rank creates,
+    completes and renames the folder, with ``barrier`` between the phases.
+    """
+    tmp = root / f".step-{state.step:08d}.tmp"
+    final = step_dir(root, state.step)
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
     try:
         write_model_and_optimizer(tmp)
-        for path in extra_files:  # tokenizer / processor files, so model/ is self-contained
-            shutil.copy2(path, tmp / "model" / path.name)
-        torch.save({"trainer": asdict(state), "rng": rng_state()}, tmp / "trainer_state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": state.step}) + "\n")
-        _fsync_tree(tmp)
-        final = step_dir(root, state.step)
-        if final.exists():  # the same step saved again (a re-run): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        barrier()
+        if writer:
+            for path in extra_files:  # tokenizer / processor files: model/ is self-contained
+                shutil.copy2(path, tmp / "model" / path.name)
+            torch.save({"trainer": asdict(state), "rng": rng_state()}, tmp / "trainer_state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": state.step}) + "\n")
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (a re-run): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last > 0:
+    barrier()
+    if writer and keep_last > 0:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
