@@ -32,5 +32,7 @@ setup(
     extras_require={
         "gpu": ["vllm", "transformer-engine[pytorch]", "megatron-bridge"],
         "dev": ["pytest>=8", "hypothesis", "ruff"],
+        # benchmarks/train_step.py compares against TRL's GRPOTrainer
+        "bench": ["trl==1.16.0"],
     },
 )
