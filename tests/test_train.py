@@ -134,3 +134,33 @@ def test_checkpoint_model_loads_with_transformers(prepared, tmp_path):
 def test_bad_training_config_names_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(ROOT / "configs/demo_cpu.yaml", [override])
+
+
+def test_shared_vision_matches_per_response_vision(prepared, tmp_path):
+    """Vision once per prompt gives the same log-probs and gradients as once per response."""
+    from dataclasses import replace
+
+    from evr1.train.batch import make_policy_batches
+    from evr1.train.grpo import token_logprobs
+
+    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "data.include_tasks=[]"))
+    types = [s.data_type for s in trainer.train_set.samples]
+    prompts = [trainer.train_set.prompt(types.index(t)) for t in ("video", "image", "text")]
+    responses = [[5, 6, 7, trainer.stop_id]] * 12
+    batch = make_policy_batches(trainer.processor, prompts, 4, responses, list(range(12)), 12,
+                                trainer.pad_id)[0]
+
+    def logp_and_grads(b):
+        trainer.model.zero_grad()
+        logp = token_logprobs(trainer.backend._logits(trainer.model, b), b.responses)
+        logp.sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                               if p.grad is not None}
+
+    shared, shared_grads = logp_and_grads(batch)
+    plain, plain_grads = logp_and_grads(replace(batch, owners=[]))  # no sharing: the reference
+    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-6)
+    assert shared_grads.keys() == plain_grads.keys()
+    assert any("visual" in k for k in shared_grads)
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5)

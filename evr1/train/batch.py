@@ -27,6 +27,8 @@ class PolicyBatch:
     responses: Tensor  # [B, R] response token ids (padded)
     mask: Tensor  # [B, R] True on response tokens
     rows: list[int]  # which rollout rows these are
+    owners: list[int] = field(default_factory=list)  # prompt index of each row
+    data_types: list[str] = field(default_factory=list)  # video | image | text, per row
     advantages: Tensor | None = None  # [B]
     old_logp: Tensor | None = None  # [B, R]
     ref_logp: Tensor | None = None  # [B, R]
@@ -60,7 +62,9 @@ def make_policy_batches(processor: Any, prompts: list[Prompt], group_size: int,
                         [p.data_type for p in owners], [p.fps for p in owners])
         resp, mask = pad_right([responses[r] for r in chunk], pad_id)
         inputs = append_response(dict(inputs), resp, mask)
-        batches.append(PolicyBatch(model_inputs=inputs, responses=resp, mask=mask, rows=chunk))
+        batches.append(PolicyBatch(model_inputs=inputs, responses=resp, mask=mask, rows=chunk,
+                                   owners=[r // group_size for r in chunk],
+                                   data_types=[p.data_type for p in owners]))
     return batches
 
 
