@@ -1,9 +1,14 @@
-"""The whole pipeline for one config: (synthetic data) -> preprocess array -> ...
+"""The whole pipeline for one config: (synthetic data) -> preprocess array -> training.
 
     python launchers/pipeline.py --config configs/demo_cpu.yaml
+    python launchers/pipeline.py --config C --stages preprocess        # some stages only
 
-Stages run in order; each is the same code its own launcher runs, and each skips work that is
-already complete, so re-running the pipeline after an interruption picks up where it stopped.
+Without Slurm the stages run one after another (submitit's local executor, then training in
+this process) and the command returns when all are done. With Slurm every stage is submitted
+at once, each job starting only when the one before it succeeded (``--dependency=afterok``);
+the command prints the job ids and returns. A failed job cancels the ones waiting for it.
+Each stage skips work that is already complete, so re-running the pipeline after an
+interruption picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -16,19 +21,60 @@ from evr1.config import Config
 from evr1.data.synthetic import make_synthetic
 from evr1.launch import stages
 from evr1.launch.cli import base_parser, load_from_args, setup_logging
+from evr1.launch.executor import dependency, resolve_cluster
+
+# TODO(eval, collect): append "eval" (an array after the training job) and "collect" (one job
+# after the eval array) once those stages exist as stage functions, in both paths below.
+STAGES = ("preprocess", "train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    args = parser.parse_args(argv)
     setup_logging()
     cfg = load_from_args(args)
-    start = time.perf_counter()
+    wanted = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(wanted) - set(STAGES))
+    if unknown or not wanted:
+        parser.error(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     make_synthetic_if_configured(cfg)
-    print("== preprocess ==")
-    status = stages.preprocess_array(cfg, wait=True)
-    if status:
-        return status
-    print(f"pipeline done in {time.perf_counter() - start:.0f} s; shards in {cfg.shard_dir}")
+    if resolve_cluster(cfg.launch) == "slurm":
+        return submit_stages(cfg, wanted)
+    return run_stages(cfg, wanted)
+
+
+def run_stages(cfg: Config, wanted: list[str]) -> int:
+    """Run the stages here, one after another; stop at the first that fails."""
+    start = time.perf_counter()
+    if "preprocess" in wanted:
+        print("== preprocess ==")
+        status = stages.preprocess_array(cfg, wait=True)
+        if status:
+            return status
+    if "train" in wanted:
+        print("== train ==")
+        status = stages.train_job(cfg)
+        if status:
+            return status
+    print(f"pipeline done in {time.perf_counter() - start:.0f} s; shards in {cfg.shard_dir}"
+          + (f", checkpoints in {cfg.checkpoint_dir}" if "train" in wanted else ""))
+    return 0
+
+
+def submit_stages(cfg: Config, wanted: list[str]) -> int:
+    """Submit every stage to Slurm at once, chained by afterok dependencies; don't wait."""
+    after: list[str] = []
+    if "preprocess" in wanted:
+        after = stages.submit_preprocess(cfg)
+        print(f"preprocess: Slurm array, job ids {' '.join(after)}")
+    if "train" in wanted:
+        train_id = stages.submit_training(cfg, after=after)
+        print(f"train: Slurm job {train_id}"
+              + (f" (--dependency={dependency(after)})" if after else ""))
+        after = [train_id]  # what the eval array will wait for (see the TODO at STAGES)
+    print(f"submitted; follow with `squeue --me`; job logs in {cfg.submitit_dir}/<stage>/")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest_slurm import slurm_cluster  # noqa: F401  (the local Slurm cluster fixture)
 
 # Prompts like the synthetic tasks', so the tiny tokenizer keeps them short.
 TINY_CORPUS = [

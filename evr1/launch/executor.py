@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,28 +28,60 @@ log = logging.getLogger("evr1.launch")
 
 
 def slurm_available() -> bool:
-    return shutil.which("sbatch") is not None
+    """sbatch is on PATH and a Slurm controller answers.
+
+    Slurm's client commands alone (a workstation with slurm-wlm installed but no cluster
+    running, e.g. after ``tools/local_slurm.sh stop``) must not send ``auto`` to Slurm.
+    """
+    if shutil.which("sbatch") is None:
+        return False
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if ping.returncode != 0:
+        log.warning("sbatch is on PATH but no Slurm controller answers `scontrol ping`")
+    return ping.returncode == 0
 
 
 def resolve_cluster(launch: LaunchConfig) -> str:
     if launch.cluster == "auto":
         return "slurm" if slurm_available() else "local"
     if launch.cluster == "slurm" and not slurm_available():
-        raise ConfigError("launch.cluster=slurm but no `sbatch` on PATH; use launch.cluster=local "
-                          "or auto")
+        raise ConfigError("launch.cluster=slurm but no Slurm here (no `sbatch` on PATH, or no "
+                          "controller answers `scontrol ping`); use launch.cluster=local or auto")
     return launch.cluster
 
 
+def dependency(after: Iterable[str]) -> str:
+    """sbatch's ``--dependency``: start only when every job in ``after`` ended successfully.
+
+    An array task id ``123_4`` stands for its whole array ``123`` (afterok on an array waits
+    for all of its tasks), which keeps the option short for arrays of thousands of tasks.
+    """
+    ids = sorted({job_id.split("_")[0] for job_id in after}, key=int)
+    return "afterok:" + ":".join(ids) if ids else ""
+
+
 def make_executor(launch: LaunchConfig, folder: Path, name: str, *, nodes: int = 1,
-                  tasks_per_node: int = 1) -> submitit.AutoExecutor:
-    """An executor with the site's Slurm settings; the local one ignores the slurm_ keys."""
+                  tasks_per_node: int = 1, after: Sequence[str] = ()) -> submitit.AutoExecutor:
+    """An executor with the site's Slurm settings; the local one ignores the slurm_ keys.
+
+    ``after``: Slurm job ids that must succeed before these jobs start (Slurm only).
+    """
     cluster = resolve_cluster(launch)
+    if after and cluster != "slurm":
+        raise ConfigError("job dependencies need Slurm: local jobs run one stage after another")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params: dict[str, Any] = dict(
         name=name, timeout_min=launch.time_min, nodes=nodes, tasks_per_node=tasks_per_node,
         cpus_per_task=launch.cpus_per_task, gpus_per_node=launch.gpus_per_node)
     if cluster == "slurm":
         extra = dict(launch.sbatch_extra)
+        if after:
+            extra["dependency"] = dependency(after)
+            # If a job it waits for fails, cancel this one instead of leaving it pending forever.
+            extra.setdefault("kill_on_invalid_dep", "yes")
         params.update(mem_gb=launch.mem_gb, slurm_array_parallelism=launch.array_parallelism,
                       slurm_setup=list(launch.setup), slurm_additional_parameters=extra)
         for key in ("partition", "account", "qos"):
@@ -72,14 +105,11 @@ def run_array(fn: Callable[[int], Any], tasks: Sequence[int], launch: LaunchConf
               folder: Path, name: str, wait: bool = True) -> ArrayOutcome:
     """Run ``fn(task)`` for every task as one array; retry failures; optionally wait."""
     cluster = resolve_cluster(launch)
-    executor = make_executor(launch, folder, name)
     outcome = ArrayOutcome(cluster=cluster)
     if not wait:
-        if cluster == "local":
-            raise ConfigError("--no-wait needs Slurm: local jobs are children of this process")
-        jobs = executor.map_array(fn, list(tasks))
-        outcome.job_ids = [j.job_id for j in jobs]
+        outcome.job_ids = [j.job_id for j in submit_array(fn, tasks, launch, folder, name)]
         return outcome
+    executor = make_executor(launch, folder, name)
     pending = list(tasks)
     for attempt in range(launch.max_retries + 1):
         if attempt:
@@ -89,6 +119,30 @@ def run_array(fn: Callable[[int], Any], tasks: Sequence[int], launch: LaunchConf
         if not pending:
             break
     return outcome
+
+
+def submit_array(fn: Callable[[int], Any], tasks: Sequence[int], launch: LaunchConfig,
+                 folder: Path, name: str, after: Sequence[str] = ()) -> list[submitit.Job]:
+    """Submit ``fn(task)`` for every task as one Slurm array and return without waiting.
+
+    The array starts once every job in ``after`` has succeeded. No retries: nothing stays to
+    watch the tasks; re-running the stage redoes only the unfinished ones.
+    """
+    _require_slurm(launch)
+    return make_executor(launch, folder, name, after=after).map_array(fn, list(tasks))
+
+
+def submit_job(fn: Callable[[], Any], launch: LaunchConfig, folder: Path, name: str,
+               after: Sequence[str] = ()) -> submitit.Job:
+    """Submit ``fn()`` as one Slurm job that starts once every job in ``after`` has succeeded."""
+    _require_slurm(launch)
+    return make_executor(launch, folder, name, after=after).submit(fn)
+
+
+def _require_slurm(launch: LaunchConfig) -> None:
+    if resolve_cluster(launch) != "slurm":
+        raise ConfigError("submitting without waiting (--no-wait, the pipeline's job chain) "
+                          "needs Slurm: local jobs are children of this process")
 
 
 def _run_wave(executor: submitit.AutoExecutor, fn: Callable[[int], Any], tasks: list[int],

@@ -7,10 +7,11 @@ A stage function takes the run's Config, submits (or runs locally) its tasks thr
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 from evr1.config import Config
-from evr1.launch.executor import run_array
+from evr1.launch.executor import run_array, submit_array, submit_job
 from evr1.video.preprocess import TaskSummary, run_task
 from evr1.video.shards import ShardError, merge_manifests
 
@@ -31,6 +32,18 @@ def preprocess_array(cfg: Config, wait: bool = True) -> int:
     if outcome.failed:
         return 1
     return merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks)
+
+
+def submit_preprocess(cfg: Config, after: Sequence[str] = ()) -> list[str]:
+    """Submit the preprocess array to Slurm and return its job ids without waiting.
+
+    The last task to finish merges the manifest, so a job that depends on this array
+    (``afterok``) finds ``manifest.json`` complete.
+    """
+    jobs = submit_array(functools.partial(run_task, cfg), list(range(cfg.preprocess.num_tasks)),
+                        cfg.launch, cfg.submitit_dir / "preprocess", name="evr1-preprocess",
+                        after=after)
+    return [job.job_id for job in jobs]
 
 
 def preprocess_sequential(cfg: Config) -> int:
@@ -91,6 +104,13 @@ def train_job(cfg: Config, submit: bool = False) -> int:
     return 0
 
 
+def submit_training(cfg: Config, after: Sequence[str] = ()) -> str:
+    """Submit the training job to Slurm (after the jobs in ``after`` succeed); its job id."""
+    job = submit_job(functools.partial(run_training, cfg), cfg.launch, cfg.submitit_dir / "train",
+                     name="evr1-train", after=after)
+    return job.job_id
+
+
 def print_training_summary(result: dict) -> None:
     before, after = result["before"], result["after"]
     print(f"training: {result['steps']} steps; checkpoint {result['checkpoint']}")
@@ -98,3 +118,149 @@ def print_training_summary(result: dict) -> None:
         if key.startswith("accuracy"):
             print(f"  held-out {key:<28} before {before.get(key, float('nan')):.3f}  "
                   f"after {after.get(key, float('nan')):.3f}")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def eval_prepare(cfg: Config) -> int:
+    """Every configured benchmark's official annotation -> an evr1 JSONL (cheap, idempotent)."""
+    from evr1.eval.formats import FormatError
+    from evr1.eval.prepare import prepare_all
+
+    try:
+        summaries = prepare_all(cfg)
+    except (FormatError, ValueError) as exc:
+        print(f"prepare: {exc}")
+        return 1
+    for summary in summaries:
+        print(f"prepared {summary.line()}")
+    return 0
+
+
+def eval_preprocess(cfg: Config, wait: bool = True) -> int:
+    """Cache every benchmark's frames with the preprocess stage (one array per benchmark)."""
+    import dataclasses
+
+    from evr1.eval.layout import resolve_benchmarks
+
+    status = eval_prepare(cfg)
+    if status:
+        return status
+    for run in resolve_benchmarks(cfg):
+        if run.shard_dir == cfg.shard_dir:
+            # The training shards: preprocessing them with only this file as input would mark
+            # their tasks complete without the training samples.
+            state = "present" if (run.shard_dir / "manifest.json").exists() else "MISSING"
+            print(f"{run.alias}: frames come from the training shards in {run.shard_dir} "
+                  f"({state}; made by python launchers/preprocess.py, which includes "
+                  "data.eval_jsonl)")
+            continue
+        _drop_stale_shards(run.prepared, run.shard_dir)
+        sub = dataclasses.replace(cfg, preprocess=dataclasses.replace(
+            cfg.preprocess, inputs=[str(run.prepared)], out_dir=str(run.shard_dir)))
+        print(f"== preprocess {run.alias} -> {run.shard_dir} ==")
+        status = preprocess_array(sub, wait=wait)
+        if status:
+            return status
+    return 0
+
+
+def _drop_stale_shards(prepared: Path, shard_dir: Path) -> None:
+    """Shards made from an older prepared file (more questions now) are redone: preprocess
+    tasks only check their own completion, not whether their inputs changed."""
+    import json
+
+    from evr1.data.schema import load_samples
+    from evr1.video.shards import FAILURES, MANIFEST, read_jsonl
+
+    manifest = shard_dir / MANIFEST
+    if not manifest.exists():
+        return
+    covered = set(json.loads(manifest.read_text())["samples"])
+    covered |= {r["id"] for r in read_jsonl(shard_dir / FAILURES)}
+    wanted = {s.id for s in load_samples(prepared, check_media=False) if s.data_type != "text"}
+    if wanted <= covered:
+        return
+    print(f"{shard_dir}: {len(wanted - covered)} questions of {prepared.name} are not in these "
+          "shards (the benchmark changed): redoing them")
+    for part in shard_dir.glob("manifest-*.json"):
+        part.unlink()
+    manifest.unlink()
+
+
+def _check_frames(cfg: Config) -> list[str]:
+    """Benchmarks whose frame cache is missing (when frames come from shards)."""
+    from evr1.eval.layout import resolve_benchmarks
+
+    if cfg.eval.frames != "shards":
+        return []
+    return [f"{run.alias}: no frame cache in {run.shard_dir} (run python launchers/eval.py "
+            "--config C --preprocess first)"
+            for run in resolve_benchmarks(cfg) if not (run.shard_dir / "manifest.json").exists()]
+
+
+def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
+    """Prepare, then run every (model, benchmark, shard) task: as one array, or in-process."""
+    from evr1.eval.layout import eval_tasks, pin_models
+    from evr1.eval.runner import run_eval_task
+
+    cfg = pin_models(cfg, record=True)
+    status = eval_prepare(cfg)
+    if status:
+        return status
+    problems = _check_frames(cfg)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    tasks = eval_tasks(cfg)
+    print(f"eval: {len(tasks)} task(s): " + ", ".join(t.name for t in tasks))
+    if not submit:
+        results = [run_eval_task(cfg, t.index) for t in tasks]
+        print_eval_summary(results)
+        return 0
+    outcome = run_array(functools.partial(run_eval_task, cfg), [t.index for t in tasks],
+                        cfg.launch, cfg.submitit_dir / "eval", name="evr1-eval", wait=wait)
+    print(f"eval: {outcome.cluster} array, job ids {' '.join(outcome.job_ids)}")
+    if not wait:
+        print("when the array is done: python launchers/collect.py --config C (re-running this "
+              "command redoes only unfinished shards)")
+        return 0
+    print_eval_summary(list(outcome.results.values()))
+    for index, reason in sorted(outcome.failed.items()):
+        print(f"eval task {index} ({tasks[index].name}) failed after "
+              f"{cfg.launch.max_retries} retries: {reason}")
+    return 1 if outcome.failed else 0
+
+
+def print_eval_summary(results: list) -> None:
+    done = [r for r in results if not r.skipped]
+    items = sum(r.items for r in done)
+    busy = sum(r.seconds for r in done)
+    counts: dict[str, int] = {}
+    for r in done:
+        for key, value in r.counts.items():
+            counts[key] = counts.get(key, 0) + value
+    print(f"eval summary: {len(done)} task(s) run, {len(results) - len(done)} skipped as "
+          f"complete; {items} questions ({items / busy if busy else 0:.2f} questions/s per "
+          f"task); {counts}")
+
+
+def collect_results(cfg: Config) -> int:
+    """Merge the shards, judge, score; exit status 1 while any shard is missing."""
+    from evr1.eval.collect import collect
+
+    report = collect(cfg)
+    table = Path(report.files["markdown"]).read_text()
+    print(table.split("\n## Sub-scores")[0].rstrip())
+    print(f"\nresults: {report.files['json']}, {report.files['markdown']}, "
+          f"{report.files['png']}")
+    for m in report.missing:
+        print(f"MISSING: {m['model']}/{m['benchmark']} shard {m['shard']} of {m['num_shards']} "
+              f"(eval array task {m['task_index']}): {m['reason']}")
+    if report.missing:
+        print(f"{len(report.missing)} shard(s) missing: rerun python launchers/eval.py "
+              "--config C --array (finished shards are skipped), then collect again")
+        return 1
+    return 0

@@ -19,6 +19,7 @@ import torch
 
 from evr1.config import Config, dump_config
 from evr1.data.dataset import PromptSampler, PromptSet
+from evr1.launch.preemption import PreemptionWatcher
 from evr1.models.inputs import stop_token_ids
 from evr1.models.loading import load_model, load_processor
 from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
@@ -117,22 +118,29 @@ class Trainer:
         last = self.cfg.train.steps
         if stop_after > 0:
             last = min(last, self.state.step + stop_after)
-        while self.state.step < last:
-            metrics = self.train_step()
-            self.state.step += 1
-            if self.state.step % self.cfg.train.log_every == 0:
-                self.metrics.log(self.state.step, metrics)
-            every = self.cfg.train.eval_every
-            if every and self.state.step % every == 0 and self.state.step < self.cfg.train.steps:
-                self.evaluate()
-            if self.state.step % self.cfg.train.save_every == 0 or self.state.step == last:
-                result.checkpoint = str(self.save())
+        stopped = False
+        with PreemptionWatcher() as preemption:  # Slurm's SIGUSR1/SIGTERM: see preemption.py
+            while self.state.step < last and not stopped:
+                metrics = self.train_step()
+                self.state.step += 1
+                if self.state.step % self.cfg.train.log_every == 0:
+                    self.metrics.log(self.state.step, metrics)
+                every = self.cfg.train.eval_every
+                if every and self.state.step % every == 0 and \
+                        self.state.step < self.cfg.train.steps:
+                    self.evaluate()
+                stopped = preemption.requested  # asked once per step: every rank agrees
+                if stopped or self.state.step % self.cfg.train.save_every == 0 or \
+                        self.state.step == last:
+                    result.checkpoint = str(self.save())
         result.steps = self.state.step
         if self.state.step >= self.cfg.train.steps:
             result.after = self.evaluate()
             task = self.cfg.data.include_tasks[0] if self.cfg.data.include_tasks else ""
             plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / "learning_curve.png", task)
         self.metrics.close()
+        if stopped and self.state.step < self.cfg.train.steps:
+            preemption.stop(self.state.step)  # under Slurm: requeues, raises JobRequeued
         return result
 
     def train_step(self) -> dict[str, Any]:

@@ -1,0 +1,293 @@
+"""The cluster path for real: the commands users run on a supercomputer, on a local Slurm.
+
+The ``slurm_cluster`` fixture (tests/conftest_slurm.py) brings up slurmctld + 2 slurmd nodes
+with tools/local_slurm.sh. Against it: the preprocess launcher's submitit job array (ids,
+throttle, one failed task retried and nothing else redone), the plain-sbatch array script,
+training that is signalled midway, checkpoints, requeues itself and ends with exactly the
+weights of an uninterrupted run, and the pipeline's afterok-chained submission.
+Not here yet: slurm/train_8node.sh (a multi-node run needs the Megatron backend's training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evr1.config import Config, dump_config, load_config
+from evr1.data.synthetic import make_synthetic
+from evr1.launch import stages
+from evr1.launch.executor import dependency
+from evr1.launch.preemption import PreemptionWatcher
+from evr1.train import checkpoint as ckpt
+from evr1.train.trainer import ensure_model
+from evr1.video.shards import MANIFEST, TaskFiles
+
+ROOT = Path(__file__).resolve().parents[1]
+# Slurm's own limits on a job the tests submit, so a hang fails a test instead of CI.
+JOB_TIMEOUT_S = 240
+# The sbatch scripts ask for real-cluster resources; the local nodes have 2 CPUs each.
+SMALL_JOB = ["--cpus-per-task=1", "--mem=2G", "--time=10"]
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Synthetic data (with two broken files), a tiny model and a reference set of shards made
+    by the local, in-process preprocess: what every Slurm path must reproduce."""
+    root = tmp_path_factory.mktemp("slurm")
+    cfg = small_config(root, root / "reference")
+    make_synthetic(cfg.synthetic, progress=False)
+    ensure_model(cfg)  # built once here: jobs running side by side must not race to build it
+    assert stages.preprocess_sequential(cfg) == 0
+    return root
+
+
+def small_config(root: Path, run_dir: Path, *overrides: str) -> Config:
+    """The demo config made small (as in tests/test_train.py), on the data under ``root``."""
+    return load_config(ROOT / "configs/demo_cpu.yaml", [
+        f"run_dir={run_dir}", f"synthetic.out_dir={root / 'data'}", "synthetic.num_videos=6",
+        "synthetic.include_real_videos=false", "synthetic.include_corrupt=true",
+        f"data.train_jsonl={root / 'data/train.jsonl'}",
+        f"data.eval_jsonl={root / 'data/heldout.jsonl'}",
+        f"model.path={root / 'tiny_model'}", "preprocess.num_tasks=2",
+        "rollout.n=4", "rollout.max_new_tokens=8", "train.prompts_per_step=2",
+        "train.micro_batch_size=3", "train.eval_samples=2", "train.wandb_mode=disabled",
+        "launch.cpus_per_task=1", "launch.mem_gb=2", "launch.time_min=10",
+        # One thread per job: torch would otherwise start one per core of the whole machine.
+        "launch.setup=[export OMP_NUM_THREADS=1]", *overrides])
+
+
+def write_config(cfg: Config, path: Path) -> Path:
+    dump_config(cfg, path)
+    return path
+
+
+def reference_manifest(root: Path) -> str:
+    return (root / "reference/shards" / MANIFEST).read_text()
+
+
+# --------------------------------------------------------------------------- Slurm helpers
+
+
+def run(cmd: list[str], timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          **kwargs)
+
+
+def sbatch(*args: str) -> str:
+    out = run(["sbatch", "--parsable", *args])
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job_records(job_id: str) -> list[dict[str, str]]:
+    """``scontrol show job`` as dicts, one per job (an array gives one per task)."""
+    out = run(["scontrol", "show", "job", "-o", job_id])
+    assert out.returncode == 0, out.stderr
+    return [dict(field.split("=", 1) for field in line.split() if "=" in field)
+            for line in out.stdout.splitlines() if line.strip()]
+
+
+def job_record(job_id: str) -> dict[str, str]:
+    [record] = job_records(job_id)
+    return record
+
+
+def wait_for_jobs(job_ids: list[str], timeout: float = JOB_TIMEOUT_S) -> None:
+    """Until none of the jobs is pending or running (a requeued job counts as pending)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {j: r["JobState"] for j in job_ids for r in job_records(j)}
+        if not {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"} & set(
+                states.values()):
+            return
+        assert time.monotonic() < deadline, f"jobs still not finished: {states}"
+        time.sleep(0.5)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def slurm_time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+# --------------------------------------------------------------------------- tests without Slurm
+
+
+def test_dependency_names_whole_arrays():
+    assert dependency([]) == ""
+    assert dependency(["12_0", "12_1", "9"]) == "afterok:9:12"
+
+
+def test_signal_sets_the_flag_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionWatcher() as watcher:
+        assert not watcher.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_until(lambda: watcher.received is not None, 5, "the signal handler")
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal does not change the reason
+        assert watcher.requested and watcher.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+@pytest.mark.slow
+def test_pipeline_runs_locally_without_slurm(prepared, tmp_path):
+    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=local", "train.steps=1")
+    out = run([sys.executable, "launchers/pipeline.py", "--config",
+               str(write_config(cfg, tmp_path / "c.yaml"))], timeout=300,
+              env={**os.environ, "OMP_NUM_THREADS": "1"})  # as the Slurm jobs here
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "preprocess: local array" in out.stdout
+    assert (cfg.shard_dir / MANIFEST).read_text() == reference_manifest(prepared)
+    assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000001"
+
+
+# --------------------------------------------------------------------------- on the cluster
+
+
+@pytest.mark.slurm
+def test_preprocess_array_retries_only_the_failed_task(slurm_cluster, prepared, tmp_path):
+    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm",
+                       "launch.array_parallelism=1", "launch.max_retries=1")
+    # A folder where task 1's shard must go: its first attempt fails (it cannot replace it)
+    # and the test removes it before the resubmitted task starts.
+    obstacle = TaskFiles.of(cfg.shard_dir, 1, 2).shard
+    obstacle.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "launchers/preprocess.py", "--array", "--config",
+                             str(write_config(cfg, tmp_path / "c.yaml"))], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # submitit's result file of array index 1 of the first array (the retry is an array of
+        # one task): it exists once that attempt has failed, before the launcher resubmits.
+        folder = cfg.submitit_dir / "preprocess"
+        wait_until(lambda: any(folder.glob("*_1_0_result.pkl")), JOB_TIMEOUT_S,
+                   "task 1's first attempt to fail")
+        obstacle.rmdir()
+        out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    printed = re.search(r"preprocess: slurm array, job ids (.*)", out)
+    assert printed, out
+    ids = printed.group(1).split()
+    # An array of two tasks (Slurm array task ids), then task 1 alone in a new job (submitit
+    # submits a one-task array as a plain job).
+    assert len(ids) == 3 and all(re.fullmatch(r"\d+_\d+", i) for i in ids[:2]), ids
+    first, retry = ids[0].split("_")[0], ids[2].split("_")[0]
+    assert ids[1] == f"{first}_1" and retry != first
+    assert "retrying tasks [1]" in out
+    wait_for_jobs([first, retry])  # the launcher returns on results; the jobs end just after
+    states = {r["JobId"]: r["JobState"] for j in (first, retry) for r in job_records(j)}
+    assert sorted(states.values()) == ["COMPLETED", "COMPLETED", "FAILED"], states
+    # The % throttle reached sbatch: Slurm records it, and the two tasks never overlapped.
+    tasks = job_records(first)
+    assert {t["ArrayTaskThrottle"] for t in tasks} == {"1"}
+    (a, b) = sorted(tasks, key=lambda t: t["StartTime"])
+    assert slurm_time(b["StartTime"]) >= slurm_time(a["EndTime"])
+    assert "#SBATCH --array=0-1%1" in (folder / f"{first}_submission.sh").read_text()
+    assert (cfg.shard_dir / MANIFEST).read_text() == reference_manifest(prepared)
+
+
+@pytest.mark.slurm
+def test_plain_sbatch_array_gives_the_same_manifest(slurm_cluster, prepared, tmp_path):
+    cfg = small_config(prepared, tmp_path / "run")
+    config = write_config(cfg, tmp_path / "c.yaml")
+    # (not sbatch --wait: it polls with growing intervals, up to tens of seconds)
+    array = sbatch("--array=0-1", *SMALL_JOB, f"--output={tmp_path}/%A_%a.out",
+                   "slurm/preprocess.sh", str(config))
+    wait_for_jobs([array])
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert [t["JobState"] for t in job_records(array)] == ["COMPLETED"] * 2, logs
+    assert (cfg.shard_dir / MANIFEST).read_text() == reference_manifest(prepared)
+
+
+@pytest.mark.slurm
+def test_signalled_training_requeues_and_matches_an_uninterrupted_run(slurm_cluster, prepared,
+                                                                     tmp_path):
+    steps = 40
+    common = [f"train.steps={steps}", "train.save_every=1000", "train.offline.mode=always",
+              f"preprocess.out_dir={prepared / 'reference/shards'}"]
+    jobs = {}
+    for name in ("straight", "signalled"):
+        cfg = small_config(prepared, tmp_path / name, *common)
+        jobs[name] = sbatch(*SMALL_JOB, f"--output={tmp_path}/{name}.out", "slurm/train.sh",
+                            str(write_config(cfg, tmp_path / f"{name}.yaml")))
+    metrics = tmp_path / "signalled/metrics.jsonl"
+
+    def train_steps() -> list[int]:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return [json.loads(x)["step"] for x in lines if '"kind": "train"' in x]
+
+    wait_until(lambda: len(train_steps()) >= 3, JOB_TIMEOUT_S, "the first training steps")
+    # What the --signal=B:USR1@300 of slurm/train.sh sends before the time limit.
+    assert run(["scancel", "--signal=USR1", "--batch", jobs["signalled"]]).returncode == 0
+    wait_for_jobs(list(jobs.values()))
+
+    log = (tmp_path / "signalled.out").read_text()
+    requeued = re.search(r"requeueing job \d+ after step (\d+)", log)
+    assert requeued, log
+    stopped = int(requeued.group(1))
+    assert 3 <= stopped < steps, log
+    assert f"resumed from {tmp_path / 'signalled/checkpoints'}/step-{stopped:08d}" in log
+    assert job_record(jobs["signalled"])["Restarts"] == "1"
+    assert job_record(jobs["straight"])["Restarts"] == "0"
+    for job in jobs.values():
+        assert job_record(job)["JobState"] == "COMPLETED", log
+    # Every step ran exactly once across the two pieces of the job.
+    assert train_steps() == list(range(1, steps + 1))
+
+    final = [ckpt.latest_checkpoint(tmp_path / name / "checkpoints") for name in jobs]
+    assert [f.name for f in final] == [f"step-{steps:08d}"] * 2
+    a, b = (load_file(f / "model/model.safetensors") for f in final)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs from the uninterrupted run"
+    start = load_file(prepared / "tiny_model/model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in start), "training changed nothing"
+
+
+@pytest.mark.slurm
+def test_pipeline_submits_stages_chained_by_afterok(slurm_cluster, prepared, tmp_path):
+    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2")
+    out = run([sys.executable, "launchers/pipeline.py", "--config",
+               str(write_config(cfg, tmp_path / "c.yaml"))])
+    assert out.returncode == 0, out.stdout + out.stderr
+    printed = re.search(r"preprocess: Slurm array, job ids (\d+)_0 .*\ntrain: Slurm job (\d+)",
+                        out.stdout)
+    assert printed, out.stdout
+    array, train_id = printed.groups()
+    # Submitted at once; training waits on the array (still running: its tasks take seconds).
+    pending = job_record(train_id)
+    assert pending["Reason"] == "Dependency", pending
+    assert pending["Dependency"].startswith(f"afterok:{array}"), pending
+    assert f"--dependency=afterok:{array}" in out.stdout
+    submission = (cfg.submitit_dir / "train" / f"{train_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{array}" in submission
+    assert "#SBATCH --kill-on-invalid-dep=yes" in submission
+
+    wait_for_jobs([array, train_id])
+    train = job_record(train_id)
+    tasks = job_records(array)
+    assert {t["JobState"] for t in tasks} == {"COMPLETED"} and train["JobState"] == "COMPLETED"
+    assert slurm_time(train["StartTime"]) >= max(slurm_time(t["EndTime"]) for t in tasks)
+    assert (cfg.shard_dir / MANIFEST).read_text() == reference_manifest(prepared)
+    assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000002"
