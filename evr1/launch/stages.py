@@ -7,6 +7,7 @@ A stage function takes the run's Config, submits (or runs locally) its tasks thr
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def submit_training(cfg: Config, after: Sequence[str] = ()) -> str:
 
 
 def print_training_summary(result: dict) -> None:
+    if os.environ.get("RANK", "0") != "0":  # one summary per distributed run
+        return
     before, after = result["before"], result["after"]
     print(f"training: {result['steps']} steps; checkpoint {result['checkpoint']}")
     for key in sorted(set(before) | set(after)):

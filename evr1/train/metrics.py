@@ -16,14 +16,17 @@ _STDOUT_KEYS = ("reward", "accuracy", "format", "response_len", "grad_norm", "cl
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, wandb_mode: str = "offline", project: str = "evr1",
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, enabled: bool = True) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled  # False on every rank but the first of a distributed run
         self._wandb = None
-        if wandb_mode != "disabled":
+        if wandb_mode != "disabled" and enabled:
             self._wandb = _start_wandb(run_dir, wandb_mode, project, config)
 
     def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
         record = {"step": step, "kind": kind, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")

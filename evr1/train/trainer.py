@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from evr1.config import Config, dump_config
 from evr1.data.dataset import PromptSampler, PromptSet
@@ -64,6 +65,20 @@ def ensure_model(cfg: Config) -> Path:
     return build_tiny_model(path, corpus, family=cfg.model.family, seed=cfg.seed)
 
 
+def make_backend(cfg: Config, model: torch.nn.Module, model_dir: Path):
+    """The configured training backend; ``megatron`` needs torch.distributed (torchrun, srun)."""
+    if cfg.train.backend == "megatron":
+        from evr1.train.backends.megatron.backend import MegatronBackend
+
+        return MegatronBackend(model_dir, cfg.train, cfg.rollout.temperature,
+                               dtype=cfg.model.dtype, seed=cfg.seed)
+    return HFBackend(model, cfg.train, cfg.rollout.temperature)
+
+
+def _no_op() -> None:
+    pass
+
+
 def make_engine(cfg: Config, model: torch.nn.Module, processor, model_dir: Path):
     """The configured rollout engine; ``hf`` shares the trainer's model object."""
     if cfg.rollout.engine == "vllm":
@@ -83,10 +98,10 @@ class Trainer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(model_dir, cfg.model.dtype, device,
                                 attn_implementation=cfg.model.attn_implementation)
-        if cfg.train.backend != "hf":
-            raise NotImplementedError(f"train.backend={cfg.train.backend!r}: only 'hf' is wired "
-                                      "into this trainer so far")
-        self.backend = HFBackend(self.model, cfg.train, cfg.rollout.temperature)
+        self.backend = make_backend(cfg, self.model, model_dir)
+        # Under torch.distributed (the megatron backend) every rank runs this loop with the same
+        # seed, so all ranks sample the same rollouts; rank 0 alone logs, evaluates and writes.
+        self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.engine = make_engine(cfg, self.model, self.processor, model_dir)
         reader = ShardReader(cfg.shard_dir)
         self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
@@ -100,7 +115,7 @@ class Trainer:
         self.stop_id = stop_token_ids(self.processor.tokenizer)[0]
         self.pad_id = self.processor.tokenizer.pad_token_id or self.stop_id
         self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
-                                     asdict(cfg))
+                                     asdict(cfg), enabled=self.is_main)
         # Seeded last: the sampling stream must not depend on what set-up did (building the
         # tiny model draws random numbers; loading it does not).
         torch.manual_seed(cfg.seed)
@@ -137,7 +152,9 @@ class Trainer:
         if self.state.step >= self.cfg.train.steps:
             result.after = self.evaluate()
             task = self.cfg.data.include_tasks[0] if self.cfg.data.include_tasks else ""
-            plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / "learning_curve.png", task)
+            if self.is_main:
+                plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / "learning_curve.png",
+                          task)
         self.metrics.close()
         if stopped and self.state.step < self.cfg.train.steps:
             preemption.stop(self.state.step)  # under Slurm: requeues, raises JobRequeued
@@ -230,7 +247,7 @@ class Trainer:
     # ------------------------------------------------------------------ eval / checkpoints
 
     def evaluate(self) -> dict[str, float]:
-        if self.heldout is None:
+        if self.heldout is None or not self.is_main:
             return {}
         result = evaluate_heldout(self.engine, self.heldout, self.cfg.reward,
                                   self.cfg.rollout.max_new_tokens, self.cfg.train.eval_samples)
@@ -240,7 +257,8 @@ class Trainer:
     def save(self) -> Path:
         extra = [self.model_dir / f for f in _PROCESSOR_FILES if (self.model_dir / f).exists()]
         return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.state, self.backend.save,
-                                    extra, self.cfg.train.keep_last)
+                                    extra, self.cfg.train.keep_last, writer=self.is_main,
+                                    barrier=dist.barrier if dist.is_initialized() else _no_op)
 
     def resume(self) -> None:
         ckpt.remove_stale_temporaries(self.cfg.checkpoint_dir)
