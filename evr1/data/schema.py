@@ -22,11 +22,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evr1.files import atomic_write_bytes
 
 DATA_TYPES = ("video", "image", "text")
 REQUIRED_FIELDS = ("id", "problem_type", "problem", "solution", "data_type")
@@ -311,19 +312,7 @@ def write_samples(path: str | os.PathLike[str], samples: Iterable[Sample]) -> in
     """
     target = Path(path)
     lines = _checked_lines(samples, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(line + "\n" for line in lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
+    atomic_write_bytes(target, "".join(line + "\n" for line in lines).encode("utf-8"))
     return len(lines)
 
 
@@ -346,20 +335,6 @@ def _checked_lines(samples: Iterable[Sample], target: Path) -> list[str]:
         seen.add(sample.id)
         lines.append(line)
     return lines
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; some filesystems (and Windows) refuse to open a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- command line

@@ -22,13 +22,21 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from evr1.files import (  # noqa: F401  (re-exported: the shard API names them)
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    file_sha256,
+    fsync_dir,
+    read_jsonl,
+)
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
@@ -59,57 +67,6 @@ class TaskFiles:
         return cls(shard=out_dir / part_name("shard", task, num_tasks, ".h5"),
                    manifest=out_dir / part_name("manifest", task, num_tasks, ".json"),
                    failures=out_dir / part_name("failures", task, num_tasks, ".jsonl"))
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is either absent, the old content, or all of the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    atomic_write_bytes(path, text.encode())
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the directory entry is on disk (matters on Lustre/GPFS
-    # clients less than on local disks, but costs nothing).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def file_sha256(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def frames_sha256(frames: np.ndarray) -> str:
@@ -190,7 +147,7 @@ class ShardWriter:
         with open(self.tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(self.tmp_path, self.final_path)
-        _fsync_dir(self.final_path.parent)
+        fsync_dir(self.final_path.parent)
 
     def abort(self) -> None:
         try:
@@ -269,12 +226,6 @@ def merge_manifests(out_dir: Path, num_tasks: int) -> dict[str, Any]:
     atomic_write_json(out_dir / MANIFEST, merged)
     atomic_write_jsonl(out_dir / FAILURES, failures)
     return merged
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- reading
