@@ -111,7 +111,9 @@ def wait_for_jobs(job_ids: list[str], timeout: float = JOB_TIMEOUT_S) -> None:
     """Until none of the jobs is pending or running (a requeued job counts as pending)."""
     deadline = time.monotonic() + timeout
     while True:
-        states = {j: r["JobState"] for j in job_ids for r in job_records(j)}
+        # Every task of an array has its own record (and state): check them all.
+        states = {f"{j}/{r.get('ArrayTaskId', '')}": r["JobState"]
+                  for j in job_ids for r in job_records(j)}
         if not {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"} & set(
                 states.values()):
             return
