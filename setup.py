@@ -28,6 +28,7 @@ setup(
         "rouge-score",
         "jiwer>=3",
         "megatron-core==0.16.1",  # installs on CPU; the megatron backend runs there under gloo
+        "pyarrow",  # parquet annotation files of some benchmarks
     ],
     extras_require={
         "gpu": ["vllm", "transformer-engine[pytorch]", "megatron-bridge"],

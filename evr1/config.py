@@ -303,7 +303,7 @@ class TrainConfig:
 class LaunchConfig:
     """How stages run: Slurm through submitit, or submitit's local executor."""
 
-    cluster: Literal["auto", "slurm", "local"] = "auto"  # auto: slurm when sbatch exists
+    cluster: Literal["auto", "slurm", "local"] = "auto"  # auto: slurm when a controller answers
     log_dir: str = ""  # default: <run_dir>/submitit
     partition: str = ""
     account: str = ""
@@ -316,6 +316,78 @@ class LaunchConfig:
     max_retries: int = 2  # resubmissions of a failed array task
     setup: list[str] = field(default_factory=list)  # shell lines run before the task (modules)
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # any other sbatch option
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalBenchmarkConfig:
+    """One benchmark to evaluate: its official annotation file and where its media live."""
+
+    name: str = ""  # registry name (evr1.eval.benchmarks.BENCHMARKS), e.g. videomme
+    alias: str = ""  # name in results and file names (default: name); unique within a run
+    annotation: str = ""  # official annotation file or folder (synthetic: data.eval_jsonl)
+    video_root: str = ""  # folder the annotation's media paths are relative to
+    official_score: float | None = None  # the reported score, shown beside ours
+    limit: int = 0  # evaluate only the first `limit` items (0: all)
+    shard_dir: str = ""  # cached frames (default: <eval.out_dir>/shards/<alias>)
+
+
+@dataclass
+class JudgeConfig:
+    """LLM judge for open-ended answers (run by the collector); none: reported as unjudged."""
+
+    backend: Literal["none", "server", "vllm"] = "none"
+    model: str = ""  # vllm: model folder; server: the model name the endpoint serves
+    url: str = ""  # server: OpenAI-compatible base URL of `vllm serve`, e.g. http://node:8000/v1
+    max_new_tokens: int = 16
+    timeout_s: float = 120.0
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation: one array task per (model, benchmark, shard)."""
+
+    benchmarks: list[EvalBenchmarkConfig] = field(default_factory=list)  # []: synthetic held-out
+    models: list[str] = field(default_factory=list)  # HF folders or "latest"; []: ["latest"]
+    num_shards: int = 1
+    out_dir: str = ""  # default: <run_dir>/eval
+    engine: Literal["hf", "vllm"] = "hf"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    batch_size: int = 8  # prompts per generate call
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    seed: int = 0
+    prompt_style: Literal["tags", "official"] = "tags"  # answer in <answer> tags, or as published
+    frames: Literal["shards", "decode"] = "shards"  # decode: on the fly (slow; for comparison)
+    decode_timeout_s: float = 300.0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def validate(self) -> None:
+        for name in ("num_shards", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("eval: need temperature >= 0 and 0 < top_p <= 1")
+        if self.decode_timeout_s <= 0 or self.judge.timeout_s <= 0:
+            raise ConfigError("eval: decode_timeout_s and judge.timeout_s must be > 0")
+        seen: set[str] = set()
+        for i, bench in enumerate(self.benchmarks):
+            if not bench.name:
+                raise ConfigError(f"eval.benchmarks[{i}].name is empty")
+            if bench.limit < 0:
+                raise ConfigError(f"eval.benchmarks[{i}].limit must be >= 0")
+            alias = bench.alias or bench.name
+            if alias in seen:
+                raise ConfigError(f"eval.benchmarks[{i}]: {alias!r} appears twice; give one an "
+                                  "alias")
+            seen.add(alias)
+        if self.judge.backend == "server" and not self.judge.url:
+            raise ConfigError("eval.judge.backend=server needs eval.judge.url")
+        if self.judge.backend == "vllm" and not self.judge.model:
+            raise ConfigError("eval.judge.backend=vllm needs eval.judge.model (a model folder)")
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -333,6 +405,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
         self.data.validate()
@@ -340,6 +413,7 @@ class Config:
         self.reward.validate()
         self.rollout.validate()
         self.train.validate()
+        self.eval.validate()
         return self
 
     # Paths in a config are relative to the working directory the launcher runs in.

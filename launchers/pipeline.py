@@ -23,9 +23,7 @@ from evr1.launch import stages
 from evr1.launch.cli import base_parser, load_from_args, setup_logging
 from evr1.launch.executor import dependency, resolve_cluster
 
-# TODO(eval, collect): append "eval" (an array after the training job) and "collect" (one job
-# after the eval array) once those stages exist as stage functions, in both paths below.
-STAGES = ("preprocess", "train")
+STAGES = ("preprocess", "train", "eval", "collect")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +56,16 @@ def run_stages(cfg: Config, wanted: list[str]) -> int:
         status = stages.train_job(cfg)
         if status:
             return status
+    if "eval" in wanted:
+        print("== eval ==")
+        status = stages.run_evaluation(cfg, submit=True)
+        if status:
+            return status
+    if "collect" in wanted:
+        print("== collect ==")
+        status = stages.collect_results(cfg)
+        if status:
+            return status
     print(f"pipeline done in {time.perf_counter() - start:.0f} s; shards in {cfg.shard_dir}"
           + (f", checkpoints in {cfg.checkpoint_dir}" if "train" in wanted else ""))
     return 0
@@ -73,7 +81,13 @@ def submit_stages(cfg: Config, wanted: list[str]) -> int:
         train_id = stages.submit_training(cfg, after=after)
         print(f"train: Slurm job {train_id}"
               + (f" (--dependency={dependency(after)})" if after else ""))
-        after = [train_id]  # what the eval array will wait for (see the TODO at STAGES)
+        after = [train_id]
+    if "eval" in wanted:
+        after = stages.submit_eval(cfg, after=after)
+        print(f"eval: Slurm array, job ids {' '.join(after)}")
+    if "collect" in wanted:
+        collect_id = stages.submit_collect(cfg, after=after)
+        print(f"collect: Slurm job {collect_id}")
     print(f"submitted; follow with `squeue --me`; job logs in {cfg.submitit_dir}/<stage>/")
     return 0
 

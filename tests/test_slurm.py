@@ -154,7 +154,7 @@ def test_signal_sets_the_flag_and_handlers_are_restored():
 @pytest.mark.slow
 def test_pipeline_runs_locally_without_slurm(prepared, tmp_path):
     cfg = small_config(prepared, tmp_path / "run", "launch.cluster=local", "train.steps=1")
-    out = run([sys.executable, "launchers/pipeline.py", "--config",
+    out = run([sys.executable, "launchers/pipeline.py", "--stages", "preprocess,train", "--config",
                str(write_config(cfg, tmp_path / "c.yaml"))], timeout=300,
               env={**os.environ, "OMP_NUM_THREADS": "1"})  # as the Slurm jobs here
     assert out.returncode == 0, out.stdout + out.stderr
@@ -270,7 +270,7 @@ def test_signalled_training_requeues_and_matches_an_uninterrupted_run(slurm_clus
 @pytest.mark.slurm
 def test_pipeline_submits_stages_chained_by_afterok(slurm_cluster, prepared, tmp_path):
     cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2")
-    out = run([sys.executable, "launchers/pipeline.py", "--config",
+    out = run([sys.executable, "launchers/pipeline.py", "--stages", "preprocess,train", "--config",
                str(write_config(cfg, tmp_path / "c.yaml"))])
     assert out.returncode == 0, out.stdout + out.stderr
     printed = re.search(r"preprocess: Slurm array, job ids (\d+)_0 .*\ntrain: Slurm job (\d+)",

@@ -175,7 +175,8 @@ def _drop_stale_shards(prepared: Path, shard_dir: Path) -> None:
     import json
 
     from evr1.data.schema import load_samples
-    from evr1.video.shards import FAILURES, MANIFEST, read_jsonl
+    from evr1.files import read_jsonl
+    from evr1.video.shards import FAILURES, MANIFEST
 
     manifest = shard_dir / MANIFEST
     if not manifest.exists():
@@ -267,3 +268,29 @@ def collect_results(cfg: Config) -> int:
               "--config C --array (finished shards are skipped), then collect again")
         return 1
     return 0
+
+
+def submit_eval(cfg: Config, after: Sequence[str] = ()) -> list[str]:
+    """Submit the eval array to Slurm after the jobs in ``after`` (training); its job ids.
+
+    For a job chain: the checkpoint does not exist yet, so ``latest`` is resolved by each task
+    when it starts (all after training ended: the same folder), and frames are not checked
+    here (the synthetic benchmark's come from the preprocess job of the same chain).
+    """
+    from evr1.eval.layout import pinned_file, task_count
+    from evr1.eval.runner import run_eval_task
+
+    status = eval_prepare(cfg)
+    if status:
+        raise RuntimeError("eval: preparing the benchmarks failed (see above)")
+    pinned_file(cfg).unlink(missing_ok=True)  # the collector resolves `latest` like the tasks
+    jobs = submit_array(functools.partial(run_eval_task, cfg), list(range(task_count(cfg))),
+                        cfg.launch, cfg.submitit_dir / "eval", name="evr1-eval", after=after)
+    return [job.job_id for job in jobs]
+
+
+def submit_collect(cfg: Config, after: Sequence[str] = ()) -> str:
+    """Submit the collector as one Slurm job after the eval array; its job id."""
+    job = submit_job(functools.partial(collect_results, cfg), cfg.launch,
+                     cfg.submitit_dir / "collect", name="evr1-collect", after=after)
+    return job.job_id

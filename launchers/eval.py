@@ -1,0 +1,64 @@
+"""Eval: benchmark questions -> predictions, one Slurm array task per (model, benchmark, shard).
+
+    python launchers/eval.py --config C --prepare       # official files -> evr1 JSONL per benchmark
+    python launchers/eval.py --config C --preprocess    # cache their frames (preprocess arrays)
+    python launchers/eval.py --config C --array         # prepare, then submit the eval array
+    python launchers/eval.py --config C --array --no-wait   # on Slurm: print job ids, return
+    python launchers/eval.py --config C --task 3        # one task, in this process
+    python launchers/eval.py --config C --list          # the task list
+    python launchers/eval.py --config C                 # every task, in this process
+
+Then ``python launchers/collect.py --config C``. With Slurm present (``sbatch`` on PATH, or
+launch.cluster=slurm) ``--array`` submits through submitit; otherwise the same tasks run through
+submitit's local executor. Finished shards are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from evr1.config import ConfigError
+from evr1.launch import stages
+from evr1.launch.cli import base_parser, load_from_args, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--prepare", action="store_true", help="only write the prepared JSONLs")
+    mode.add_argument("--preprocess", action="store_true",
+                      help="prepare, then cache every benchmark's frames into shards")
+    mode.add_argument("--array", action="store_true", help="submit all tasks as one job array")
+    mode.add_argument("--task", type=int, help="run one task index in this process")
+    mode.add_argument("--list", action="store_true", help="print the task list")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="with --array / --preprocess on Slurm: print the job ids and return")
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_from_args(args)
+    try:
+        return run(cfg, args)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
+
+
+def run(cfg, args) -> int:
+    from evr1.eval.layout import eval_tasks, pin_models
+    from evr1.eval.runner import run_eval_task
+
+    if args.prepare:
+        return stages.eval_prepare(cfg)
+    if args.preprocess:
+        return stages.eval_preprocess(cfg, wait=not args.no_wait)
+    if args.list:
+        for task in eval_tasks(pin_models(cfg)):
+            print(f"{task.index}: {task.name} ({task.model.path})")
+        return 0
+    if args.task is not None:
+        stages.print_eval_summary([run_eval_task(pin_models(cfg), args.task)])
+        return 0
+    return stages.run_evaluation(cfg, submit=args.array, wait=not args.no_wait)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
