@@ -23,3 +23,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from evr1.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), TINY_CORPUS, seed=0)
+
+
+@pytest.fixture
+def clean_registry():
+    """Leave the process-wide registry of types and judges as this test found it."""
+    from evr1.rewards import preference, router
+
+    saved = [(d, dict(d)) for d in (router._TYPES, router._ALIASES, preference._JUDGES)]
+    yield
+    for live, copy in saved:
+        live.clear()
+        live.update(copy)

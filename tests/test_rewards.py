@@ -30,18 +30,6 @@ def acc(problem_type: str, answer: str, solution, **kwargs) -> float:
     return score(problem_type, tag(answer), solution, **kwargs).accuracy
 
 
-@pytest.fixture
-def clean_registry():
-    """Leave the process-wide registry of types and judges as this test found it."""
-    from evr1.rewards import preference, router
-
-    saved = [(d, dict(d)) for d in (router._TYPES, router._ALIASES, preference._JUDGES)]
-    yield
-    for live, copy in saved:
-        live.clear()
-        live.update(copy)
-
-
 # --------------------------------------------------------------------------- format
 
 

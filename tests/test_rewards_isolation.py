@@ -16,18 +16,6 @@ from evr1.rewards.sandbox import SandboxLimits, network_prefix, run_tests
 HANG = "<answer>9^{9^{9^{9}}}</answer>"  # sympy evaluates this for minutes
 
 
-@pytest.fixture
-def clean_registry():
-    """Leave the process-wide registry of types and judges as this test found it."""
-    from evr1.rewards import preference, router
-
-    saved = [(d, dict(d)) for d in (router._TYPES, router._ALIASES, preference._JUDGES)]
-    yield
-    for live, copy in saved:
-        live.clear()
-        live.update(copy)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def math_ready():
     # Start-up is not what these tests time; on a loaded machine it can exceed timeout_s.
