@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256
 from evr1.video.shards import (
     MANIFEST,
     MediaEntry,
@@ -18,9 +19,6 @@ from evr1.video.shards import (
     ShardReader,
     ShardWriter,
     TaskFiles,
-    atomic_write_json,
-    atomic_write_jsonl,
-    file_sha256,
     frames_sha256,
     merge_manifests,
     task_is_complete,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evr1.video.shards import FAILURES, ShardReader, file_sha256, frames_sha256, read_jsonl
+from evr1.files import file_sha256, read_jsonl
+from evr1.video.shards import FAILURES, ShardReader, frames_sha256
 
 
 def main(argv: list[str] | None = None) -> int:

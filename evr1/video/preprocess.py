@@ -18,15 +18,13 @@ from tqdm import tqdm
 
 from evr1.config import Config
 from evr1.data.schema import Sample, load_samples
+from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256
 from evr1.video.decode import load_visual
 from evr1.video.shards import (
     MANIFEST_VERSION,
     MediaEntry,
     ShardWriter,
     TaskFiles,
-    atomic_write_json,
-    atomic_write_jsonl,
-    file_sha256,
     frames_sha256,
     merge_manifests,
     remove_stale_temporaries,

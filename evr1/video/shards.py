@@ -29,14 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from evr1.files import (  # noqa: F401  (re-exported: the shard API names them)
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_jsonl,
-    file_sha256,
-    fsync_dir,
-    read_jsonl,
-)
+from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256, fsync_dir, read_jsonl
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
