@@ -390,6 +390,69 @@ class EvalConfig:
             raise ConfigError("eval.judge.backend=vllm needs eval.judge.model (a model folder)")
 
 
+# --------------------------------------------------------------------------- curation
+
+
+@dataclass
+class CurateConfig:
+    """Data curation by pass rate: k responses per prompt from the starting model.
+
+    A sample's pass rate is passes / k, where a response passes when the reward's
+    ``accuracy`` is >= ``pass_threshold`` (1.0: exactly right). A sample is kept when its
+    pass rate lies between ``min_pass_rate`` and ``max_pass_rate``; ``inclusive`` says which
+    bounds are part of the range. The default keeps 0 < p < 1 (the method's filter, k = 8).
+    """
+
+    input_jsonl: str = ""  # samples to curate (default: data.train_jsonl)
+    shard_dir: str = ""  # their cached frames (default: the preprocess stage's output)
+    model: str = ""  # the starting model (default: model.path)
+    out_dir: str = ""  # records, report, plot (default: <run_dir>/curate)
+    output_jsonl: str = ""  # the filtered samples (default: <out_dir>/curated.jsonl)
+    num_shards: int = 1  # array tasks
+    engine: Literal["auto", "hf", "vllm"] = "auto"  # auto: vllm where installed + GPU, else hf
+    device: str = "auto"  # hf engine: auto = cuda when available, else cpu
+    k: int = 8  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    batch_size: int = 8  # prompts per generate call
+    seed: int = 0
+    pass_threshold: float = 1.0  # a response passes when its accuracy is >= this
+    min_pass_rate: float = 0.0
+    max_pass_rate: float = 1.0
+    inclusive: Literal["neither", "min", "max", "both"] = "neither"  # which bounds are kept
+    # At most this many kept samples per problem type (chosen by a seeded draw); others: no cap.
+    caps: dict[str, int] = field(default_factory=dict)
+    # Attach one correct sampled response as offline_output when 0 < pass rate < this
+    # (null: never). An offline_output the sample already has is kept.
+    attach_offline_below: float | None = None
+
+    def validate(self) -> None:
+        for name in ("num_shards", "k", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"curate.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("curate: need temperature >= 0 and 0 < top_p <= 1")
+        for name in ("pass_threshold", "min_pass_rate", "max_pass_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"curate.{name} must be in [0, 1], got {value}")
+        if self.pass_threshold == 0.0:
+            raise ConfigError("curate.pass_threshold must be > 0 (0 would pass every response)")
+        if self.min_pass_rate > self.max_pass_rate:
+            raise ConfigError(f"curate.min_pass_rate={self.min_pass_rate} is above "
+                              f"curate.max_pass_rate={self.max_pass_rate}")
+        if self.min_pass_rate == self.max_pass_rate and self.inclusive != "both":
+            raise ConfigError(f"curate: min_pass_rate == max_pass_rate == {self.min_pass_rate} "
+                              "keeps nothing unless curate.inclusive=both")
+        for name, cap in self.caps.items():
+            if cap < 0:
+                raise ConfigError(f"curate.caps.{name} must be >= 0, got {cap}")
+        if self.attach_offline_below is not None and not 0 < self.attach_offline_below <= 1:
+            raise ConfigError("curate.attach_offline_below must be in (0, 1] or null, got "
+                              f"{self.attach_offline_below}")
+
+
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -406,6 +469,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
 
     def validate(self) -> Config:
         self.data.validate()
@@ -414,6 +478,7 @@ class Config:
         self.rollout.validate()
         self.train.validate()
         self.eval.validate()
+        self.curate.validate()
         return self
 
     # Paths in a config are relative to the working directory the launcher runs in.

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from evr1.config import Config
+from evr1.config import Config, ConfigError
 from evr1.launch.executor import run_array, submit_array, submit_job
 from evr1.video.preprocess import TaskSummary, run_task
 from evr1.video.shards import ShardError, merge_manifests
@@ -294,3 +294,82 @@ def submit_collect(cfg: Config, after: Sequence[str] = ()) -> str:
     job = submit_job(functools.partial(collect_results, cfg), cfg.launch,
                      cfg.submitit_dir / "collect", name="evr1-collect", after=after)
     return job.job_id
+
+
+# --------------------------------------------------------------------------- curation
+
+
+def prepare_curation(cfg: Config) -> Config:
+    """Check the input (types, caps, frame cache) and pin the starting model's folder, so
+    that every array task samples from the same model; builds the tiny model if configured."""
+    import dataclasses
+
+    from evr1.data.curate import check_inputs
+
+    check_inputs(cfg)
+    if cfg.curate.model:
+        model = cfg.path(cfg.curate.model)
+        if not (model / "config.json").is_file():
+            raise ConfigError(f"curate.model: {model} is not a model folder (no config.json)")
+    else:
+        from evr1.train.trainer import ensure_model
+
+        model = ensure_model(cfg)
+    return dataclasses.replace(cfg, curate=dataclasses.replace(cfg.curate, model=str(model)))
+
+
+def run_curation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
+    """Pass rates of every sample (one array task per shard), then the collector."""
+    from evr1.data.curate import run_curate_task
+
+    cfg = prepare_curation(cfg)
+    tasks = list(range(cfg.curate.num_shards))
+    if not submit:
+        print_curate_summary([run_curate_task(cfg, t) for t in tasks])
+        return collect_curation(cfg)
+    outcome = run_array(functools.partial(run_curate_task, cfg), tasks, cfg.launch,
+                        cfg.submitit_dir / "curate", name="evr1-curate", wait=wait)
+    print(f"curate: {outcome.cluster} array, job ids {' '.join(outcome.job_ids)}")
+    if not wait:
+        print("when the array is done: python launchers/curate.py --config C --collect "
+              "(re-running --array redoes only unfinished shards)")
+        return 0
+    print_curate_summary(list(outcome.results.values()))
+    for index, reason in sorted(outcome.failed.items()):
+        print(f"curate task {index} failed after {cfg.launch.max_retries} retries: {reason}")
+    if outcome.failed:
+        return 1
+    return collect_curation(cfg)
+
+
+def print_curate_summary(results: list) -> None:
+    done = [r for r in results if not r.skipped]
+    samples = sum(r.samples for r in done)
+    busy = sum(r.seconds for r in done)
+    counts: dict[str, int] = {}
+    for r in done:
+        for key, value in r.counts.items():
+            counts[key] = counts.get(key, 0) + value
+    print(f"curate summary: {len(done)} task(s) run, {len(results) - len(done)} skipped as "
+          f"complete; {samples} samples ({samples / busy if busy else 0:.2f} samples/s per "
+          f"task); {counts}")
+
+
+def collect_curation(cfg: Config) -> int:
+    """Merge the pass rates, write the filtered JSONL and the report; 1 while a shard is
+    missing (nothing is filtered from an incomplete set)."""
+    from evr1.data.curate import collect_curation as collect
+
+    result = collect(cfg)
+    for m in result.missing:
+        print(f"MISSING: curate shard {m['shard']} of {m['num_shards']} (array task "
+              f"{m['shard']}): {m['reason']}")
+    if result.missing:
+        print(f"{len(result.missing)} shard(s) missing: rerun python launchers/curate.py "
+              "--config C --array (finished shards are skipped), then --collect")
+        return 1
+    print(Path(result.files["markdown"]).read_text().rstrip())
+    print(f"\ncurated: {result.files['curated']}; report: {result.files['json']}, "
+          f"{result.files['markdown']}, {result.files['png']}; pass rates: "
+          f"{result.files['records']}")
+    return 0
