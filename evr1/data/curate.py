@@ -219,8 +219,11 @@ def make_engine(cfg: Config, model_path: Path) -> Any:
     return HFRolloutEngine(model, load_processor(model_path))
 
 
-def generate_groups(engine: Any, prompts: list, params: Any) -> list[list[tuple[str, bool]] | str]:
-    """k (text, truncated) per prompt, or the error that generating it raised.
+Response = tuple[str, bool, int]  # text, truncated (no stop token), length in tokens
+
+
+def generate_groups(engine: Any, prompts: list, params: Any) -> list[list[Response] | str]:
+    """k (text, truncated, tokens) per prompt, or the error that generating it raised.
 
     A batch that raises (e.g. out of memory on one long video) is retried prompt by prompt,
     so one bad sample costs itself, not its batch.
@@ -235,7 +238,7 @@ def generate_groups(engine: Any, prompts: list, params: Any) -> list[list[tuple[
                     len(prompts), exc)
         return [g for p in prompts for g in generate_groups(engine, [p], params)]
     truncated = out.truncated or [False] * len(out.texts)
-    rows = list(zip(out.texts, truncated, strict=True))
+    rows = list(zip(out.texts, truncated, map(len, out.response_ids), strict=True))
     n = params.n
     return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -247,17 +250,18 @@ def _base(sample: Sample) -> dict[str, Any]:
 def failed_record(sample: Sample, status: str, reason: str) -> dict[str, Any]:
     return {**_base(sample), "status": status, "reason": reason[:500], "k": 0, "passes": 0,
             "pass_rate": None, "accuracies": [], "mean_reward": None, "truncated": 0,
-            "correct_response": None}
+            "lengths": [], "correct_response": None}
 
 
-def pass_record(sample: Sample, responses: list[tuple[str, bool]], accuracies: list[float],
+def pass_record(sample: Sample, responses: list[Response], accuracies: list[float],
                 rewards: list[float], pass_threshold: float) -> dict[str, Any]:
     passed = [a >= pass_threshold for a in accuracies]
-    correct = next((text for (text, _), ok in zip(responses, passed, strict=True) if ok), None)
+    correct = next((r[0] for r, ok in zip(responses, passed, strict=True) if ok), None)
     return {**_base(sample), "status": OK, "k": len(responses), "passes": sum(passed),
             "pass_rate": sum(passed) / len(responses), "accuracies": accuracies,
             "mean_reward": sum(rewards) / len(rewards),
-            "truncated": sum(1 for _, t in responses if t), "correct_response": correct}
+            "truncated": sum(1 for r in responses if r[1]), "lengths": [r[2] for r in responses],
+            "correct_response": correct}
 
 
 def score_group(sample: Sample, texts: list[str], cfg: Config) -> tuple[list[float], list[float]]:
@@ -303,7 +307,7 @@ def curate_batch(engine: Any, frames: Any, samples: list[Sample], cfg: Config
                 records[sample.id] = failed_record(sample, ERROR, group)
                 continue
             try:
-                accuracies, rewards = score_group(sample, [t for t, _ in group], cfg)
+                accuracies, rewards = score_group(sample, [r[0] for r in group], cfg)
             except Exception as exc:  # e.g. InvalidSolution: a dataset error in this sample
                 records[sample.id] = failed_record(
                     sample, ERROR, f"scoring failed: {type(exc).__name__}: {exc}")
