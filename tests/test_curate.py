@@ -292,3 +292,36 @@ def test_partial_file_with_a_torn_last_line_is_read_up_to_it(tmp_path):
     assert curate._read_partial(files, {"model": "other"}) == {}
     os.remove(files.partial)
     assert curate._read_partial(files, expected) == {}
+
+
+def test_a_failing_generation_or_solution_costs_only_its_sample():
+    """A batch whose generation raises is retried prompt by prompt; the prompt that still
+    fails and a sample whose solution cannot be scored get error records."""
+    from evr1.data.schema import Sample
+    from evr1.rollout.base import Rollouts
+
+    class Engine:
+        calls = 0
+
+        def generate(self, prompts, params):
+            Engine.calls += 1
+            if any(p.sample_id == "bad" for p in prompts):
+                raise RuntimeError("out of memory")
+            texts = ["<answer>A</answer>", "<answer>B</answer>"] * (params.n // 2)
+            return Rollouts(n=params.n, response_ids=[[1, 2]] * len(prompts) * params.n,
+                            texts=texts * len(prompts), truncated=[False] * params.n
+                            * len(prompts))
+
+    def sample(sample_id, ptype="multiple_choice", solution="A"):
+        return Sample(id=sample_id, problem_type=ptype, problem="q", solution=solution,
+                      options=["A. x", "B. y"], data_type="text")
+
+    cfg = load_config(None, ["curate.k=4"])
+    batch = [sample("good"), sample("bad"), sample("nosol", "numerical", "abc")]
+    good, bad, nosol = curate.curate_batch(Engine(), None, batch, cfg)
+    assert Engine.calls == 4  # the batch, then each prompt alone
+    assert (good["status"], good["pass_rate"], good["correct_response"]) == \
+        ("ok", 0.5, "<answer>A</answer>")
+    assert good["lengths"] == [2, 2, 2, 2]
+    assert bad["status"] == "error" and "out of memory" in bad["reason"]
+    assert nosol["status"] == "error" and "InvalidSolution" in nosol["reason"]

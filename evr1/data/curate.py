@@ -544,11 +544,14 @@ def build_report(cfg: Config, samples: list[Sample], records: dict[str, dict[str
         return {"samples": 0, **{o: 0 for o in outcomes}, "buckets": {b: 0 for b in BUCKETS},
                 "passes_hist": [0] * (c.k + 1)}
 
+    from evr1.rewards import canonical_type
+
     total = empty()
-    by_type: dict[str, dict[str, Any]] = {}
+    by_type: dict[str, dict[str, Any]] = {}  # by canonical type, as the caps are
     for sample in samples:
         rec = records[sample.id]
-        for entry in (total, by_type.setdefault(sample.problem_type, empty())):
+        ptype = canonical_type(sample.problem_type, cfg.reward.fallback_type or None)
+        for entry in (total, by_type.setdefault(ptype, empty())):
             entry["samples"] += 1
             entry[decision[sample.id]] += 1
             if rec["status"] == OK:
