@@ -294,3 +294,16 @@ def submit_collect(cfg: Config, after: Sequence[str] = ()) -> str:
     job = submit_job(functools.partial(collect_results, cfg), cfg.launch,
                      cfg.submitit_dir / "collect", name="evr1-collect", after=after)
     return job.job_id
+
+
+def checkpoint_evals_dir(run_dir: Path) -> Path:
+    """Where a training run's checkpoint evaluations are (train.async_eval): the eval folder
+    its saved config.yaml names, else <run_dir>/eval, plus ``steps``."""
+    from evr1.config import load_config
+
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        cfg = load_config(saved)
+        if cfg.eval.out_dir:
+            return cfg.path(cfg.eval.out_dir) / "steps"
+    return run_dir / "eval" / "steps"
