@@ -139,8 +139,9 @@ def run_checkpoint_eval(out_dir: str) -> int:
                  host=socket.gethostname())
     try:
         if run_evaluation(load_config(folder / "config.yaml"), submit=False):
+            sys.stdout.flush()  # what it printed is the reason: job.log is our stdout
             write_status(folder, "failed", finished_at=time.time(),
-                         error=f"evaluation failed (see {folder / 'job.log'})")
+                         error=f"evaluation failed: {_tail(folder / 'job.log', 1)}")
             return 1
     except Exception as exc:
         write_status(folder, "failed", finished_at=time.time(),
