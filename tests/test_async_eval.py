@@ -257,3 +257,31 @@ def test_full_slots_skip_and_resume_catches_up(prepared, tmp_path, monkeypatch):
     assert resumed.outstanding == 0 and resumed.scores == {1: 25.0}
     logged = read_metrics(Path(cfg.run_dir), "checkpoint_eval")
     assert [(r["step"], r["status"]) for r in logged] == [(2, "skipped"), (1, "done")]
+
+
+@pytest.mark.slurm
+def test_slurm_eval_array_and_dependent_collect(slurm_cluster, prepared, tmp_path):
+    """On the local Slurm cluster: the checkpoint's eval array, then collect with afterok."""
+    from test_slurm import job_records
+
+    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2",
+                       "train.save_every=2", "train.async_eval.enabled=true",
+                       "train.async_eval.max_samples=2", "train.async_eval.final_full_suite=false",
+                       "launch.cpus_per_task=1", "launch.mem_gb=2", "launch.time_min=10",
+                       "launch.setup=[export OMP_NUM_THREADS=1]")
+    result = Trainer(cfg).run()  # waits at the end for the outstanding job (wait_at_end)
+    assert result.steps == 2
+    out_dir = Path(cfg.run_dir) / "eval/steps/step-00000002"
+    request = json.loads((out_dir / "request.json").read_text())
+    array = request["eval_jobs"][0].split("_")[0]
+    collect = request["collect_job"]
+    submission = (out_dir / f"submitit/collect/{collect}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{array}" in submission
+    tasks, [collect_job] = job_records(array), job_records(collect)
+    assert {t["JobState"] for t in tasks} == {"COMPLETED"}, tasks
+    assert collect_job["JobState"] == "COMPLETED", collect_job
+    assert collect_job["StartTime"] >= max(t["EndTime"] for t in tasks)
+    [record] = read_metrics(Path(cfg.run_dir), "checkpoint_eval")
+    assert record["step"] == 2 and record["status"] == "done" and "score/synthetic" in record
+    assert not list((ckpt.step_dir(cfg.checkpoint_dir, 2) / "leases").glob("*.json"))
+    assert [r["step"] for r in leaderboard(out_dir.parent)["quick"]["rows"]] == [2]
