@@ -287,3 +287,22 @@ def test_slurm_eval_array_and_dependent_collect(slurm_cluster, prepared, tmp_pat
     assert record["step"] == 2 and record["status"] == "done" and "score/synthetic" in record
     assert not list((ckpt.step_dir(cfg.checkpoint_dir, 2) / "leases").glob("*.json"))
     assert [r["step"] for r in leaderboard(out_dir.parent)["quick"]["rows"]] == [2]
+
+
+def test_final_full_suite_is_submitted_and_awaited(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(async_eval, "local_command", lambda out_dir: [
+        sys.executable, "-c", "import sys; sys.exit('no evaluation here')"])
+    cfg = small_config(prepared, tmp_path / "run", "train.async_eval.enabled=true",
+                       "train.async_eval.max_samples=2", "train.save_every=1")
+    evaluator = async_eval.AsyncEvaluator(cfg, MetricsLogger(Path(cfg.run_dir), "disabled"))
+    fake_checkpoints(cfg.checkpoint_dir, [3])
+    evaluator.finish(3, ckpt.step_dir(cfg.checkpoint_dir, 3), wait=True)
+    assert evaluator.outstanding == 0
+    out_dir = Path(cfg.run_dir) / "eval/steps/step-00000003-full"
+    request = json.loads((out_dir / "request.json").read_text())
+    assert request["suite"] == "full" and request["benchmarks"] == ["synthetic"]
+    [synthetic] = load_config(out_dir / "config.yaml").eval.benchmarks
+    assert synthetic.limit == 0  # no max_samples cap on the full suite
+    [record] = read_metrics(Path(cfg.run_dir), "checkpoint_eval")
+    assert record["suite"] == "full" and record["status"] == "failed"
+    assert "no evaluation here" in record["error"]
