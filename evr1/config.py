@@ -257,6 +257,55 @@ class MegatronConfig:
 
 
 @dataclass
+class AsyncEvalConfig:
+    """Benchmark evaluation of checkpoints while training goes on (``evr1.train.async_eval``).
+
+    When a checkpoint is written the trainer submits an eval array for it plus a collect job
+    that waits on it (Slurm ``afterok``), or starts a local background job without Slurm, and
+    trains on; the scores reach the run's metrics when they arrive. The quick suite per
+    checkpoint is ``benchmarks`` (aliases from ``eval.benchmarks``; the synthetic held-out set
+    when none is configured) capped at ``max_samples`` questions each; the full suite of
+    ``eval.benchmarks`` runs once on the final checkpoint.
+    """
+
+    enabled: bool = False
+    every: int = 0  # steps between evaluated checkpoints, a multiple of train.save_every; 0: all
+    benchmarks: list[str] = field(default_factory=list)  # aliases for the quick eval; []: all
+    max_samples: int = 0  # questions per benchmark in the quick eval (0: the benchmark's limit)
+    num_shards: int = 1  # eval array tasks per (checkpoint, benchmark) in the quick eval
+    max_concurrent: int = 1  # local background jobs at once (Slurm's queue bounds its own)
+    when_full: Literal["queue", "skip"] = "queue"  # a checkpoint that finds every slot busy
+    threads: int = 1  # torch threads per local job, so eval cannot starve the trainer
+    final_full_suite: bool = True  # after the last step: every eval.benchmarks entry, no cap
+    wait_at_end: bool = True  # Slurm: wait for outstanding jobs (local jobs are always awaited)
+    # Pruning (with train.keep_last): also keep the `keep_best` best checkpoints by
+    # `best_metric` (`average` or a benchmark alias). A checkpoint an eval job still reads
+    # (it holds a lease) is never pruned.
+    keep_best: int = 0
+    best_metric: str = "average"
+
+    def validate(self, save_every: int, aliases: list[str]) -> None:
+        where = "train.async_eval"
+        for name in ("max_samples", "keep_best", "every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("num_shards", "max_concurrent", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.every % save_every:
+            raise ConfigError(f"{where}.every={self.every} must be a multiple of "
+                              f"train.save_every={save_every} (only checkpoints are evaluated)")
+        unknown = [b for b in self.benchmarks if b not in aliases]
+        if unknown:
+            raise ConfigError(f"{where}.benchmarks: {unknown[0]!r} is not in eval.benchmarks "
+                              f"(aliases: {', '.join(aliases)})")
+        quick = self.benchmarks or aliases
+        if self.best_metric != "average" and self.best_metric not in quick:
+            raise ConfigError(f"{where}.best_metric={self.best_metric!r} must be 'average' or "
+                              f"one of the evaluated benchmarks ({', '.join(quick)})")
+
+
+@dataclass
 class TrainConfig:
     backend: Literal["hf", "megatron"] = "hf"
     steps: int = 200
@@ -282,6 +331,7 @@ class TrainConfig:
     eval_samples: int = 64
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "evr1"
+    async_eval: AsyncEvalConfig = field(default_factory=AsyncEvalConfig)
 
     def validate(self) -> None:
         self.grpo.validate("train.grpo")
@@ -479,6 +529,8 @@ class Config:
         self.train.validate()
         self.eval.validate()
         self.curate.validate()
+        aliases = [b.alias or b.name for b in self.eval.benchmarks] or ["synthetic"]
+        self.train.async_eval.validate(self.train.save_every, aliases)
         return self
 
     # Paths in a config are relative to the working directory the launcher runs in.

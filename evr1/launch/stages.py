@@ -373,3 +373,16 @@ def collect_curation(cfg: Config) -> int:
           f"{result.files['markdown']}, {result.files['png']}; pass rates: "
           f"{result.files['records']}")
     return 0
+
+
+def checkpoint_evals_dir(run_dir: Path) -> Path:
+    """Where a training run's checkpoint evaluations are (train.async_eval): the eval folder
+    its saved config.yaml names, else <run_dir>/eval, plus ``steps``."""
+    from evr1.config import load_config
+
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        cfg = load_config(saved)
+        if cfg.eval.out_dir:
+            return cfg.path(cfg.eval.out_dir) / "steps"
+    return run_dir / "eval" / "steps"

@@ -7,10 +7,16 @@ One checkpoint is a folder ``step-00000050`` holding::
     optimizer.pt      optimizer + LR scheduler state (tensors and numbers only)
     trainer_state.pt  step, data position, RNG states (tensors and numbers only)
     meta.json         step and what produced it; written last, inside the temporary folder
+    leases/           one file per eval job that still reads model/ (see ``take_lease``)
 
 The folder appears under its final name only by an atomic rename after everything in it is
 fsynced, so ``latest`` never picks a half-written checkpoint; every ``.pt`` file loads with
 ``torch.load(weights_only=True)``.
+
+Pruning keeps the last ``keep_last`` checkpoints, the ``keep_best`` best by a score, and every
+checkpoint with a live lease: an evaluation job submitted for it (``evr1.train.async_eval``)
+takes a lease before it is queued and gives it back when it ends; a lease whose holder is gone
+(a local process that died, a Slurm job no longer in the queue) no longer protects.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Sequence
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,7 +65,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 def save_checkpoint(root: Path, state: TrainerState,
                     write_model_and_optimizer: Callable[[Path], None],
                     extra_files: Sequence[Path] = (), keep_last: int = 0, *, writer: bool = True,
-                    barrier: Callable[[], None] = lambda: None) -> Path:
+                    barrier: Callable[[], None] = lambda: None, keep_best: int = 0,
+                    scores: Mapping[int, float] | None = None) -> Path:
     """Write a complete checkpoint for ``state.step`` atomically; prune old ones.
 
     Under torch.distributed every rank calls this (``write_model_and_optimizer`` may be
@@ -87,9 +97,94 @@ def save_checkpoint(root: Path, state: TrainerState,
         raise
     barrier()
     if writer and keep_last > 0:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep_last, keep_best, scores)
     return final
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(STEP_DIR.match(folder.name).group(1))
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep_best: int = 0,
+                      scores: Mapping[int, float] | None = None) -> list[Path]:
+    """Delete complete checkpoints outside the policy; returns the deleted folders.
+
+    Kept: the newest ``keep_last``, the ``keep_best`` with the highest ``scores[step]`` (steps
+    without a score do not compete), and any with a live lease. ``keep_last`` 0 keeps all.
+    """
+    if keep_last <= 0:
+        return []
+    found = list_checkpoints(root)
+    keep = {p.name for p in found[-keep_last:]}
+    scored = [p for p in found if scores and checkpoint_step(p) in scores]
+    scored.sort(key=lambda p: (-scores[checkpoint_step(p)], -checkpoint_step(p)))
+    keep |= {p.name for p in scored[:keep_best]}
+    removed = []
+    for folder in found:
+        if folder.name in keep or live_leases(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def take_lease(folder: Path, name: str, **holder: object) -> Path:
+    """Mark ``folder`` as read by ``name`` until ``release_lease``; ``holder`` says who holds
+    it: ``pid`` (a process on this host) and/or ``slurm_jobs`` (job ids)."""
+    lease = folder / "leases" / f"{name}.json"
+    lease.parent.mkdir(exist_ok=True)
+    record = {"name": name, "host": socket.gethostname(), "created": time.time(), **holder}
+    tmp = lease.with_name(f".{lease.name}.tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, lease)
+    return lease
+
+
+def release_lease(lease: Path | str) -> None:
+    Path(lease).unlink(missing_ok=True)
+
+
+def live_leases(folder: Path) -> list[Path]:
+    """The leases on ``folder`` whose holder still runs; stale ones are removed."""
+    live = []
+    for lease in sorted((folder / "leases").glob("*.json")):
+        try:
+            record = json.loads(lease.read_text())
+        except (OSError, json.JSONDecodeError):
+            live.append(lease)  # being written: count it
+            continue
+        if _holder_alive(record):
+            live.append(lease)
+        else:
+            release_lease(lease)
+    return live
+
+
+def _holder_alive(record: dict) -> bool:
+    jobs = record.get("slurm_jobs") or []
+    if jobs:
+        try:
+            out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return True  # cannot tell: keep the checkpoint
+        # squeue lists pending and running jobs; finished ones drop out (or are unknown).
+        if out.returncode != 0 and "Invalid job id" not in out.stderr:
+            return True  # no answer from the controller: keep the checkpoint
+        return bool(out.stdout.strip())
+    pid = record.get("pid")
+    if pid is None or record.get("host") != socket.gethostname():
+        return True  # held by someone we cannot check from here: keep the checkpoint
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_trainer_state(folder: Path) -> TrainerState:

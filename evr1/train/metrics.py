@@ -1,9 +1,18 @@
-"""Per-step metrics to stdout, a JSONL file and wandb (offline by default)."""
+"""Per-step metrics to stdout, a JSONL file and wandb (offline by default).
+
+Every JSONL record has ``step``, ``kind`` and ``time`` (Unix seconds when it was logged).
+Checkpoint evaluations (``kind: checkpoint_eval``) arrive while training has moved on: their
+``step`` is the checkpoint's, ``logged_at_step`` the training step when they came in. In wandb
+they are plotted against their own axis ``checkpoint_eval/step`` (``define_metric``) and ride
+in the row of the current training step, one evaluation per row (wandb rows only go forward).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +29,61 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled  # False on every rank but the first of a distributed run
+        self.last_step = 0  # the newest training step logged
         self._wandb = None
+        self._eval_rows: deque[dict[str, Any]] = deque()  # checkpoint evals waiting for a row
+        self._eval_row_step = -1  # the wandb row that already carries one
         if wandb_mode != "disabled" and enabled:
             self._wandb = _start_wandb(run_dir, wandb_mode, project, config)
+            if self._wandb is not None:
+                self._wandb.define_metric("checkpoint_eval/step")
+                self._wandb.define_metric("checkpoint_eval/*", step_metric="checkpoint_eval/step")
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=True) + "\n")
 
     def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
             return
-        record = {"step": step, "kind": kind, **metrics}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        self.last_step = max(self.last_step, step)
+        self._write({"step": step, "kind": kind, **metrics})
         if self._wandb is not None:
             self._wandb.log({f"{kind}/{k}": v for k, v in metrics.items()
                              if isinstance(v, (int, float))}, step=step)
+            self._flush_eval_row(step)
         shown = [f"{k} {metrics[k]:.3g}" for k in _STDOUT_KEYS if k in metrics]
         if kind != "train":
             shown = [f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, (int, float))]
         print(f"[{kind} step {step}] " + ", ".join(shown), flush=True)
 
+    def log_checkpoint_eval(self, checkpoint_step: int, metrics: dict[str, Any]) -> None:
+        """A checkpoint's evaluation, keyed by the checkpoint's step, logged whenever it ends."""
+        if not self.enabled:
+            return
+        self._write({"step": checkpoint_step, "kind": "checkpoint_eval",
+                     "logged_at_step": self.last_step, **metrics})
+        shown = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                 for k, v in metrics.items() if k not in ("error",)]
+        print(f"[checkpoint_eval step {checkpoint_step}, at training step {self.last_step}] "
+              + ", ".join(shown), flush=True)
+        if self._wandb is not None:
+            self._eval_rows.append({"checkpoint_eval/step": checkpoint_step, **{
+                f"checkpoint_eval/{k}": v for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+            self._flush_eval_row(self.last_step)
+
+    def _flush_eval_row(self, step: int) -> None:
+        if self._eval_rows and step > self._eval_row_step:
+            self._wandb.log(self._eval_rows.popleft(), step=step)
+            self._eval_row_step = step
+
     def close(self) -> None:
         if self._wandb is not None:
+            step = max(self.last_step, self._eval_row_step)
+            while self._eval_rows:  # after the last training step: one new row each
+                step += 1
+                self._flush_eval_row(step)
             self._wandb.finish()
 
 

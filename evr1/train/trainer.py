@@ -27,6 +27,7 @@ from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
 from evr1.rollout.base import SamplingParams
 from evr1.rollout.hf import HFRolloutEngine
 from evr1.train import checkpoint as ckpt
+from evr1.train.async_eval import AsyncEvaluator
 from evr1.train.backends.hf import HFBackend
 from evr1.train.batch import make_policy_batches
 from evr1.train.groups import groups_to_mix, offline_response_ids, score_responses
@@ -116,6 +117,9 @@ class Trainer:
         self.pad_id = self.processor.tokenizer.pad_token_id or self.stop_id
         self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
                                      asdict(cfg), enabled=self.is_main)
+        # Benchmark eval of checkpoints as background/Slurm jobs (rank 0 submits and collects).
+        self.async_eval = AsyncEvaluator(cfg, self.metrics) \
+            if cfg.train.async_eval.enabled and self.is_main else None
         # Seeded last: the sampling stream must not depend on what set-up did (building the
         # tiny model draws random numbers; loading it does not).
         torch.manual_seed(cfg.seed)
@@ -140,6 +144,8 @@ class Trainer:
                 self.state.step += 1
                 if self.state.step % self.cfg.train.log_every == 0:
                     self.metrics.log(self.state.step, metrics)
+                if self.async_eval:
+                    self.async_eval.poll()  # logs finished checkpoint evals; never waits
                 every = self.cfg.train.eval_every
                 if every and self.state.step % every == 0 and \
                         self.state.step < self.cfg.train.steps:
@@ -148,7 +154,14 @@ class Trainer:
                 if stopped or self.state.step % self.cfg.train.save_every == 0 or \
                         self.state.step == last:
                     result.checkpoint = str(self.save())
+                    if self.async_eval and self.async_eval.wants(self.state.step):
+                        self.async_eval.submit(self.state.step, Path(result.checkpoint))
         result.steps = self.state.step
+        if self.async_eval:
+            done = self.state.step >= self.cfg.train.steps
+            self.async_eval.finish(self.state.step, Path(result.checkpoint) if done and
+                                   result.checkpoint else None, wait=done)
+            self.prune()  # now that the scores are in
         if self.state.step >= self.cfg.train.steps:
             result.after = self.evaluate()
             task = self.cfg.data.include_tasks[0] if self.cfg.data.include_tasks else ""
@@ -258,7 +271,19 @@ class Trainer:
         extra = [self.model_dir / f for f in _PROCESSOR_FILES if (self.model_dir / f).exists()]
         return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.state, self.backend.save,
                                     extra, self.cfg.train.keep_last, writer=self.is_main,
-                                    barrier=dist.barrier if dist.is_initialized() else _no_op)
+                                    barrier=dist.barrier if dist.is_initialized() else _no_op,
+                                    **self._keep_best())
+
+    def _keep_best(self) -> dict[str, Any]:
+        if not self.async_eval:
+            return {}
+        return {"keep_best": self.cfg.train.async_eval.keep_best,
+                "scores": self.async_eval.scores}
+
+    def prune(self) -> None:
+        if self.is_main:
+            ckpt.prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.train.keep_last,
+                                   **self._keep_best())
 
     def resume(self) -> None:
         ckpt.remove_stale_temporaries(self.cfg.checkpoint_dir)
