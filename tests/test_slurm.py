@@ -268,6 +268,47 @@ def test_signalled_training_requeues_and_matches_an_uninterrupted_run(slurm_clus
 
 
 @pytest.mark.slurm
+def test_multinode_sbatch_script_trains_megatron_tp2_across_two_nodes(slurm_cluster, prepared,
+                                                                      tmp_path):
+    """slurm/train_8node.sh itself, on 2 nodes with one CPU rank each: Megatron TP=2 spans
+    the nodes (gloo), the rendezvous comes from the SLURM_* variables and the first node's
+    address as Slurm records it."""
+    pytest.importorskip("megatron.core")
+    from transformers import AutoModelForImageTextToText
+
+    assert len(slurm_cluster.nodes) >= 2, slurm_cluster.nodes
+    cfg = small_config(prepared, tmp_path / "run", "train.backend=megatron",
+                       "train.megatron.tensor_parallel=2", "train.steps=2", "train.save_every=2",
+                       f"preprocess.out_dir={prepared / 'reference/shards'}")
+    log_file = tmp_path / "train.out"
+    # The CPU overrides of the script's GPU-node #SBATCH lines (see its header); a time limit
+    # above the --signal=USR1@600 warning's 10 minutes, or the warning comes at once.
+    job = sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", *SMALL_JOB, "--time=15",
+                 f"--output={log_file}", "slurm/train_8node.sh",
+                 str(write_config(cfg, tmp_path / "c.yaml")))
+    wait_for_jobs([job])
+    log = log_file.read_text() if log_file.exists() else "(no log)"
+    record = job_record(job)
+    assert record["JobState"] == "COMPLETED", log[-4000:]
+    assert record["NumNodes"] == "2" and record["NumTasks"] == "2", record
+    # One rank on each node, as Slurm placed them (all nodes are this host here).
+    ranks = dict(re.findall(r"evr1-rank (\d)/2: node (\S+) \(node id", log))
+    assert set(ranks) == {"0", "1"} and len(set(ranks.values())) == 2, log[-4000:]
+    assert set(ranks.values()) <= set(slurm_cluster.nodes)
+    first_addr = run(["scontrol", "show", "node", ranks["0"], "-o"]).stdout
+    master = re.search(r"master (\S+):\d+", log)
+    assert master and f"NodeAddr={master.group(1)} " in first_addr, log[-4000:]
+    assert log.count("training: 2 steps") == 1, "exactly one rank reports"
+    final = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+    assert final is not None and final.name == "step-00000002"
+    assert (final / "meta.json").is_file()
+    trained = AutoModelForImageTextToText.from_pretrained(final / "model").state_dict()
+    start = AutoModelForImageTextToText.from_pretrained(prepared / "tiny_model").state_dict()
+    assert trained.keys() == start.keys()
+    assert any(not torch.equal(trained[k], start[k]) for k in start), "weights did not move"
+
+
+@pytest.mark.slurm
 def test_pipeline_submits_stages_chained_by_afterok(slurm_cluster, prepared, tmp_path):
     cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2")
     out = run([sys.executable, "launchers/pipeline.py", "--stages", "preprocess,train", "--config",
