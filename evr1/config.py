@@ -312,10 +312,26 @@ class LaunchConfig:
     cpus_per_task: int = 1
     mem_gb: int = 8
     gpus_per_node: int = 0
+    # Training job only (launchers/train.py --slurm, the pipeline's train stage): nodes x
+    # tasks per node ranks, one per GPU (train.backend=megatron); > 1 needs Slurm.
+    nodes: int = 1
+    tasks_per_node: int = 1
     array_parallelism: int = 64  # the `%` throttle of a job array
     max_retries: int = 2  # resubmissions of a failed array task
     setup: list[str] = field(default_factory=list)  # shell lines run before the task (modules)
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # any other sbatch option
+
+    @property
+    def train_ranks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def validate(self) -> None:
+        for name in ("time_min", "cpus_per_task", "nodes", "tasks_per_node",
+                     "array_parallelism"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"launch.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_node < 0 or self.max_retries < 0:
+            raise ConfigError("launch: gpus_per_node and max_retries must be >= 0")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -414,6 +430,11 @@ class Config:
         self.rollout.validate()
         self.train.validate()
         self.eval.validate()
+        self.launch.validate()
+        if self.launch.train_ranks > 1 and self.train.backend != "megatron":
+            raise ConfigError(f"launch.nodes x launch.tasks_per_node = {self.launch.train_ranks} "
+                              "training ranks need train.backend=megatron (the hf backend "
+                              "trains in one process)")
         return self
 
     # Paths in a config are relative to the working directory the launcher runs in.

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from evr1.config import Config, dump_config, load_config
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
+from evr1.launch import rendezvous, stages
 from evr1.launch.executor import dependency
 from evr1.launch.preemption import PreemptionWatcher
 from evr1.train import checkpoint as ckpt
@@ -149,6 +149,18 @@ def test_signal_sets_the_flag_and_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGTERM)  # a second signal does not change the reason
         assert watcher.requested and watcher.received == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_rendezvous_from_slurm_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_JOB_ID": "123", "SLURM_JOB_NODELIST": "g[01-02]", "EVR1_MASTER_ADDR": "10.0.0.7"}
+    assert rendezvous.export_from_slurm(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("5", "1", "8")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.7", "20123")
+    # What a launcher (torchrun, the sbatch script) already set is kept.
+    preset = {"SLURM_PROCID": "0", "RANK": "3", "MASTER_ADDR": "h"}
+    assert not rendezvous.export_from_slurm(preset) and preset["RANK"] == "3"
+    assert not rendezvous.export_from_slurm({})  # not a Slurm task
 
 
 @pytest.mark.slow
@@ -306,6 +318,39 @@ def test_multinode_sbatch_script_trains_megatron_tp2_across_two_nodes(slurm_clus
     start = AutoModelForImageTextToText.from_pretrained(prepared / "tiny_model").state_dict()
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in start), "weights did not move"
+
+
+@pytest.mark.slurm
+def test_submitit_launcher_runs_one_job_across_two_nodes(slurm_cluster, prepared, tmp_path):
+    """launchers/train.py --slurm with launch.nodes=2: one submitit job, srun starts a rank on
+    each node, they meet through evr1.launch.rendezvous (Megatron TP=2 over gloo)."""
+    pytest.importorskip("megatron.core")
+    cfg = small_config(prepared, tmp_path / "run", "launch.nodes=2", "launch.tasks_per_node=1",
+                       "train.backend=megatron", "train.megatron.tensor_parallel=2",
+                       "train.steps=1", "train.save_every=1",
+                       f"preprocess.out_dir={prepared / 'reference/shards'}")
+    out = run([sys.executable, "launchers/train.py", "--slurm", "--config",
+               str(write_config(cfg, tmp_path / "c.yaml"))], timeout=JOB_TIMEOUT_S)
+    job = re.search(r"train: Slurm job (\d+), 2 node\(s\) x 1 task\(s\)", out.stdout)
+    assert job, out.stdout + out.stderr
+    folder = cfg.submitit_dir / "train"
+    logs = {rank: (folder / f"{job.group(1)}_{rank}_log.out").read_text() for rank in (0, 1)}
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + logs[0][-3000:]
+    assert "training: 1 steps" in out.stdout
+    wait_for_jobs([job.group(1)])
+    record = job_record(job.group(1))
+    assert record["JobState"] == "COMPLETED" and record["NumNodes"] == "2", record
+    assert record["NumTasks"] == "2", record
+    nodes = {}
+    for rank, text in logs.items():
+        line = re.search(rf"evr1-rank {rank}/2: node (\S+) .* master (\S+):(\d+)", text)
+        assert line, text[-3000:]
+        nodes[rank] = line.group(1)
+        master = line.group(2)
+        assert line.group(3) == str(rendezvous.master_port(job.group(1)))
+    assert len(set(nodes.values())) == 2 and set(nodes.values()) <= set(slurm_cluster.nodes)
+    assert f"NodeAddr={master} " in run(["scontrol", "show", "node", nodes[0], "-o"]).stdout
+    assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000001"
 
 
 @pytest.mark.slurm
