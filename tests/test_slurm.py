@@ -4,8 +4,10 @@ The ``slurm_cluster`` fixture (tests/conftest_slurm.py) brings up slurmctld + 2 
 with tools/local_slurm.sh. Against it: the preprocess launcher's submitit job array (ids,
 throttle, one failed task retried and nothing else redone), the plain-sbatch array script,
 training that is signalled midway, checkpoints, requeues itself and ends with exactly the
-weights of an uninterrupted run, and the pipeline's afterok-chained submission.
-Not here yet: slurm/train_8node.sh (a multi-node run needs the Megatron backend's training).
+weights of an uninterrupted run, multi-node training (slurm/train_8node.sh, and
+launchers/train.py --slurm through submitit) with one CPU rank per node, Megatron TP=2 over
+gloo, and the whole pipeline (preprocess -> train -> eval -> collect) chained by afterok,
+then an eval array that redoes only a lost prediction shard.
 """
 
 from __future__ import annotations
@@ -354,28 +356,77 @@ def test_submitit_launcher_runs_one_job_across_two_nodes(slurm_cluster, prepared
 
 
 @pytest.mark.slurm
-def test_pipeline_submits_stages_chained_by_afterok(slurm_cluster, prepared, tmp_path):
-    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2")
-    out = run([sys.executable, "launchers/pipeline.py", "--stages", "preprocess,train", "--config",
-               str(write_config(cfg, tmp_path / "c.yaml"))])
+def test_pipeline_chains_all_stages_and_eval_reruns_only_a_lost_shard(slurm_cluster, prepared,
+                                                                      tmp_path):
+    """preprocess array -> train -> eval array -> collect, submitted at once and chained by
+    afterok; then the eval and collect launchers on Slurm after one prediction shard is lost."""
+    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2",
+                       "eval.models=[latest]", "eval.num_shards=2")
+    config = write_config(cfg, tmp_path / "c.yaml")
+    out = run([sys.executable, "launchers/pipeline.py", "--config", str(config)])
     assert out.returncode == 0, out.stdout + out.stderr
-    printed = re.search(r"preprocess: Slurm array, job ids (\d+)_0 .*\ntrain: Slurm job (\d+)",
-                        out.stdout)
-    assert printed, out.stdout
-    array, train_id = printed.groups()
-    # Submitted at once; training waits on the array (still running: its tasks take seconds).
-    pending = job_record(train_id)
-    assert pending["Reason"] == "Dependency", pending
-    assert pending["Dependency"].startswith(f"afterok:{array}"), pending
-    assert f"--dependency=afterok:{array}" in out.stdout
-    submission = (cfg.submitit_dir / "train" / f"{train_id}_submission.sh").read_text()
-    assert f"#SBATCH --dependency=afterok:{array}" in submission
+    printed = [re.search(pattern, out.stdout) for pattern in (
+        r"preprocess: Slurm array, job ids (\d+)_0 ", r"train: Slurm job (\d+)",
+        r"eval: Slurm array, job ids (\d+)_0 ", r"collect: Slurm job (\d+)")]
+    assert all(printed), out.stdout
+    array, train_id, eval_array, collect_id = (m.group(1) for m in printed)
+    try:
+        check_chain(cfg, array, train_id, eval_array, collect_id, prepared)
+    finally:  # a failed check must not leave the chain running on the shared cluster
+        run(["scancel", array, train_id, eval_array, collect_id])
+    rerun_lost_eval_shard(cfg, config)
+
+
+def check_chain(cfg: Config, array: str, train_id: str, eval_array: str, collect_id: str,
+                prepared: Path) -> None:
+    # Submitted at once; each stage waits on the one before, as Slurm records it (the
+    # preprocess tasks take seconds, training longer: every dependency is still pending).
+    for job, after in ((train_id, array), (eval_array, train_id), (collect_id, eval_array)):
+        for record in job_records(job):
+            assert record["Reason"] == "Dependency", record
+            assert record["Dependency"].startswith(f"afterok:{after}"), record
+    submission = (cfg.submitit_dir / "collect" / f"{collect_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{eval_array}" in submission
     assert "#SBATCH --kill-on-invalid-dep=yes" in submission
 
-    wait_for_jobs([array, train_id])
-    train = job_record(train_id)
-    tasks = job_records(array)
-    assert {t["JobState"] for t in tasks} == {"COMPLETED"} and train["JobState"] == "COMPLETED"
-    assert slurm_time(train["StartTime"]) >= max(slurm_time(t["EndTime"]) for t in tasks)
+    wait_for_jobs([array, train_id, eval_array, collect_id], timeout=2 * JOB_TIMEOUT_S)
+    stages_records = {name: job_records(job) for name, job in (
+        ("preprocess", array), ("train", train_id), ("eval", eval_array),
+        ("collect", collect_id))}
+    states = {name: [r["JobState"] for r in rs] for name, rs in stages_records.items()}
+    assert states == {"preprocess": ["COMPLETED"] * 2, "train": ["COMPLETED"],
+                      "eval": ["COMPLETED"] * 2, "collect": ["COMPLETED"]}, states
+    order = list(stages_records.values())
+    for before, after in zip(order, order[1:], strict=False):
+        assert min(slurm_time(r["StartTime"]) for r in after) >= max(
+            slurm_time(r["EndTime"]) for r in before)
     assert (cfg.shard_dir / MANIFEST).read_text() == reference_manifest(prepared)
     assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000002"
+    results = json.loads((cfg.path(f"{cfg.run_dir}/eval") / "results.json").read_text())
+    [row] = results["results"]
+    assert row["complete"] and row["missing_shards"] == [] and row["n"] > 0, row
+    assert "step-00000002" in row["model_path"], row
+    assert (cfg.path(f"{cfg.run_dir}/eval") / "results.md").is_file()
+
+
+def rerun_lost_eval_shard(cfg: Config, config: Path) -> None:
+    # One prediction shard lost: collect names it and fails; the eval array on Slurm redoes
+    # that shard only; collect then succeeds.
+    [row] = json.loads((cfg.path(f"{cfg.run_dir}/eval") / "results.json").read_text())["results"]
+    folder = cfg.path(f"{cfg.run_dir}/eval") / "predictions" / row["model"] / row["benchmark"]
+    kept, lost = sorted(folder.glob("predictions-*-of-*.jsonl"))
+    kept_mtime, lost_before = kept.stat().st_mtime_ns, lost.read_text()
+    lost.unlink()
+    out = run([sys.executable, "launchers/collect.py", "--config", str(config)])
+    assert out.returncode == 1 and "(eval array task 1)" in out.stdout, out.stdout + out.stderr
+    out = run([sys.executable, "launchers/eval.py", "--config", str(config), "--array"],
+              timeout=JOB_TIMEOUT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rerun = re.search(r"eval: slurm array, job ids (\d+)_0 ", out.stdout)
+    assert rerun, out.stdout
+    assert "eval summary: 1 task(s) run, 1 skipped as complete" in out.stdout, out.stdout
+    # The lost shard is back, the same (greedy decoding); the other was not rewritten.
+    assert lost.read_text() == lost_before and kept.stat().st_mtime_ns == kept_mtime
+    out = run([sys.executable, "launchers/collect.py", "--config", str(config)])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads((folder.parents[2] / "results.json").read_text())["results"][0]["complete"]

@@ -320,8 +320,18 @@ def submit_eval(cfg: Config, after: Sequence[str] = ()) -> list[str]:
     return [job.job_id for job in jobs]
 
 
+def collect_job(cfg: Config) -> int:
+    """The collector as a Slurm job body: a missing shard fails the job (state FAILED, not
+    COMPLETED), so the job chain shows that the results are incomplete."""
+    status = collect_results(cfg)
+    if status:
+        raise RuntimeError("collect: results are incomplete (shards missing, listed above); "
+                           "rerun python launchers/eval.py --config C --array, then collect")
+    return status
+
+
 def submit_collect(cfg: Config, after: Sequence[str] = ()) -> str:
     """Submit the collector as one Slurm job after the eval array; its job id."""
-    job = submit_job(functools.partial(collect_results, cfg), cfg.launch,
+    job = submit_job(functools.partial(collect_job, cfg), cfg.launch,
                      cfg.submitit_dir / "collect", name="evr1-collect", after=after)
     return job.job_id
