@@ -7,6 +7,7 @@
 # Every rank gets SIGUSR1 ten minutes before the time limit; the ranks agree to stop after the
 # same step, write a checkpoint, and rank 0 requeues the job, which resumes from it
 # (train.resume=auto). Another node count: sbatch --nodes=N slurm/train_8node.sh ...
+# (A --time of 10 minutes or less gets that warning at once, before the ranks can catch it.)
 # Site specifics: the #SBATCH lines below (or the sbatch command line: -p PARTITION -A ACCOUNT)
 # and the variables in the "site" block.
 # Without GPUs (CPU processes, gloo; e.g. tools/local_slurm.sh's 2 nodes, the tiny demo model):
