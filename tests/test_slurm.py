@@ -177,6 +177,16 @@ def test_pipeline_runs_locally_without_slurm(prepared, tmp_path):
     assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000001"
 
 
+@pytest.mark.slow
+def test_collect_job_fails_while_a_shard_is_missing(prepared, tmp_path):
+    """The pipeline's collect job body: missing predictions end the job FAILED, not COMPLETED."""
+    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=local",
+                       f"eval.models=[{prepared / 'tiny_model'}]", "eval.num_shards=2")
+    with pytest.raises(RuntimeError, match="results are incomplete"):
+        stages.collect_job(cfg)
+    assert (tmp_path / "run/eval/results.json").is_file()  # the partial report is still written
+
+
 # --------------------------------------------------------------------------- on the cluster
 
 
