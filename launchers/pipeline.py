@@ -1,4 +1,4 @@
-"""The whole pipeline for one config: (synthetic data) -> preprocess array -> training.
+"""The whole pipeline for one config: (synthetic data) -> preprocess -> train -> eval -> collect.
 
     python launchers/pipeline.py --config configs/demo_cpu.yaml
     python launchers/pipeline.py --config C --stages preprocess        # some stages only
@@ -6,7 +6,9 @@
 Without Slurm the stages run one after another (submitit's local executor, then training in
 this process) and the command returns when all are done. With Slurm every stage is submitted
 at once, each job starting only when the one before it succeeded (``--dependency=afterok``);
-the command prints the job ids and returns. A failed job cancels the ones waiting for it.
+the command prints the job ids and returns. A failed job cancels the ones waiting for it
+(a collect job fails while a prediction shard is missing). Training runs as launch.nodes x
+launch.tasks_per_node ranks (multi-node: train.backend=megatron).
 Each stage skips work that is already complete, so re-running the pipeline after an
 interruption picks up where it stopped.
 """

@@ -2,15 +2,22 @@
 
     python launchers/train.py --config configs/demo_cpu.yaml            # in this process
     python launchers/train.py --config C --submit                       # one submitit job
+    python launchers/train.py --config C --slurm launch.nodes=2 launch.tasks_per_node=4 \
+        launch.gpus_per_node=4 train.backend=megatron ...        # one multi-node Slurm job
     python launchers/train.py --config C train.steps=20 train.resume=never
 
 Resumes from the newest complete checkpoint in <run_dir>/checkpoints (train.resume=auto).
+``--slurm`` submits through submitit's SlurmExecutor and waits: launch.nodes x
+launch.tasks_per_node ranks (one per GPU), each started by srun, which find each other from the
+SLURM_* variables (evr1.launch.rendezvous; the same rules as slurm/train_8node.sh).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
+from evr1.config import ConfigError
 from evr1.launch.cli import base_parser, load_from_args, setup_logging
 from evr1.launch.stages import train_job
 
@@ -19,10 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--submit", action="store_true",
                         help="run as a submitit job (Slurm when present, else local)")
+    parser.add_argument("--slurm", action="store_true",
+                        help="run as one Slurm job of launch.nodes x launch.tasks_per_node "
+                             "ranks (submitit); an error without Slurm")
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_from_args(args)
-    return train_job(cfg, submit=args.submit)
+    if args.slurm:
+        cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, cluster="slurm"))
+    try:
+        return train_job(cfg, submit=args.submit or args.slurm)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@
 # Every rank gets SIGUSR1 ten minutes before the time limit; the ranks agree to stop after the
 # same step, write a checkpoint, and rank 0 requeues the job, which resumes from it
 # (train.resume=auto). Another node count: sbatch --nodes=N slurm/train_8node.sh ...
+# (A --time of 10 minutes or less gets that warning at once, before the ranks can catch it.)
 # Site specifics: the #SBATCH lines below (or the sbatch command line: -p PARTITION -A ACCOUNT)
 # and the variables in the "site" block.
+# Without GPUs (CPU processes, gloo; e.g. tools/local_slurm.sh's 2 nodes, the tiny demo model):
+#   sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 --mem=4G \
+#       slurm/train_8node.sh configs/demo_cpu.yaml train.backend=megatron \
+#       train.megatron.tensor_parallel=2
 #SBATCH --job-name=evr1-train
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=4
@@ -38,10 +43,13 @@ shift
 eval "$EVR1_SETUP"
 cd "${SLURM_SUBMIT_DIR:-.}"
 
-# torch.distributed rendezvous: the first node of the allocation hosts the store. (Where node
-# names don't resolve, e.g. tools/local_slurm.sh's nodes, set EVR1_MASTER_ADDR=127.0.0.1.)
-MASTER_ADDR=${EVR1_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # per job: two jobs on one node don't collide
+# torch.distributed rendezvous: the first node of the allocation hosts the store, reached at
+# the address Slurm itself uses for that node (its NodeAddr; the node name where scontrol
+# cannot say). EVR1_MASTER_ADDR / EVR1_MASTER_PORT override both.
+FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+NODE_ADDR=$(scontrol show node "$FIRST_NODE" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)
+MASTER_ADDR=${EVR1_MASTER_ADDR:-${NODE_ADDR:-$FIRST_NODE}}
+MASTER_PORT=${EVR1_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # per job: no collisions
 WORLD_SIZE=$SLURM_NTASKS
 export MASTER_ADDR MASTER_PORT WORLD_SIZE
 
@@ -68,4 +76,6 @@ echo "evr1-train: job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1)):" 
 # ends the step rather than leaving the others waiting in a collective.
 srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \
     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID
+             echo "evr1-rank $RANK/$WORLD_SIZE: node $SLURMD_NODENAME (node id $SLURM_NODEID," \
+                  "host $(hostname)), local rank $LOCAL_RANK"
              exec python launchers/train.py "$@"' evr1-rank --config "$CONFIG" "$@"

@@ -4,8 +4,10 @@ The ``slurm_cluster`` fixture (tests/conftest_slurm.py) brings up slurmctld + 2 
 with tools/local_slurm.sh. Against it: the preprocess launcher's submitit job array (ids,
 throttle, one failed task retried and nothing else redone), the plain-sbatch array script,
 training that is signalled midway, checkpoints, requeues itself and ends with exactly the
-weights of an uninterrupted run, and the pipeline's afterok-chained submission.
-Not here yet: slurm/train_8node.sh (a multi-node run needs the Megatron backend's training).
+weights of an uninterrupted run, multi-node training (slurm/train_8node.sh, and
+launchers/train.py --slurm through submitit) with one CPU rank per node, Megatron TP=2 over
+gloo, and the whole pipeline (preprocess -> train -> eval -> collect) chained by afterok,
+then an eval array that redoes only a lost prediction shard.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from safetensors.torch import load_file
 
 from evr1.config import Config, dump_config, load_config
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
+from evr1.launch import rendezvous, stages
 from evr1.launch.executor import dependency
 from evr1.launch.preemption import PreemptionWatcher
 from evr1.train import checkpoint as ckpt
@@ -128,6 +130,12 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
+def need_two_nodes(cluster) -> None:
+    if len(cluster.nodes) < 2:  # a cluster started by hand with --nodes 1
+        pytest.skip(f"needs 2 Slurm nodes, the running cluster has {cluster.nodes}: "
+                    "tools/local_slurm.sh start --nodes 2")
+
+
 def slurm_time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
@@ -151,6 +159,18 @@ def test_signal_sets_the_flag_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
+def test_rendezvous_from_slurm_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_JOB_ID": "123", "SLURM_JOB_NODELIST": "g[01-02]", "EVR1_MASTER_ADDR": "10.0.0.7"}
+    assert rendezvous.export_from_slurm(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("5", "1", "8")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.7", "20123")
+    # What a launcher (torchrun, the sbatch script) already set is kept.
+    preset = {"SLURM_PROCID": "0", "RANK": "3", "MASTER_ADDR": "h"}
+    assert not rendezvous.export_from_slurm(preset) and preset["RANK"] == "3"
+    assert not rendezvous.export_from_slurm({})  # not a Slurm task
+
+
 @pytest.mark.slow
 def test_pipeline_runs_locally_without_slurm(prepared, tmp_path):
     cfg = small_config(prepared, tmp_path / "run", "launch.cluster=local", "train.steps=1")
@@ -161,6 +181,16 @@ def test_pipeline_runs_locally_without_slurm(prepared, tmp_path):
     assert "preprocess: local array" in out.stdout
     assert (cfg.shard_dir / MANIFEST).read_text() == reference_manifest(prepared)
     assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000001"
+
+
+@pytest.mark.slow
+def test_collect_job_fails_while_a_shard_is_missing(prepared, tmp_path):
+    """The pipeline's collect job body: missing predictions end the job FAILED, not COMPLETED."""
+    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=local",
+                       f"eval.models=[{prepared / 'tiny_model'}]", "eval.num_shards=2")
+    with pytest.raises(RuntimeError, match="results are incomplete"):
+        stages.collect_job(cfg)
+    assert (tmp_path / "run/eval/results.json").is_file()  # the partial report is still written
 
 
 # --------------------------------------------------------------------------- on the cluster
@@ -268,28 +298,152 @@ def test_signalled_training_requeues_and_matches_an_uninterrupted_run(slurm_clus
 
 
 @pytest.mark.slurm
-def test_pipeline_submits_stages_chained_by_afterok(slurm_cluster, prepared, tmp_path):
-    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2")
-    out = run([sys.executable, "launchers/pipeline.py", "--stages", "preprocess,train", "--config",
-               str(write_config(cfg, tmp_path / "c.yaml"))])
+def test_multinode_sbatch_script_trains_megatron_tp2_across_two_nodes(slurm_cluster, prepared,
+                                                                      tmp_path):
+    """slurm/train_8node.sh itself, on 2 nodes with one CPU rank each: Megatron TP=2 spans
+    the nodes (gloo), the rendezvous comes from the SLURM_* variables and the first node's
+    address as Slurm records it."""
+    pytest.importorskip("megatron.core")
+    from transformers import AutoModelForImageTextToText
+
+    need_two_nodes(slurm_cluster)
+    cfg = small_config(prepared, tmp_path / "run", "train.backend=megatron",
+                       "train.megatron.tensor_parallel=2", "train.steps=2", "train.save_every=2",
+                       f"preprocess.out_dir={prepared / 'reference/shards'}")
+    log_file = tmp_path / "train.out"
+    # The CPU overrides of the script's GPU-node #SBATCH lines (see its header); a time limit
+    # above the --signal=USR1@600 warning's 10 minutes, or the warning comes at once.
+    job = sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", *SMALL_JOB, "--time=15",
+                 f"--output={log_file}", "slurm/train_8node.sh",
+                 str(write_config(cfg, tmp_path / "c.yaml")))
+    wait_for_jobs([job])
+    log = log_file.read_text() if log_file.exists() else "(no log)"
+    record = job_record(job)
+    assert record["JobState"] == "COMPLETED", log[-4000:]
+    assert record["NumNodes"] == "2" and record["NumTasks"] == "2", record
+    # One rank on each node, as Slurm placed them (all nodes are this host here).
+    ranks = dict(re.findall(r"evr1-rank (\d)/2: node (\S+) \(node id", log))
+    assert set(ranks) == {"0", "1"} and len(set(ranks.values())) == 2, log[-4000:]
+    assert set(ranks.values()) <= set(slurm_cluster.nodes)
+    first_addr = run(["scontrol", "show", "node", ranks["0"], "-o"]).stdout
+    master = re.search(r"master (\S+):\d+", log)
+    assert master and f"NodeAddr={master.group(1)} " in first_addr, log[-4000:]
+    assert log.count("training: 2 steps") == 1, "exactly one rank reports"
+    final = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+    assert final is not None and final.name == "step-00000002"
+    assert (final / "meta.json").is_file()
+    trained = AutoModelForImageTextToText.from_pretrained(final / "model").state_dict()
+    start = AutoModelForImageTextToText.from_pretrained(prepared / "tiny_model").state_dict()
+    assert trained.keys() == start.keys()
+    assert any(not torch.equal(trained[k], start[k]) for k in start), "weights did not move"
+
+
+@pytest.mark.slurm
+def test_submitit_launcher_runs_one_job_across_two_nodes(slurm_cluster, prepared, tmp_path):
+    """launchers/train.py --slurm with launch.nodes=2: one submitit job, srun starts a rank on
+    each node, they meet through evr1.launch.rendezvous (Megatron TP=2 over gloo)."""
+    pytest.importorskip("megatron.core")
+    need_two_nodes(slurm_cluster)
+    cfg = small_config(prepared, tmp_path / "run", "launch.nodes=2", "launch.tasks_per_node=1",
+                       "train.backend=megatron", "train.megatron.tensor_parallel=2",
+                       "train.steps=1", "train.save_every=1",
+                       f"preprocess.out_dir={prepared / 'reference/shards'}")
+    out = run([sys.executable, "launchers/train.py", "--slurm", "--config",
+               str(write_config(cfg, tmp_path / "c.yaml"))], timeout=JOB_TIMEOUT_S)
+    job = re.search(r"train: Slurm job (\d+), 2 node\(s\) x 1 task\(s\)", out.stdout)
+    assert job, out.stdout + out.stderr
+    folder = cfg.submitit_dir / "train"
+    logs = {rank: (folder / f"{job.group(1)}_{rank}_log.out").read_text() for rank in (0, 1)}
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + logs[0][-3000:]
+    assert "training: 1 steps" in out.stdout
+    wait_for_jobs([job.group(1)])
+    record = job_record(job.group(1))
+    assert record["JobState"] == "COMPLETED" and record["NumNodes"] == "2", record
+    assert record["NumTasks"] == "2", record
+    nodes = {}
+    for rank, text in logs.items():
+        line = re.search(rf"evr1-rank {rank}/2: node (\S+) .* master (\S+):(\d+)", text)
+        assert line, text[-3000:]
+        nodes[rank] = line.group(1)
+        master = line.group(2)
+        assert line.group(3) == str(rendezvous.master_port(job.group(1)))
+    assert len(set(nodes.values())) == 2 and set(nodes.values()) <= set(slurm_cluster.nodes)
+    assert f"NodeAddr={master} " in run(["scontrol", "show", "node", nodes[0], "-o"]).stdout
+    assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000001"
+
+
+@pytest.mark.slurm
+def test_pipeline_chains_all_stages_and_eval_reruns_only_a_lost_shard(slurm_cluster, prepared,
+                                                                      tmp_path):
+    """preprocess array -> train -> eval array -> collect, submitted at once and chained by
+    afterok; then the eval and collect launchers on Slurm after one prediction shard is lost."""
+    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2",
+                       "eval.models=[latest]", "eval.num_shards=2")
+    config = write_config(cfg, tmp_path / "c.yaml")
+    out = run([sys.executable, "launchers/pipeline.py", "--config", str(config)])
     assert out.returncode == 0, out.stdout + out.stderr
-    printed = re.search(r"preprocess: Slurm array, job ids (\d+)_0 .*\ntrain: Slurm job (\d+)",
-                        out.stdout)
-    assert printed, out.stdout
-    array, train_id = printed.groups()
-    # Submitted at once; training waits on the array (still running: its tasks take seconds).
-    pending = job_record(train_id)
-    assert pending["Reason"] == "Dependency", pending
-    assert pending["Dependency"].startswith(f"afterok:{array}"), pending
-    assert f"--dependency=afterok:{array}" in out.stdout
-    submission = (cfg.submitit_dir / "train" / f"{train_id}_submission.sh").read_text()
-    assert f"#SBATCH --dependency=afterok:{array}" in submission
+    printed = [re.search(pattern, out.stdout) for pattern in (
+        r"preprocess: Slurm array, job ids (\d+)_0 ", r"train: Slurm job (\d+)",
+        r"eval: Slurm array, job ids (\d+)_0 ", r"collect: Slurm job (\d+)")]
+    assert all(printed), out.stdout
+    array, train_id, eval_array, collect_id = (m.group(1) for m in printed)
+    try:
+        check_chain(cfg, array, train_id, eval_array, collect_id, prepared)
+    finally:  # a failed check must not leave the chain running on the shared cluster
+        run(["scancel", array, train_id, eval_array, collect_id])
+    rerun_lost_eval_shard(cfg, config)
+
+
+def check_chain(cfg: Config, array: str, train_id: str, eval_array: str, collect_id: str,
+                prepared: Path) -> None:
+    # Submitted at once; each stage waits on the one before, as Slurm records it (the
+    # preprocess tasks take seconds, training longer: every dependency is still pending).
+    for job, after in ((train_id, array), (eval_array, train_id), (collect_id, eval_array)):
+        for record in job_records(job):
+            assert record["Reason"] == "Dependency", record
+            assert record["Dependency"].startswith(f"afterok:{after}"), record
+    submission = (cfg.submitit_dir / "collect" / f"{collect_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{eval_array}" in submission
     assert "#SBATCH --kill-on-invalid-dep=yes" in submission
 
-    wait_for_jobs([array, train_id])
-    train = job_record(train_id)
-    tasks = job_records(array)
-    assert {t["JobState"] for t in tasks} == {"COMPLETED"} and train["JobState"] == "COMPLETED"
-    assert slurm_time(train["StartTime"]) >= max(slurm_time(t["EndTime"]) for t in tasks)
+    wait_for_jobs([array, train_id, eval_array, collect_id], timeout=2 * JOB_TIMEOUT_S)
+    stages_records = {name: job_records(job) for name, job in (
+        ("preprocess", array), ("train", train_id), ("eval", eval_array),
+        ("collect", collect_id))}
+    states = {name: [r["JobState"] for r in rs] for name, rs in stages_records.items()}
+    assert states == {"preprocess": ["COMPLETED"] * 2, "train": ["COMPLETED"],
+                      "eval": ["COMPLETED"] * 2, "collect": ["COMPLETED"]}, states
+    order = list(stages_records.values())
+    for before, after in zip(order, order[1:], strict=False):
+        assert min(slurm_time(r["StartTime"]) for r in after) >= max(
+            slurm_time(r["EndTime"]) for r in before)
     assert (cfg.shard_dir / MANIFEST).read_text() == reference_manifest(prepared)
     assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000002"
+    results = json.loads((cfg.path(f"{cfg.run_dir}/eval") / "results.json").read_text())
+    [row] = results["results"]
+    assert row["complete"] and row["missing_shards"] == [] and row["n"] > 0, row
+    assert "step-00000002" in row["model_path"], row
+    assert (cfg.path(f"{cfg.run_dir}/eval") / "results.md").is_file()
+
+
+def rerun_lost_eval_shard(cfg: Config, config: Path) -> None:
+    # One prediction shard lost: collect names it and fails; the eval array on Slurm redoes
+    # that shard only; collect then succeeds.
+    [row] = json.loads((cfg.path(f"{cfg.run_dir}/eval") / "results.json").read_text())["results"]
+    folder = cfg.path(f"{cfg.run_dir}/eval") / "predictions" / row["model"] / row["benchmark"]
+    kept, lost = sorted(folder.glob("predictions-*-of-*.jsonl"))
+    kept_mtime, lost_before = kept.stat().st_mtime_ns, lost.read_text()
+    lost.unlink()
+    out = run([sys.executable, "launchers/collect.py", "--config", str(config)])
+    assert out.returncode == 1 and "(eval array task 1)" in out.stdout, out.stdout + out.stderr
+    out = run([sys.executable, "launchers/eval.py", "--config", str(config), "--array"],
+              timeout=JOB_TIMEOUT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rerun = re.search(r"eval: slurm array, job ids (\d+)_0 ", out.stdout)
+    assert rerun, out.stdout
+    assert "eval summary: 1 task(s) run, 1 skipped as complete" in out.stdout, out.stdout
+    # The lost shard is back, the same (greedy decoding); the other was not rewritten.
+    assert lost.read_text() == lost_before and kept.stat().st_mtime_ns == kept_mtime
+    out = run([sys.executable, "launchers/collect.py", "--config", str(config)])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads((folder.parents[2] / "results.json").read_text())["results"][0]["complete"]

@@ -99,20 +99,49 @@ class ServerJudge:
 
 
 class VLLMJudge:
-    """An offline vLLM engine in this process."""
+    """An offline vLLM engine in this process (greedy, one reply per item, in item order).
+
+    ``eval.judge.gpu_memory_utilization`` and ``eval.judge.engine_args`` go to ``vllm.LLM``;
+    on CPU (vllm-cpu) give the KV cache a fixed size (``engine_args: {kv_cache_memory_bytes:
+    268435456}``) rather than a share of host RAM. The engine starts on the first batch, so
+    a collector with nothing to judge never starts it.
+    """
 
     def __init__(self, cfg: JudgeConfig) -> None:
         try:
-            from vllm import LLM, SamplingParams
+            import vllm  # noqa: F401
         except ImportError as exc:
-            raise ImportError(f"eval.judge.backend=vllm needs vLLM installed: {exc}") from exc
-        self.llm = LLM(model=cfg.model)
-        self.params = SamplingParams(temperature=0, max_tokens=cfg.max_new_tokens)
+            raise ImportError("eval.judge.backend=vllm needs vLLM: pip install vllm (GPU) or "
+                              f"tools/setup_vllm_cpu_env.sh (CPU, separate venv): {exc}") from exc
+        if not (Path(cfg.model) / "config.json").is_file():
+            raise FileNotFoundError(f"eval.judge.model={cfg.model!r} is not a model folder "
+                                    "(no config.json); compute nodes cannot download models")
+        self.cfg = cfg
+        self.llm: Any = None
+
+    def _engine(self) -> Any:
+        if self.llm is None:
+            from vllm import LLM
+
+            args = {"gpu_memory_utilization": self.cfg.gpu_memory_utilization, "seed": 0,
+                    **self.cfg.engine_args}
+            log.info("judge: starting vLLM on %s (%s)", self.cfg.model, args)
+            self.llm = LLM(model=self.cfg.model, **args)
+        return self.llm
 
     def replies(self, items: Sequence[JudgeItem]) -> list[str]:
+        if not items:
+            return []
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=self.cfg.max_new_tokens)
         chats = [[{"role": "system", "content": JUDGE_SYSTEM},
                   {"role": "user", "content": item.prompt()}] for item in items]
-        return [out.outputs[0].text for out in self.llm.chat(chats, self.params)]
+        outputs = self._engine().chat(chats, params, use_tqdm=False)
+        if len(outputs) != len(items):
+            raise RuntimeError(f"judge: vLLM returned {len(outputs)} replies for {len(items)} "
+                               "questions")
+        return [out.outputs[0].text for out in outputs]
 
 
 def make_judge(cfg: JudgeConfig) -> Judge | None:

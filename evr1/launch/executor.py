@@ -133,10 +133,15 @@ def submit_array(fn: Callable[[int], Any], tasks: Sequence[int], launch: LaunchC
 
 
 def submit_job(fn: Callable[[], Any], launch: LaunchConfig, folder: Path, name: str,
-               after: Sequence[str] = ()) -> submitit.Job:
-    """Submit ``fn()`` as one Slurm job that starts once every job in ``after`` has succeeded."""
+               after: Sequence[str] = (), nodes: int = 1,
+               tasks_per_node: int = 1) -> submitit.Job:
+    """Submit ``fn()`` as one Slurm job that starts once every job in ``after`` has succeeded.
+
+    With several tasks (``nodes`` x ``tasks_per_node``) srun runs ``fn()`` once per task, every
+    task with its own SLURM_PROCID (see evr1.launch.rendezvous)."""
     _require_slurm(launch)
-    return make_executor(launch, folder, name, after=after).submit(fn)
+    return make_executor(launch, folder, name, nodes=nodes, tasks_per_node=tasks_per_node,
+                         after=after).submit(fn)
 
 
 def _require_slurm(launch: LaunchConfig) -> None:

@@ -83,16 +83,24 @@ def print_preprocess_summary(summaries: list[TaskSummary]) -> None:
 
 
 def run_training(cfg: Config) -> dict:
-    """The training job body (runs inside the submitted job or in this process)."""
+    """The training job body (runs inside the submitted job, once per rank, or in this
+    process)."""
+    from evr1.launch import rendezvous
     from evr1.train.trainer import Trainer  # torch + transformers: only where training runs
 
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and rendezvous.export_from_slurm():
+        print(rendezvous.describe_rank(), flush=True)  # a multi-node submitit job: one per rank
     result = Trainer(cfg).run()
     return {"steps": result.steps, "before": result.before, "after": result.after,
             "checkpoint": result.checkpoint}
 
 
 def train_job(cfg: Config, submit: bool = False) -> int:
-    if submit:
+    if submit and cfg.launch.train_ranks > 1:
+        result = _multinode_training(cfg)
+        if result is None:
+            return 1
+    elif submit:
         outcome = run_array(lambda _: run_training(cfg), [0], cfg.launch,
                             cfg.submitit_dir / "train", name="evr1-train")
         if outcome.failed:
@@ -105,10 +113,33 @@ def train_job(cfg: Config, submit: bool = False) -> int:
     return 0
 
 
+def _multinode_training(cfg: Config) -> dict | None:
+    """One Slurm job of launch.nodes x launch.tasks_per_node ranks; waits; rank 0's result."""
+    from evr1.launch.executor import resolve_cluster
+
+    if resolve_cluster(cfg.launch) != "slurm":
+        raise ConfigError(f"launch.nodes={cfg.launch.nodes} x launch.tasks_per_node="
+                          f"{cfg.launch.tasks_per_node} ranks need Slurm; on one machine use "
+                          "torchrun --nproc-per-node N launchers/train.py")
+    job = submit_job(functools.partial(run_training, cfg), cfg.launch,
+                     cfg.submitit_dir / "train", name="evr1-train", nodes=cfg.launch.nodes,
+                     tasks_per_node=cfg.launch.tasks_per_node)
+    print(f"train: Slurm job {job.job_id}, {cfg.launch.nodes} node(s) x "
+          f"{cfg.launch.tasks_per_node} task(s); logs {job.paths.stdout}", flush=True)
+    try:
+        return job.results()[0]
+    except Exception as exc:  # the ranks' tracebacks are in their log files
+        print(f"training failed: job {job.job_id}: {str(exc).strip().splitlines()[-1:]} "
+              f"(logs: {job.paths.folder})")
+        return None
+
+
 def submit_training(cfg: Config, after: Sequence[str] = ()) -> str:
-    """Submit the training job to Slurm (after the jobs in ``after`` succeed); its job id."""
+    """Submit the training job to Slurm (after the jobs in ``after`` succeed); its job id.
+    launch.nodes x launch.tasks_per_node ranks (one unless configured)."""
     job = submit_job(functools.partial(run_training, cfg), cfg.launch, cfg.submitit_dir / "train",
-                     name="evr1-train", after=after)
+                     name="evr1-train", after=after, nodes=cfg.launch.nodes,
+                     tasks_per_node=cfg.launch.tasks_per_node)
     return job.job_id
 
 
@@ -289,9 +320,19 @@ def submit_eval(cfg: Config, after: Sequence[str] = ()) -> list[str]:
     return [job.job_id for job in jobs]
 
 
+def collect_job(cfg: Config) -> int:
+    """The collector as a Slurm job body: a missing shard fails the job (state FAILED, not
+    COMPLETED), so the job chain shows that the results are incomplete."""
+    status = collect_results(cfg)
+    if status:
+        raise RuntimeError("collect: results are incomplete (shards missing, listed above); "
+                           "rerun python launchers/eval.py --config C --array, then collect")
+    return status
+
+
 def submit_collect(cfg: Config, after: Sequence[str] = ()) -> str:
     """Submit the collector as one Slurm job after the eval array; its job id."""
-    job = submit_job(functools.partial(collect_results, cfg), cfg.launch,
+    job = submit_job(functools.partial(collect_job, cfg), cfg.launch,
                      cfg.submitit_dir / "collect", name="evr1-collect", after=after)
     return job.job_id
 

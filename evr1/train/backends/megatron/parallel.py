@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from evr1.config import MegatronConfig
+from evr1.launch import rendezvous
 from evr1.train.backends.megatron import cpu_shims
 
 
@@ -48,17 +49,15 @@ def device() -> torch.device:
 
 
 def init_distributed(timeout_min: int = 30) -> None:
-    """Join the default process group from torchrun/srun environment variables.
+    """Join the default process group from torchrun/srun environment variables
+    (:mod:`evr1.launch.rendezvous` for Slurm tasks).
 
     A single process with no launcher variables becomes a world of one (on a free local
     port), so the backend also runs from a plain ``python`` call.
     """
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ.update(RANK=os.environ["SLURM_PROCID"],
-                          WORLD_SIZE=os.environ.get("SLURM_NTASKS", "1"),
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    rendezvous.export_from_slurm()  # srun / submitit tasks: RANK, MASTER_ADDR, ... from SLURM_*
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
