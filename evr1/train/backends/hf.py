@@ -51,6 +51,8 @@ class HFBackend:
         self.cfg = cfg
         # Log-probs of the tempered distribution the sampler drew from.
         self.temperature = temperature if temperature > 0 else 1.0
+        if cfg.freeze_vision_tower:
+            model.model.visual.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
             betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)

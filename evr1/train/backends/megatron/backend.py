@@ -113,6 +113,8 @@ class MegatronBackend:
         self.vision = VisionFrontEnd(self.hf_config, checkpoint, with_tower=g.first_stage,
                                      dtype=self.dtype, device=self.device)
         self._load_decoder(checkpoint)
+        if cfg.freeze_vision_tower and self.vision.visual is not None:
+            self.vision.visual.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self._params(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -568,12 +570,14 @@ class MegatronBackend:
 
             hf = _DictCheckpoint(load_file(str(folder / f"{moment}.safetensors")))
             for p in params.values():
-                self.optimizer.state[p].setdefault(moment, torch.zeros_like(p))
+                if p.requires_grad:  # a frozen vision tower has no optimiser state
+                    self.optimizer.state[p].setdefault(moment, torch.zeros_like(p))
             self._load_decoder(hf, lambda name, m=moment: self.optimizer.state[
                 self.gpt.get_parameter(name)][m])  # type: ignore[misc]
             if self.vision.visual is not None:
                 for name, p in self.vision.visual.named_parameters():
-                    self.optimizer.state[p][moment].copy_(hf.get(VISUAL + name))
+                    if p.requires_grad:
+                        self.optimizer.state[p][moment].copy_(hf.get(VISUAL + name))
 
     def _set_steps(self, step: int) -> None:
         for p in self._params():
