@@ -170,6 +170,8 @@ class Workspace:
         return load_config(ROOT / "configs/demo_cpu.yaml", [
             *self.common, f"run_dir={self.root / f'run-{index}'}",
             f"preprocess.out_dir={self.root / f'shards-{index}'}", "data.eval_jsonl=",
+            # TRL trains the vision tower; so does evr1 here (the demo config freezes it).
+            "train.freeze_vision_tower=false",
             *VIDEO_BUDGETS[budget], *(shape.overrides() if shape else []), *(extra or [])])
 
 
