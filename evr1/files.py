@@ -41,6 +41,18 @@ def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_figure(path: Path, fig: Any, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG (atomically) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def fsync_dir(folder: Path) -> None:
     # The rename is durable only once the directory entry is on disk (matters on Lustre/GPFS
     # clients less than on local disks, but costs nothing).

@@ -180,6 +180,21 @@ def test_training_goes_on_while_checkpoints_are_evaluated(prepared, tmp_path, mo
 
     monkeypatch.setattr(async_eval, "checkpoint_eval_config", fail_step_4)
     cfg = small_config(prepared, tmp_path / "run", *ASYNC)
+    # On a loaded machine an eval process can take longer to start than the remaining steps
+    # take to run: step 3 waits (at most 5 min) for the step-2 evaluation to have started, so
+    # that the overlap below is a property of the code, not of the machine's load.
+    status_2 = Path(cfg.run_dir) / "eval/steps/step-00000002/status.json"
+    real_step = Trainer.train_step
+
+    def step_after_eval_started(trainer):
+        if trainer.state.step == 2:
+            deadline = time.time() + 300
+            while time.time() < deadline and not (
+                    status_2.exists() and "started_at" in json.loads(status_2.read_text())):
+                time.sleep(0.2)
+        return real_step(trainer)
+
+    monkeypatch.setattr(Trainer, "train_step", step_after_eval_started)
     result = Trainer(cfg).run()
     assert result.steps == 6  # the failed evaluation did not stop training
 

@@ -45,6 +45,7 @@ from evr1.data.dataset import sample_task
 from evr1.data.schema import Sample, load_samples, write_samples
 from evr1.files import (
     atomic_write_bytes,
+    atomic_write_figure,
     atomic_write_json,
     atomic_write_jsonl,
     file_sha256,
@@ -617,8 +618,4 @@ def histogram(report: dict[str, Any], path: Path) -> None:
                  f"{report['totals']['samples']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_figure(path, fig, dpi=100)

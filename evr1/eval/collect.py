@@ -29,7 +29,13 @@ from evr1.eval.layout import (
 )
 from evr1.eval.metrics import summarize
 from evr1.eval.runner import fingerprint, sampling_settings
-from evr1.files import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl
+from evr1.files import (
+    atomic_write_bytes,
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl,
+)
 
 log = logging.getLogger("evr1.eval")
 
@@ -232,8 +238,4 @@ def bar_chart(results: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("evr1 evaluation")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_write_figure(path, fig, dpi=120)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evr1.files import atomic_write_bytes, atomic_write_json
+from evr1.files import atomic_write_bytes, atomic_write_figure, atomic_write_json
 
 
 @dataclass
@@ -167,11 +167,7 @@ def plot(board: dict[str, Any], path: Path) -> None:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_write_figure(path, fig, dpi=110)
 
 
 def write_leaderboard(steps_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:

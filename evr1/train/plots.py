@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # batch jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evr1.files import atomic_write_figure  # noqa: E402
 from evr1.train.metrics import read_metrics  # noqa: E402
 
 
@@ -49,7 +50,5 @@ def plot_runs(runs: dict[str, Path], out_png: Path, task: str = "") -> Path:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    atomic_write_figure(out_png, fig, dpi=110)
     return out_png
