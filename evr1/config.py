@@ -327,7 +327,7 @@ class TrainConfig:
     freeze_vision_tower: bool = False
     # hf backend: run each prompt once per micro-batch and share its KV cache among its
     # responses (same log-probs and gradients as prompt + response per row, less work).
-    # Used for Qwen2.5-VL; other models, and false, run prompt + response per row.
+    # Used for Qwen2.5-VL and Qwen3-VL; false runs prompt + response per row.
     shared_prefix: bool = True
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)

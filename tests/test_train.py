@@ -190,27 +190,57 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_shared_prefix_matches_plain_forward(prepared, tmp_path):
     """The prompt once per micro-batch, its KV cache shared by its responses, gives the
     log-probs and gradients of running prompt + response for every row."""
-    from evr1.train.batch import make_policy_batches
-    from evr1.train.grpo import token_logprobs
-
     trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "data.include_tasks=[]",
                                    "train.freeze_vision_tower=false"))
     types = [s.data_type for s in trainer.train_set.samples]
     prompts = [trainer.train_set.prompt(types.index(t)) for t in ("video", "image", "text")]
-    stop = trainer.stop_id
+    _check_shared_prefix(trainer.backend, trainer.processor, prompts, trainer.stop_id,
+                         trainer.pad_id)
+
+
+def test_shared_prefix_matches_plain_forward_qwen3_vl(tmp_path):
+    """The same for Qwen3-VL (deepstack visual features, timestamped video frames)."""
+    import numpy as np
+
+    from evr1.config import TrainConfig
+    from evr1.models.inputs import stop_token_ids
+    from evr1.models.loading import load_model, load_processor
+    from evr1.models.tiny import build_tiny_model
+    from evr1.rollout.base import Prompt
+    from evr1.train.backends.hf import HFBackend
+
+    folder = build_tiny_model(tmp_path / "qwen3", ["Which way does the shape move?"],
+                              family="qwen3_vl")
+    processor, model = load_processor(folder), load_model(folder, "float32", "cpu")
+    assert model.config.model_type == "qwen3_vl"
+    rng = np.random.default_rng(0)
+    prompts = [  # Qwen3-VL: frames in multiples of patch 16 x merge 2
+        Prompt("v", "Which way does it move?", "video",
+               rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8), 2.0),
+        Prompt("i", "What colour is the big shape in this picture?", "image",
+               rng.integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)),
+        Prompt("t", "Is it?", "text")]
+    _check_shared_prefix(HFBackend(model, TrainConfig()), processor, prompts,
+                         stop_token_ids(processor.tokenizer)[0], processor.tokenizer.pad_token_id)
+
+
+def _check_shared_prefix(backend, processor, prompts, stop, pad_id):
+    from evr1.train.batch import make_policy_batches
+    from evr1.train.grpo import token_logprobs
+
     # Responses of different lengths (right padding); the prompts differ in length (left
     # padding); micro-batches of 5 split the groups of 4: [v v v v i] [i i i t t] [t t].
     responses = [[5, 6, 7, stop], [8, stop], [9, 10, 11, 12, 13, stop], [14]] * 3
-    batches = make_policy_batches(trainer.processor, prompts, 4, responses, list(range(12)), 5,
-                                  trainer.pad_id)
+    batches = make_policy_batches(processor, prompts, 4, responses, list(range(12)), 5, pad_id)
     assert [b.owners for b in batches] == [[0, 0, 0, 0, 1], [1, 1, 1, 2, 2], [2, 2]]
     assert not bool(batches[0].model_inputs["attention_mask"][:, 0].all())  # left padding
-    model = trainer.model
+    model = backend.model
+    model.train()
 
     def logp_and_grads(batch, shared):
-        trainer.backend.cfg.shared_prefix = shared
+        backend.cfg.shared_prefix = shared
         model.zero_grad()
-        logits = trainer.backend._logits(model, batch)
+        logits = backend._logits(model, batch)
         logp = token_logprobs(logits, batch.responses)
         (logp * batch.mask).sum().backward()
         return logp.detach(), _grads(model)

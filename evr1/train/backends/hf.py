@@ -207,7 +207,8 @@ def shared_vision_inputs(model: torch.nn.Module, inputs: dict, owners: list[int]
 
 
 # Model types whose training forward can run a shared prompt once (see shared_prefix_logits).
-SHARED_PREFIX_MODELS = ("qwen2_5_vl",)
+# Qwen3-VL's deepstack features enter at the vision tokens, all in the prompt forward.
+SHARED_PREFIX_MODELS = ("qwen2_5_vl", "qwen3_vl")
 
 
 def shared_prefix_logits(model: torch.nn.Module, inputs: dict, owners: list[int],
