@@ -68,7 +68,7 @@ class HFBackend:
 
         With ``train.shared_prefix`` (default) each distinct prompt of the micro-batch runs
         once and its KV cache is shared by its responses (:func:`shared_prefix_logits`);
-        otherwise every row runs prompt + response, with the vision tower once per prompt.
+        otherwise every row runs prompt + response (vision once per prompt on Qwen2.5-VL).
         """
         width = batch.responses.shape[1]
         inputs = {k: v.to(model.device) if isinstance(v, Tensor) else v
