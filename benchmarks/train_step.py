@@ -145,8 +145,9 @@ def ratio(num: Series, den: Series, key: Callable[[Timing], float]) -> str:
 class Workspace:
     """Synthetic data, shards per video budget and the tiny model, under one folder."""
 
-    def __init__(self, root: Path, num_videos: int) -> None:
+    def __init__(self, root: Path, num_videos: int, evr1_overrides: list[str] = ()) -> None:
         self.root = root
+        self.evr1_overrides = list(evr1_overrides)  # --set: applied last, to evr1 runs
         self.data = root / "data"
         self.common = [
             f"synthetic.out_dir={self.data}", f"synthetic.num_videos={num_videos}",
@@ -172,7 +173,8 @@ class Workspace:
             f"preprocess.out_dir={self.root / f'shards-{index}'}", "data.eval_jsonl=",
             # TRL trains the vision tower; so does evr1 here (the demo config freezes it).
             "train.freeze_vision_tower=false",
-            *VIDEO_BUDGETS[budget], *(shape.overrides() if shape else []), *(extra or [])])
+            *VIDEO_BUDGETS[budget], *(shape.overrides() if shape else []), *(extra or []),
+            *self.evr1_overrides])
 
 
 def use_prompts(trainer: Trainer, prompt_set: PromptSet) -> None:
@@ -430,6 +432,8 @@ def main() -> None:
     parser.add_argument("--num-videos", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra evr1 config override, e.g. train.shared_prefix=false")
     args = parser.parse_args()
     shape = Shape(args.prompts, args.n, args.max_new_tokens, args.micro_batch)
     if (shape.prompts * shape.n) % shape.micro_batch:
@@ -444,10 +448,11 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            ws = Workspace(Path(tmp), args.num_videos)  # quiet: preprocessing summaries
+            ws = Workspace(Path(tmp), args.num_videos, args.set)  # quiet: preprocessing summaries
         print(f"set-up {time.perf_counter() - start:.0f} s; median of {args.steps} steps "
               f"({args.qwen_steps} at the Qwen budget) after {args.warmup} warm-up; "
-              f"torch threads {args.threads}")
+              f"torch threads {args.threads}"
+              + (f"; evr1 overrides {' '.join(args.set)}" if args.set else ""))
         if not args.skip_trl:
             import trl
 

@@ -325,6 +325,10 @@ class TrainConfig:
     # colour features within a few updates at a language-model learning rate: frozen, its
     # random features stay linearly readable and the model learns to read them.
     freeze_vision_tower: bool = False
+    # hf backend: run each prompt once per micro-batch and share its KV cache among its
+    # responses (same log-probs and gradients as prompt + response per row, less work).
+    # Used for Qwen2.5-VL and Qwen3-VL; false runs prompt + response per row.
+    shared_prefix: bool = True
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     filter_no_signal: bool = False  # drop groups whose rewards are all equal

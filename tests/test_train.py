@@ -157,7 +157,10 @@ def test_shared_vision_matches_per_response_vision(prepared, tmp_path):
     from evr1.train.batch import make_policy_batches
     from evr1.train.grpo import token_logprobs
 
-    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "data.include_tasks=[]"))
+    # The demo config freezes the vision tower; its gradients are part of the comparison. The
+    # shared-prefix path would run each prompt's vision once anyway: this tests the other one.
+    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "data.include_tasks=[]",
+                                   "train.freeze_vision_tower=false", "train.shared_prefix=false"))
     types = [s.data_type for s in trainer.train_set.samples]
     prompts = [trainer.train_set.prompt(types.index(t)) for t in ("video", "image", "text")]
     responses = [[5, 6, 7, trainer.stop_id]] * 12
@@ -178,6 +181,113 @@ def test_shared_vision_matches_per_response_vision(prepared, tmp_path):
     assert any("visual" in k for k in shared_grads)
     for name in plain_grads:
         torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_prefix_matches_plain_forward(prepared, tmp_path):
+    """The prompt once per micro-batch, its KV cache shared by its responses, gives the
+    log-probs and gradients of running prompt + response for every row."""
+    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "data.include_tasks=[]",
+                                   "train.freeze_vision_tower=false"))
+    types = [s.data_type for s in trainer.train_set.samples]
+    prompts = [trainer.train_set.prompt(types.index(t)) for t in ("video", "image", "text")]
+    _check_shared_prefix(trainer.backend, trainer.processor, prompts, trainer.stop_id,
+                         trainer.pad_id)
+
+
+def test_shared_prefix_matches_plain_forward_qwen3_vl(tmp_path):
+    """The same for Qwen3-VL (deepstack visual features, timestamped video frames)."""
+    import numpy as np
+
+    from evr1.config import TrainConfig
+    from evr1.models.inputs import stop_token_ids
+    from evr1.models.loading import load_model, load_processor
+    from evr1.models.tiny import build_tiny_model
+    from evr1.rollout.base import Prompt
+    from evr1.train.backends.hf import HFBackend
+
+    folder = build_tiny_model(tmp_path / "qwen3", ["Which way does the shape move?"],
+                              family="qwen3_vl")
+    processor, model = load_processor(folder), load_model(folder, "float32", "cpu")
+    assert model.config.model_type == "qwen3_vl"
+    rng = np.random.default_rng(0)
+    prompts = [  # Qwen3-VL: frames in multiples of patch 16 x merge 2
+        Prompt("v", "Which way does it move?", "video",
+               rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8), 2.0),
+        Prompt("i", "What colour is the big shape in this picture?", "image",
+               rng.integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)),
+        Prompt("t", "Is it?", "text")]
+    _check_shared_prefix(HFBackend(model, TrainConfig()), processor, prompts,
+                         stop_token_ids(processor.tokenizer)[0], processor.tokenizer.pad_token_id)
+
+
+def _check_shared_prefix(backend, processor, prompts, stop, pad_id):
+    from evr1.train.batch import make_policy_batches
+    from evr1.train.grpo import token_logprobs
+
+    # Responses of different lengths (right padding); the prompts differ in length (left
+    # padding); micro-batches of 5 split the groups of 4: [v v v v i] [i i i t t] [t t].
+    responses = [[5, 6, 7, stop], [8, stop], [9, 10, 11, 12, 13, stop], [14]] * 3
+    batches = make_policy_batches(processor, prompts, 4, responses, list(range(12)), 5, pad_id)
+    assert [b.owners for b in batches] == [[0, 0, 0, 0, 1], [1, 1, 1, 2, 2], [2, 2]]
+    assert not bool(batches[0].model_inputs["attention_mask"][:, 0].all())  # left padding
+    model = backend.model
+    model.train()
+
+    def logp_and_grads(batch, shared):
+        backend.cfg.shared_prefix = shared
+        model.zero_grad()
+        logits = backend._logits(model, batch)
+        logp = token_logprobs(logits, batch.responses)
+        (logp * batch.mask).sum().backward()
+        return logp.detach(), _grads(model)
+
+    for batch in batches:
+        model.model.rope_deltas = sentinel = torch.full((1, 1), 123)
+        shared, shared_grads = logp_and_grads(batch, True)
+        # Positions are computed, not taken from (or left in) the model's generation state.
+        assert model.model.rope_deltas is sentinel
+        model.model.rope_deltas = None
+        plain, plain_grads = logp_and_grads(batch, False)
+        mask = batch.mask
+        assert shared.shape == plain.shape == mask.shape
+        assert (shared - plain)[mask].abs().max() < 1e-5
+        assert shared_grads.keys() == plain_grads.keys()
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        if batch is batches[0]:  # video and image rows: the vision tower is compared too
+            assert any("visual" in k for k in shared_grads)
+
+
+def test_shared_prefix_train_step_matches_plain(prepared, tmp_path):
+    """One optimiser step of both paths (with the KL term's reference forward and the
+    entropy term) moves the weights alike."""
+    result = {}
+    for shared in (True, False):
+        trainer = Trainer(small_config(
+            prepared, f"run_dir={tmp_path / str(shared)}", "train.resume=never",
+            "train.offline.mode=always", "train.micro_batch_size=3",
+            "train.freeze_vision_tower=false",
+            "train.grpo.entropy_coef=0.01", "train.grpo.kl_coef=0.01",
+            f"train.shared_prefix={str(shared).lower()}"))
+        start = weights(trainer)
+        metrics = trainer.train_step()
+        result[shared] = start, weights(trainer), metrics
+    lr = trainer.cfg.train.lr
+    (start, fast, fast_metrics), (_, plain, plain_metrics) = result[True], result[False]
+    assert fast_metrics["train_tokens"] == plain_metrics["train_tokens"]
+    for key in ("loss", "grad_norm", "entropy_mean", "kl_mean"):
+        assert fast_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-4, abs=1e-6), key
+    assert max(float((fast[k] - start[k]).abs().max()) for k in start) > 0.5 * lr
+    # Adam's first step moves every weight by about lr * g / (|g| + eps): for the rare element
+    # whose gradient is ~eps, float rounding of g moves its update by a few percent of lr.
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=0, atol=0.05 * lr,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.slow

@@ -64,9 +64,19 @@ class HFBackend:
     # ------------------------------------------------------------------ forward
 
     def _logits(self, model: torch.nn.Module, batch: PolicyBatch) -> Tensor:
+        """Logits that predict the response tokens, [B, R, V] (fp32, divided by temperature).
+
+        With ``train.shared_prefix`` (default) each distinct prompt of the micro-batch runs
+        once and its KV cache is shared by its responses (:func:`shared_prefix_logits`);
+        otherwise every row runs prompt + response (vision once per prompt on Qwen2.5-VL).
+        """
         width = batch.responses.shape[1]
         inputs = {k: v.to(model.device) if isinstance(v, Tensor) else v
                   for k, v in batch.model_inputs.items()}
+        if self.cfg.shared_prefix and batch.owners and \
+                model.config.model_type in SHARED_PREFIX_MODELS:
+            return shared_prefix_logits(model, inputs, batch.owners, batch.data_types,
+                                        width) / self.temperature
         if model.config.model_type == "qwen2_5_vl" and batch.owners:
             inputs = shared_vision_inputs(model, inputs, batch.owners, batch.data_types)
         out = model(**inputs, logits_to_keep=width + 1, use_cache=False)
@@ -194,6 +204,89 @@ def shared_vision_inputs(model: torch.nn.Module, inputs: dict, owners: list[int]
     if encoded:
         inputs["mm_encoder_outputs"] = encoded
     return inputs
+
+
+# Model types whose training forward can run a shared prompt once (see shared_prefix_logits).
+# Qwen3-VL's deepstack features enter at the vision tokens, all in the prompt forward.
+SHARED_PREFIX_MODELS = ("qwen2_5_vl", "qwen3_vl")
+
+
+def shared_prefix_logits(model: torch.nn.Module, inputs: dict, owners: list[int],
+                         data_types: list[str], width: int) -> Tensor:
+    """Response logits, [B, R, V] fp32, running each distinct prompt once for all its rows.
+
+    ``inputs`` is a :class:`PolicyBatch`'s model inputs: [B, P + R] with left-padded prompts
+    and right-padded responses; ``owners`` gives each row's prompt. The rows of one prompt have
+    identical prompt columns, so:
+
+    1. the distinct prompts (U rows, with their frames: the vision tower runs once per prompt)
+       go through the model once, with ``use_cache=True``, keeping the last position's logits,
+       which predict every row's first response token;
+    2. the KV cache is indexed by owner to the B rows (differentiable: the gradient of a shared
+       key or value is the sum over its rows, what the repeated computation gives);
+    3. the response tokens 0..R-2 run on that cache and predict tokens 1..R-1.
+
+    Positions are passed explicitly, the ones the one-pass forward computes: M-RoPE positions
+    of the prompt from ``get_rope_index`` (the model's cached ``rope_deltas`` are neither read
+    nor written), and the text positions of the response continuing after the prompt's largest.
+    Without any vision input the one-pass forward numbers the padded columns 0..P+R-1, and so
+    does this. LLM work drops from B x (P + R) to U x P + B x R tokens.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rows, total = ids.shape
+    prompt_len = total - width
+    first: dict[int, int] = {}  # owner -> its first row
+    for row, owner in enumerate(owners):
+        first.setdefault(owner, row)
+    unique = list(first.values())
+    slot = {owner: i for i, owner in enumerate(first)}
+    row_to_prompt = torch.tensor([slot[o] for o in owners], device=ids.device)
+
+    prompt = {k: v[unique, :prompt_len] for k, v in inputs.items()
+              if isinstance(v, Tensor) and v.shape == ids.shape}
+    kept_rows = set(unique)
+    per_item = {"image": ("pixel_values", "image_grid_thw", ()),
+                "video": ("pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",))}
+    for kind, (pixel_key, grid_key, extra_keys) in per_item.items():
+        if inputs.get(pixel_key) is None:
+            continue
+        grids = inputs[grid_key]
+        chunks = inputs[pixel_key].split(grids.prod(-1).tolist())
+        item_rows = [r for r, t in enumerate(data_types) if t == kind]
+        if len(item_rows) != len(chunks):
+            raise ValueError(f"{len(chunks)} {kind} inputs for {len(item_rows)} {kind} rows")
+        keep = [i for i, r in enumerate(item_rows) if r in kept_rows]
+        prompt[pixel_key] = torch.cat([chunks[i] for i in keep])
+        prompt[grid_key] = grids[keep]
+        for key in extra_keys:
+            if inputs.get(key) is not None:
+                prompt[key] = inputs[key][keep]
+
+    has_vision = any(k in prompt for k in ("image_grid_thw", "video_grid_thw"))
+    if has_vision:
+        rope = {k: prompt[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                if k in prompt}
+        positions, _ = model.model.get_rope_index(
+            prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
+            attention_mask=prompt["attention_mask"], **rope)
+        start = positions.amax(dim=(0, 2)) + 1  # [U]: first text position after the prompt
+    else:
+        positions = torch.arange(prompt_len, device=ids.device).view(1, 1, -1).expand(
+            3, len(unique), -1)
+        start = torch.full((len(unique),), prompt_len, device=ids.device)
+
+    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first_logits = out.logits[:, -1:].float()[row_to_prompt]  # [B, 1, V]
+    if width == 1:
+        return first_logits
+    cache = out.cache
+    cache.batch_select_indices(row_to_prompt)
+    steps = torch.arange(width - 1, device=ids.device)
+    response_positions = (start[row_to_prompt, None] + steps).unsqueeze(0).expand(3, -1, -1)
+    response_mask = torch.cat([mask[:, :prompt_len], mask[:, prompt_len:total - 1]], dim=1)
+    rest = model(input_ids=ids[:, prompt_len:total - 1], attention_mask=response_mask,
+                 position_ids=response_positions, cache=cache, use_cache=True)
+    return torch.cat([first_logits, rest.logits.float()], dim=1)
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
