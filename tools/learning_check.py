@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--ablation-steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--videos", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=None, help="default: the demo config's")
     parser.add_argument("--distractors", action="store_true",
                         help="static and flashing shapes beside the moving one (harder)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs (a.b=c)")
@@ -45,7 +45,7 @@ def main() -> None:
               f"data.eval_jsonl={out / 'data/heldout.jsonl'}",
               f"preprocess.out_dir={out / 'shards'}", f"model.path={out / 'tiny_model'}",
               f"train.eval_every={args.eval_every}", "train.wandb_mode=disabled",
-              f"train.lr={args.lr}",
+              *([f"train.lr={args.lr}"] if args.lr else []),
               "launch.cluster=local", *args.overrides]
     base = load_config(ROOT / "configs/demo_cpu.yaml", [f"run_dir={out}", *common])
     if not (out / "data/train.jsonl").exists():
