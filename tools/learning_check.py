@@ -16,9 +16,13 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from evr1.config import load_config
 from evr1.data.synthetic import make_synthetic
 from evr1.launch import stages
+from evr1.train.batch import make_policy_batches
+from evr1.train.groups import offline_response_ids
 from evr1.train.plots import plot_runs
 from evr1.train.trainer import Trainer
 
@@ -35,6 +39,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: the demo config's")
     parser.add_argument("--distractors", action="store_true",
                         help="static and flashing shapes beside the moving one (harder)")
+    parser.add_argument("--supervised-steps", type=int, default=0,
+                        help="also train a third copy on the expert answers alone (cross-entropy, "
+                             "train.prompts_per_step per step): is the task learnable at all?")
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs (a.b=c)")
     args = parser.parse_args()
     out = args.out
@@ -61,13 +68,45 @@ def main() -> None:
         results[mode] = {"steps": result.steps,
                          "before": result.before.get("accuracy/colour"),
                          "after": result.after.get("accuracy/colour")}
-    png = plot_runs({f"offline {m}": out / f"offline_{m}" for m in results},
+    if args.supervised_steps:
+        cfg = load_config(ROOT / "configs/demo_cpu.yaml", [
+            f"run_dir={out / 'supervised'}", *common, f"train.steps={args.supervised_steps}",
+            "train.resume=never"])
+        results["supervised"] = train_supervised(Trainer(cfg))
+    png = plot_runs({m if m == "supervised" else f"offline {m}":
+                     out / (m if m == "supervised" else f"offline_{m}") for m in results},
                     out / "learning_check.png", task="colour")
     (out / "learning_check.json").write_text(json.dumps(results, indent=1) + "\n")
     for mode, r in results.items():
-        print(f"offline {mode:<6} {r['steps']:>4} steps: held-out colour accuracy "
+        print(f"{mode:<10} {r['steps']:>4} steps: held-out colour accuracy "
               f"{r['before']:.2f} -> {r['after']:.2f}")
     print(f"plot: {png}")
+
+
+def train_supervised(trainer: Trainer) -> dict:
+    """Cross-entropy on the expert answers through the same backend update: every row is an
+    expert answer with advantage 1, so the policy-gradient loss is the negative log-likelihood."""
+    cfg = trainer.cfg
+    before = trainer.evaluate().get("accuracy/colour")
+    while trainer.state.step < cfg.train.steps:
+        indices = trainer.sampler.next(cfg.train.prompts_per_step)
+        prompts = [trainer.train_set.prompt(i) for i in indices]
+        answers = [offline_response_ids(trainer.processor.tokenizer,
+                                        trainer.train_set.samples[i].offline_output,
+                                        trainer.stop_id) for i in indices]
+        batches = make_policy_batches(trainer.processor, prompts, 1, answers,
+                                      list(range(len(answers))), cfg.train.micro_batch_size,
+                                      trainer.pad_id)
+        for batch in batches:
+            batch.advantages = torch.ones(len(batch.rows))
+        update = trainer.backend.train_step(batches, cfg.train.grpo)
+        trainer.state.step += 1
+        trainer.metrics.log(trainer.state.step, update, kind="supervised")
+        if cfg.train.eval_every and trainer.state.step % cfg.train.eval_every == 0:
+            trainer.evaluate()
+    after = trainer.evaluate().get("accuracy/colour")
+    trainer.metrics.close()
+    return {"steps": trainer.state.step, "before": before, "after": after}
 
 
 if __name__ == "__main__":
