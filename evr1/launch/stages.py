@@ -270,16 +270,22 @@ def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
 
 
 def print_eval_summary(results: list) -> None:
-    done = [r for r in results if not r.skipped]
-    items = sum(r.items for r in done)
-    busy = sum(r.seconds for r in done)
+    print_array_summary("eval", results, [r.items for r in results], "questions")
+
+
+def print_array_summary(stage: str, results: list, sizes: list[int], unit: str) -> None:
+    """One line for an array stage's task results (``skipped``, ``seconds``, ``counts``);
+    ``sizes`` is each result's number of ``unit``."""
+    done = [(r, n) for r, n in zip(results, sizes, strict=True) if not r.skipped]
+    total = sum(n for _, n in done)
+    busy = sum(r.seconds for r, _ in done)
     counts: dict[str, int] = {}
-    for r in done:
+    for r, _ in done:
         for key, value in r.counts.items():
             counts[key] = counts.get(key, 0) + value
-    print(f"eval summary: {len(done)} task(s) run, {len(results) - len(done)} skipped as "
-          f"complete; {items} questions ({items / busy if busy else 0:.2f} questions/s per "
-          f"task); {counts}")
+    print(f"{stage} summary: {len(done)} task(s) run, {len(results) - len(done)} skipped as "
+          f"complete; {total} {unit} ({total / busy if busy else 0:.2f} {unit}/s per task); "
+          f"{counts}")
 
 
 def collect_results(cfg: Config) -> int:
@@ -384,16 +390,7 @@ def run_curation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
 
 
 def print_curate_summary(results: list) -> None:
-    done = [r for r in results if not r.skipped]
-    samples = sum(r.samples for r in done)
-    busy = sum(r.seconds for r in done)
-    counts: dict[str, int] = {}
-    for r in done:
-        for key, value in r.counts.items():
-            counts[key] = counts.get(key, 0) + value
-    print(f"curate summary: {len(done)} task(s) run, {len(results) - len(done)} skipped as "
-          f"complete; {samples} samples ({samples / busy if busy else 0:.2f} samples/s per "
-          f"task); {counts}")
+    print_array_summary("curate", results, [r.samples for r in results], "samples")
 
 
 def collect_curation(cfg: Config) -> int:
