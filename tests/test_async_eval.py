@@ -279,7 +279,7 @@ def test_full_slots_skip_and_resume_catches_up(prepared, tmp_path, monkeypatch):
 @pytest.mark.slurm
 def test_slurm_eval_array_and_dependent_collect(slurm_cluster, prepared, tmp_path):
     """On the local Slurm cluster: the checkpoint's eval array, then collect with afterok."""
-    from test_slurm import job_records
+    from test_slurm import job_records, wait_for_jobs
 
     cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2",
                        "train.save_every=2", "train.async_eval.enabled=true",
@@ -294,6 +294,9 @@ def test_slurm_eval_array_and_dependent_collect(slurm_cluster, prepared, tmp_pat
     collect = request["collect_job"]
     submission = (out_dir / f"submitit/collect/{collect}_submission.sh").read_text()
     assert f"#SBATCH --dependency=afterok:{array}" in submission
+    # The trainer stops waiting once the results are written; the collect job may still be
+    # exiting (Slurm shows it RUNNING for a moment after its work is done).
+    wait_for_jobs([array, collect])
     tasks, [collect_job] = job_records(array), job_records(collect)
     assert {t["JobState"] for t in tasks} == {"COMPLETED"}, tasks
     assert collect_job["JobState"] == "COMPLETED", collect_job
