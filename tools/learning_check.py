@@ -40,7 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/learning_check"))
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--ablation-steps", type=int, default=300)
+    parser.add_argument("--ablation-steps", type=int, default=300,
+                        help="steps of the run without offline trajectories (0: skip it)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--videos", type=int, default=256)
     parser.add_argument("--lr", type=float, default=None, help="default: the demo config's")
@@ -68,6 +69,8 @@ def main() -> None:
         raise SystemExit("preprocessing failed")
     results = {}
     for mode, steps in (("always", args.steps), ("never", args.ablation_steps)):
+        if not steps:
+            continue
         cfg = load_config(ROOT / "configs/demo_cpu.yaml", [
             f"run_dir={out / f'offline_{mode}'}", *common, f"train.steps={steps}",
             f"train.save_every={steps}", f"train.offline.mode={mode}"])
