@@ -1,15 +1,17 @@
 """Each stage as an array job: what the launchers and the pipeline submit.
 
 A stage function takes the run's Config, submits (or runs locally) its tasks through
-``evr1.launch.executor.run_array``, prints a summary, and returns a process exit code.
+``run_stage_array`` (``evr1.launch.executor.run_array`` plus the reporting every array stage
+shares), prints a summary, and returns a process exit code.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from evr1.config import Config, ConfigError
 from evr1.launch.executor import run_array, submit_array, submit_job
@@ -17,22 +19,42 @@ from evr1.video.preprocess import TaskSummary, run_task
 from evr1.video.shards import ShardError, merge_manifests
 
 
-def preprocess_array(cfg: Config, wait: bool = True) -> int:
-    """Decode every media file once into shards: one array task per shard."""
-    tasks = list(range(cfg.preprocess.num_tasks))
-    outcome = run_array(functools.partial(run_task, cfg), tasks, cfg.launch,
-                        cfg.submitit_dir / "preprocess", name="evr1-preprocess", wait=wait)
-    print(f"preprocess: {outcome.cluster} array, job ids {' '.join(outcome.job_ids)}")
+def run_stage_array(cfg: Config, stage: str, task_fn: Callable[[Config, int], Any],
+                    tasks: list[int], *, wait: bool, summarize: Callable[[list], None],
+                    no_wait_hint: str, finish: Callable[[], int] | None = None,
+                    task_label: Callable[[int], str] | None = None) -> int:
+    """Run ``task_fn(cfg, task)`` for every task as one array and report it: the job ids, the
+    summary (``summarize`` of the task results), every task that failed all its retries.
+
+    Returns 1 if a task failed, else ``finish()`` (the stage's merge or collect; 0 without).
+    With ``wait=False`` (Slurm) nothing is there to summarize yet: prints the job ids and
+    ``no_wait_hint`` (what to run next) and returns 0. ``task_label`` names a task in the
+    failure lines (default ``<stage> task <i>``).
+    """
+    outcome = run_array(functools.partial(task_fn, cfg), tasks, cfg.launch,
+                        cfg.submitit_dir / stage, name=f"evr1-{stage}", wait=wait)
+    print(f"{stage}: {outcome.cluster} array, job ids {' '.join(outcome.job_ids)}")
     if not wait:
-        print("tasks merge the manifest themselves when the last one finishes; re-run this "
-              "command to redo any failed task (finished tasks are skipped)")
+        print(no_wait_hint)
         return 0
-    print_preprocess_summary(list(outcome.results.values()))
+    summarize(list(outcome.results.values()))
+    label = task_label or (lambda task: f"{stage} task {task}")
     for task, reason in sorted(outcome.failed.items()):
-        print(f"task {task} failed after {cfg.launch.max_retries} retries: {reason}")
+        print(f"{label(task)} failed after {cfg.launch.max_retries} retries: {reason}")
     if outcome.failed:
         return 1
-    return merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks)
+    return finish() if finish else 0
+
+
+def preprocess_array(cfg: Config, wait: bool = True) -> int:
+    """Decode every media file once into shards: one array task per shard."""
+    return run_stage_array(
+        cfg, "preprocess", run_task, list(range(cfg.preprocess.num_tasks)), wait=wait,
+        summarize=print_preprocess_summary,
+        no_wait_hint="tasks merge the manifest themselves when the last one finishes; re-run "
+                     "this command to redo any failed task (finished tasks are skipped)",
+        finish=lambda: merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks),
+        task_label=lambda task: f"task {task}")  # as it always printed: "task N failed ..."
 
 
 def submit_preprocess(cfg: Config, after: Sequence[str] = ()) -> list[str]:
@@ -255,18 +277,13 @@ def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
         results = [run_eval_task(cfg, t.index) for t in tasks]
         print_eval_summary(results)
         return 0
-    outcome = run_array(functools.partial(run_eval_task, cfg), [t.index for t in tasks],
-                        cfg.launch, cfg.submitit_dir / "eval", name="evr1-eval", wait=wait)
-    print(f"eval: {outcome.cluster} array, job ids {' '.join(outcome.job_ids)}")
-    if not wait:
-        print("when the array is done: python launchers/collect.py --config C (re-running this "
-              "command redoes only unfinished shards)")
-        return 0
-    print_eval_summary(list(outcome.results.values()))
-    for index, reason in sorted(outcome.failed.items()):
-        print(f"eval task {index} ({tasks[index].name}) failed after "
-              f"{cfg.launch.max_retries} retries: {reason}")
-    return 1 if outcome.failed else 0
+    # No collect here: collecting (judging, scoring) is its own command, launchers/collect.py.
+    return run_stage_array(
+        cfg, "eval", run_eval_task, [t.index for t in tasks], wait=wait,
+        summarize=print_eval_summary,
+        no_wait_hint="when the array is done: python launchers/collect.py --config C "
+                     "(re-running this command redoes only unfinished shards)",
+        task_label=lambda index: f"eval task {index} ({tasks[index].name})")
 
 
 def print_eval_summary(results: list) -> None:
@@ -374,19 +391,11 @@ def run_curation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     if not submit:
         print_curate_summary([run_curate_task(cfg, t) for t in tasks])
         return collect_curation(cfg)
-    outcome = run_array(functools.partial(run_curate_task, cfg), tasks, cfg.launch,
-                        cfg.submitit_dir / "curate", name="evr1-curate", wait=wait)
-    print(f"curate: {outcome.cluster} array, job ids {' '.join(outcome.job_ids)}")
-    if not wait:
-        print("when the array is done: python launchers/curate.py --config C --collect "
-              "(re-running --array redoes only unfinished shards)")
-        return 0
-    print_curate_summary(list(outcome.results.values()))
-    for index, reason in sorted(outcome.failed.items()):
-        print(f"curate task {index} failed after {cfg.launch.max_retries} retries: {reason}")
-    if outcome.failed:
-        return 1
-    return collect_curation(cfg)
+    return run_stage_array(
+        cfg, "curate", run_curate_task, tasks, wait=wait, summarize=print_curate_summary,
+        no_wait_hint="when the array is done: python launchers/curate.py --config C --collect "
+                     "(re-running --array redoes only unfinished shards)",
+        finish=lambda: collect_curation(cfg))
 
 
 def print_curate_summary(results: list) -> None:
