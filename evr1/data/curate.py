@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evr1.config import Config, ConfigError
 from evr1.data.dataset import sample_task
@@ -52,6 +52,9 @@ from evr1.files import (
     read_jsonl,
 )
 from evr1.video.shards import part_name
+
+if TYPE_CHECKING:  # evr1.rollout.base imports torch: only the tasks that generate load it
+    from evr1.rollout.base import Response
 
 log = logging.getLogger("evr1.curate")
 
@@ -220,30 +223,6 @@ def make_engine(cfg: Config, model_path: Path) -> Any:
     return HFRolloutEngine(model, load_processor(model_path))
 
 
-Response = tuple[str, bool, int]  # text, truncated (no stop token), length in tokens
-
-
-def generate_groups(engine: Any, prompts: list, params: Any) -> list[list[Response] | str]:
-    """k (text, truncated, tokens) per prompt, or the error that generating it raised.
-
-    A batch that raises (e.g. out of memory on one long video) is retried prompt by prompt,
-    so one bad sample costs itself, not its batch.
-    """
-    try:
-        out = engine.generate(prompts, params)
-    except Exception as exc:
-        if len(prompts) == 1:
-            log.warning("generation failed for %s: %s", prompts[0].sample_id, exc)
-            return [f"generation failed: {type(exc).__name__}: {exc}"]
-        log.warning("generation failed for a batch of %d (%s); retrying one by one",
-                    len(prompts), exc)
-        return [g for p in prompts for g in generate_groups(engine, [p], params)]
-    truncated = out.truncated or [False] * len(out.texts)
-    rows = list(zip(out.texts, truncated, map(len, out.response_ids), strict=True))
-    n = params.n
-    return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
 def _base(sample: Sample) -> dict[str, Any]:
     return {"id": sample.id, "problem_type": sample.problem_type, "task": sample_task(sample)}
 
@@ -279,7 +258,7 @@ def curate_batch(engine: Any, frames: Any, samples: list[Sample], cfg: Config
     """Records for one batch, in the order of ``samples``."""
     import torch
 
-    from evr1.rollout.base import Prompt, SamplingParams
+    from evr1.rollout.base import Prompt, SamplingParams, generate_isolating_failures
 
     records: dict[str, dict[str, Any]] = {}
     ready: list[tuple[Sample, Prompt]] = []
@@ -302,10 +281,10 @@ def curate_batch(engine: Any, frames: Any, samples: list[Sample], cfg: Config
         torch.manual_seed(seed)  # hf engine; vLLM takes the seed per request
         params = SamplingParams(n=c.k, temperature=c.temperature, top_p=c.top_p,
                                 max_new_tokens=c.max_new_tokens, seed=seed)
-        groups = generate_groups(engine, [p for _, p in ready], params)
+        groups = generate_isolating_failures(engine, [p for _, p in ready], params)
         for (sample, _), group in zip(ready, groups, strict=True):
             if isinstance(group, str):
-                records[sample.id] = failed_record(sample, ERROR, group)
+                records[sample.id] = failed_record(sample, ERROR, f"generation failed: {group}")
                 continue
             try:
                 accuracies, rewards = score_group(sample, [r[0] for r in group], cfg)

@@ -32,7 +32,7 @@ from evr1.data.schema import Sample, load_samples
 from evr1.eval.layout import EvalTask, ShardFiles, eval_tasks
 from evr1.eval.scoring import ERROR, MEDIA_FAILED, score_response
 from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256, read_jsonl
-from evr1.rollout.base import Prompt, SamplingParams
+from evr1.rollout.base import Prompt, SamplingParams, generate_isolating_failures
 from evr1.video.shards import ShardError, ShardReader
 
 log = logging.getLogger("evr1.eval")
@@ -190,22 +190,6 @@ def make_engine(cfg: Config, model_path: Path) -> Any:
     return HFRolloutEngine(model, load_processor(model_path))
 
 
-def generate_safely(engine: Any, prompts: list[Prompt], params: SamplingParams
-                    ) -> list[tuple[str, bool] | str]:
-    """(text, truncated) per prompt, or the error that generating it raised."""
-    try:
-        out = engine.generate(prompts, params)
-        truncated = out.truncated or [False] * len(out.texts)
-        return list(zip(out.texts, truncated, strict=True))
-    except Exception as exc:  # e.g. out of memory on one long video: isolate it
-        if len(prompts) == 1:
-            log.warning("generation failed for %s: %s", prompts[0].sample_id, exc)
-            return [f"{type(exc).__name__}: {exc}"]
-        log.warning("generation failed for a batch of %d (%s); retrying one by one",
-                    len(prompts), exc)
-        return [r for p in prompts for r in generate_safely(engine, [p], params)]
-
-
 # --------------------------------------------------------------------------- rows
 
 
@@ -256,11 +240,14 @@ def evaluate_samples(engine: Any, frames: ShardFrames | DecodedFrames, samples: 
                                              got[0], fps=got[1])))
         if ready:
             t0 = time.perf_counter()
-            outputs = generate_safely(engine, [p for _, p in ready], params)
+            groups = generate_isolating_failures(engine, [p for _, p in ready], params)
             generate_s += time.perf_counter() - t0
-            for (sample, _), out in zip(ready, outputs, strict=True):
-                rows[sample.id] = (failed_row(sample, task, ERROR, out) if isinstance(out, str)
-                                   else scored_row(sample, task, out[0], out[1]))
+            for (sample, _), group in zip(ready, groups, strict=True):
+                if isinstance(group, str):
+                    rows[sample.id] = failed_row(sample, task, ERROR, group)
+                else:
+                    text, truncated, _ = group[0]  # n=1: one response per question
+                    rows[sample.id] = scored_row(sample, task, text, truncated)
         bar.update(len(batch))
     bar.close()
     return [rows[s.id] for s in samples], generate_s

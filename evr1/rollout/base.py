@@ -9,12 +9,15 @@ with ``sync_weights``; colocated engines also ``sleep``/``wake_up`` around the u
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,3 +64,30 @@ class RolloutEngine(Protocol):
         """Free the engine's accelerator memory (weights and KV cache) until ``wake_up``."""
 
     def wake_up(self) -> None: ...
+
+
+Response = tuple[str, bool, int]  # text, truncated (no stop token), length in tokens
+
+
+def generate_isolating_failures(engine: RolloutEngine, prompts: list[Prompt],
+                                params: SamplingParams) -> list[list[Response] | str]:
+    """The ``params.n`` responses of each prompt, or the error (``Type: message``) that
+    generating that prompt raised.
+
+    A batch that raises (e.g. out of memory on one long video) is retried prompt by prompt,
+    so one bad prompt costs itself, not its batch.
+    """
+    try:
+        out = engine.generate(prompts, params)
+    except Exception as exc:
+        if len(prompts) == 1:
+            log.warning("generation failed for %s: %s", prompts[0].sample_id, exc)
+            return [f"{type(exc).__name__}: {exc}"]
+        log.warning("generation failed for a batch of %d (%s); retrying one by one",
+                    len(prompts), exc)
+        return [group for p in prompts
+                for group in generate_isolating_failures(engine, [p], params)]
+    truncated = out.truncated or [False] * len(out.texts)  # engines that cannot tell
+    responses = list(zip(out.texts, truncated, map(len, out.response_ids), strict=True))
+    n = params.n
+    return [responses[i * n:(i + 1) * n] for i in range(len(prompts))]
