@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import small_config
 
 from evr1.config import ConfigError, EvalBenchmarkConfig, load_config
 from evr1.data.synthetic import make_synthetic
@@ -34,24 +35,21 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("asynceval")
-    cfg = small_config(root, root / "setup")
+    cfg = eval_config(root, root / "setup")
     make_synthetic(cfg.synthetic, progress=False)
     assert stages.preprocess_sequential(cfg) == 0
     ensure_model(cfg)
     return root
 
 
-def small_config(root: Path, run_dir: Path, *overrides: str):
-    return load_config(ROOT / "configs/demo_cpu.yaml", [
-        f"run_dir={run_dir}", f"synthetic.out_dir={root / 'data'}", "synthetic.num_videos=6",
-        "synthetic.include_real_videos=false", "synthetic.include_corrupt=false",
-        f"data.train_jsonl={root / 'data/train.jsonl'}",
-        f"data.eval_jsonl={root / 'data/heldout.jsonl'}",
-        f"model.path={root / 'tiny_model'}", f"preprocess.out_dir={root / 'shards'}",
-        "preprocess.num_tasks=1", "rollout.n=4", "rollout.max_new_tokens=8",
-        "train.prompts_per_step=2", "train.micro_batch_size=8", "train.eval_samples=2",
-        "train.wandb_mode=disabled", "eval.max_new_tokens=6", "eval.num_shards=1",
-        "launch.cluster=local", *overrides])
+# What these tests set on top of the training tests' small config.
+EVAL_SETTINGS = ["train.micro_batch_size=8", "eval.max_new_tokens=6", "eval.num_shards=1",
+                 "launch.cluster=local"]
+
+
+def eval_config(root: Path, run_dir: Path, *overrides: str):
+    """``small_config`` with the data under ``root`` and the run in ``run_dir``."""
+    return small_config(root, f"run_dir={run_dir}", *EVAL_SETTINGS, *overrides)
 
 
 ASYNC = ["train.steps=6", "train.save_every=2", "train.keep_last=1",
@@ -179,7 +177,7 @@ def test_training_goes_on_while_checkpoints_are_evaluated(prepared, tmp_path, mo
         return sub
 
     monkeypatch.setattr(async_eval, "checkpoint_eval_config", fail_step_4)
-    cfg = small_config(prepared, tmp_path / "run", *ASYNC)
+    cfg = eval_config(prepared, tmp_path / "run", *ASYNC)
     # On a loaded machine an eval process can take longer to start than the remaining steps
     # take to run: step 3 waits (at most 5 min) for the step-2 evaluation to have started, so
     # that the overlap below is a property of the code, not of the machine's load.
@@ -254,7 +252,7 @@ def test_full_slots_skip_and_resume_catches_up(prepared, tmp_path, monkeypatch):
     results that arrived after the old one stopped."""
     monkeypatch.setattr(async_eval, "local_command", lambda out_dir: [
         sys.executable, "-c", "import time; time.sleep(3)"])
-    cfg = small_config(prepared, tmp_path / "run", "train.async_eval.enabled=true",
+    cfg = eval_config(prepared, tmp_path / "run", "train.async_eval.enabled=true",
                        "train.async_eval.when_full=skip", "train.save_every=1")
     metrics = MetricsLogger(Path(cfg.run_dir), "disabled")
     evaluator = async_eval.AsyncEvaluator(cfg, metrics)
@@ -281,7 +279,7 @@ def test_slurm_eval_array_and_dependent_collect(slurm_cluster, prepared, tmp_pat
     """On the local Slurm cluster: the checkpoint's eval array, then collect with afterok."""
     from test_slurm import job_records, wait_for_jobs
 
-    cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2",
+    cfg = eval_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2",
                        "train.save_every=2", "train.async_eval.enabled=true",
                        "train.async_eval.max_samples=2", "train.async_eval.final_full_suite=false",
                        "launch.cpus_per_task=1", "launch.mem_gb=2", "launch.time_min=10",
@@ -310,7 +308,7 @@ def test_slurm_eval_array_and_dependent_collect(slurm_cluster, prepared, tmp_pat
 def test_final_full_suite_is_submitted_and_awaited(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(async_eval, "local_command", lambda out_dir: [
         sys.executable, "-c", "import sys; sys.exit('no evaluation here')"])
-    cfg = small_config(prepared, tmp_path / "run", "train.async_eval.enabled=true",
+    cfg = eval_config(prepared, tmp_path / "run", "train.async_eval.enabled=true",
                        "train.async_eval.max_samples=2", "train.save_every=1")
     evaluator = async_eval.AsyncEvaluator(cfg, MetricsLogger(Path(cfg.run_dir), "disabled"))
     fake_checkpoints(cfg.checkpoint_dir, [3])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_config
 
 from evr1.config import ConfigError, OfflineConfig, load_config
 from evr1.data.synthetic import make_synthetic
@@ -26,19 +27,6 @@ def prepared(tmp_path_factory) -> Path:
     make_synthetic(cfg.synthetic, progress=False)
     assert stages.preprocess_sequential(cfg) == 0
     return root
-
-
-def small_config(root: Path, *overrides: str):
-    return load_config(ROOT / "configs/demo_cpu.yaml", [
-        f"run_dir={root}", f"synthetic.out_dir={root / 'data'}", "synthetic.num_videos=6",
-        "synthetic.include_real_videos=false", "synthetic.include_corrupt=false",
-        f"data.train_jsonl={root / 'data/train.jsonl'}",
-        f"data.eval_jsonl={root / 'data/heldout.jsonl'}",
-        f"model.path={root / 'tiny_model'}", f"preprocess.out_dir={root / 'shards'}",
-        "preprocess.num_tasks=1",
-        "rollout.n=4", "rollout.max_new_tokens=8", "train.prompts_per_step=2",
-        "train.micro_batch_size=3", "train.eval_samples=2", "train.wandb_mode=disabled",
-        *overrides])
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
