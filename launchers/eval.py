@@ -15,15 +15,18 @@ submitit's local executor. Finished shards are skipped on a re-run.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from evr1.config import ConfigError
 from evr1.launch import stages
-from evr1.launch.cli import base_parser, load_from_args, setup_logging
+from evr1.launch.cli import run_launcher
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.splitlines()[0])
+    return run_launcher(__doc__.splitlines()[0], add_arguments, run, argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--prepare", action="store_true", help="only write the prepared JSONLs")
     mode.add_argument("--preprocess", action="store_true",
@@ -33,13 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--list", action="store_true", help="print the task list")
     parser.add_argument("--no-wait", action="store_true",
                         help="with --array / --preprocess on Slurm: print the job ids and return")
-    args = parser.parse_args(argv)
-    setup_logging()
-    cfg = load_from_args(args)
-    try:
-        return run(cfg, args)
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
 
 
 def run(cfg, args) -> int:

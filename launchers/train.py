@@ -14,30 +14,31 @@ SLURM_* variables (evr1.launch.rendezvous; the same rules as slurm/train_8node.s
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 
-from evr1.config import ConfigError
-from evr1.launch.cli import base_parser, load_from_args, setup_logging
+from evr1.config import Config
+from evr1.launch.cli import run_launcher
 from evr1.launch.stages import train_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.splitlines()[0])
+    return run_launcher(__doc__.splitlines()[0], add_arguments, run, argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--submit", action="store_true",
                         help="run as a submitit job (Slurm when present, else local)")
     parser.add_argument("--slurm", action="store_true",
                         help="run as one Slurm job of launch.nodes x launch.tasks_per_node "
                              "ranks (submitit); an error without Slurm")
-    args = parser.parse_args(argv)
-    setup_logging()
-    cfg = load_from_args(args)
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
     if args.slurm:
         cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, cluster="slurm"))
-    try:
-        return train_job(cfg, submit=args.submit or args.slurm)
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
+    return train_job(cfg, submit=args.submit or args.slurm)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from evr1.config import Config, ConfigError, load_config
 
@@ -21,6 +22,26 @@ def load_from_args(args: argparse.Namespace) -> Config:
     """Load the config or exit with the error message (it names the offending field)."""
     try:
         return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
+
+
+def run_launcher(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                 run: Callable[[Config, argparse.Namespace], int],
+                 argv: list[str] | None = None) -> int:
+    """A launcher's ``main``: parse ``argv`` (``--config``, the overrides and what
+    ``add_arguments`` adds), set up logging, load the config and return ``run(cfg, args)``.
+
+    A ConfigError, from loading or from ``run`` (settings that only conflict at run time),
+    exits with its message rather than a traceback.
+    """
+    parser = base_parser(description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_from_args(args)
+    try:
+        return run(cfg, args)
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
 
