@@ -12,25 +12,29 @@ job through submitit; otherwise the same tasks run through submitit's local exec
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from evr1.config import dump_config
+from evr1.config import Config, dump_config
 from evr1.launch import stages
-from evr1.launch.cli import base_parser, load_from_args, setup_logging
+from evr1.launch.cli import run_launcher
 from evr1.video.preprocess import run_task
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.splitlines()[0])
+    return run_launcher(__doc__.splitlines()[0], add_arguments, run, argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--array", action="store_true", help="submit all tasks as one job array")
     mode.add_argument("--task", type=int, help="run one task index in this process")
     mode.add_argument("--merge", action="store_true", help="merge the task manifests")
     parser.add_argument("--no-wait", action="store_true",
                         help="with --array on Slurm: print the job ids and return")
-    args = parser.parse_args(argv)
-    setup_logging()
-    cfg = load_from_args(args)
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
     cfg.shard_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, cfg.shard_dir / "preprocess_config.yaml")
 
