@@ -338,6 +338,7 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | never | a checkpoint folder
     log_every: int = 1
+    log_completions: int = 2  # groups per logged step whose texts go to completions.jsonl
     eval_every: int = 0  # held-out greedy accuracy every K steps (0: only before and after)
     eval_samples: int = 64
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"

@@ -98,6 +98,22 @@ def test_resumed_run_matches_uninterrupted_run_exactly(prepared, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_completions_log_shows_the_groups_behind_the_metrics(prepared, tmp_path):
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=2",
+                       "train.offline.mode=always", "train.log_completions=2",
+                       "train.save_every=2")
+    Trainer(cfg).run()
+    records = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 1, 2, 2]
+    n = cfg.rollout.n
+    for r in records:
+        assert len(r["responses"]) == len(r["reward"]) == len(r["advantage"]) == n
+        # The expert answer sits in the last slot, scores the maximum and is the only one.
+        assert r["offline"] == [False] * (n - 1) + [True]
+        assert r["responses"][-1].startswith("<answer>") and r["reward"][-1] == 1.0
+        assert sum(r["advantage"]) == pytest.approx(0.0, abs=1e-3)  # group-normalised
+
+
 def test_half_written_checkpoint_is_never_resumed(prepared, tmp_path):
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=2", "train.save_every=1")
     Trainer(cfg).run()

@@ -28,6 +28,7 @@ class MetricsLogger:
                  config: dict[str, Any] | None = None, enabled: bool = True) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        self.completions_path = run_dir / "completions.jsonl"  # sampled texts, see below
         self.enabled = enabled  # False on every rank but the first of a distributed run
         self.last_step = 0  # the newest training step logged
         self._wandb = None
@@ -39,9 +40,17 @@ class MetricsLogger:
                 self._wandb.define_metric("checkpoint_eval/step")
                 self._wandb.define_metric("checkpoint_eval/*", step_metric="checkpoint_eval/step")
 
-    def _write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
+    def _write(self, record: dict[str, Any], path: Path | None = None) -> None:
+        with open(path or self.path, "a") as f:
             f.write(json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=True) + "\n")
+
+    def log_completions(self, step: int, groups: list[dict[str, Any]]) -> None:
+        """A few groups' sampled responses with their rewards and advantages, one JSONL record
+        per group in ``completions.jsonl``: what the numbers in metrics.jsonl were made of."""
+        if not self.enabled:
+            return
+        for group in groups:
+            self._write({"step": step, **group}, self.completions_path)
 
     def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:

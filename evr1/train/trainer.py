@@ -113,6 +113,7 @@ class Trainer:
                                           cfg.data.include_tasks, cfg.data.video.fps)
         self.sampler = PromptSampler(len(self.train_set), cfg.seed)
         self.state = ckpt.TrainerState()
+        self._completions: list[dict[str, Any]] = []  # the last step's, for completions.jsonl
         self.stop_id = stop_token_ids(self.processor.tokenizer)[0]
         self.pad_id = self.processor.tokenizer.pad_token_id or self.stop_id
         self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
@@ -144,6 +145,7 @@ class Trainer:
                 self.state.step += 1
                 if self.state.step % self.cfg.train.log_every == 0:
                     self.metrics.log(self.state.step, metrics)
+                    self.metrics.log_completions(self.state.step, self._completions)
                 if self.async_eval:
                     self.async_eval.poll()  # logs finished checkpoint evals; never waits
                 every = self.cfg.train.eval_every
@@ -218,6 +220,8 @@ class Trainer:
             self.engine.sync_weights(self.backend.named_hf_weights())
             self.engine.wake_up()
         elapsed = time.perf_counter() - t0
+        self._completions = self._completion_records(samples, texts, scores, advantages,
+                                                     offline_rows)
         return self._step_metrics(samples, scores, responses, offline_rows, len(rows), update,
                                   dict(time_rollout=t_rollout, time_reward=t_reward,
                                        time_step=elapsed))
@@ -235,6 +239,21 @@ class Trainer:
             texts[row] = samples[g].offline_output
             rows.append(row)
         return rows
+
+    def _completion_records(self, samples, texts, scores, advantages,
+                            offline_rows) -> list[dict[str, Any]]:
+        """The first ``train.log_completions`` groups of the step, for completions.jsonl."""
+        n, offline = self.cfg.rollout.n, set(offline_rows)
+        records = []
+        for g, sample in enumerate(samples[:self.cfg.train.log_completions]):
+            rows = range(g * n, (g + 1) * n)
+            records.append({
+                "sample_id": sample.id, "solution": sample.solution,
+                "responses": [texts[r] for r in rows],
+                "reward": [round(float(scores.overall[r]), 4) for r in rows],
+                "advantage": [round(float(advantages[r]), 4) for r in rows],
+                "offline": [r in offline for r in rows]})
+        return records
 
     def _step_metrics(self, samples, scores, responses, offline_rows, trained_rows, update,
                       times) -> dict[str, Any]:
