@@ -29,6 +29,7 @@ from evr1.data.synthetic import make_synthetic
 from evr1.launch import stages
 from evr1.train.batch import make_policy_batches
 from evr1.train.groups import offline_response_ids
+from evr1.train.metrics import read_metrics
 from evr1.train.plots import plot_runs
 from evr1.train.trainer import Trainer
 
@@ -74,10 +75,8 @@ def main() -> None:
         cfg = load_config(ROOT / "configs/demo_cpu.yaml", [
             f"run_dir={out / f'offline_{mode}'}", *common, f"train.steps={steps}",
             f"train.save_every={steps}", f"train.offline.mode={mode}"])
-        result = Trainer(cfg).run()
-        results[mode] = {"steps": result.steps,
-                         "before": result.before.get("accuracy/colour"),
-                         "after": result.after.get("accuracy/colour")}
+        Trainer(cfg).run()  # resumes (or just reports) a run an earlier call made
+        results[mode] = heldout_summary(Path(cfg.run_dir))
     if args.supervised_steps:
         cfg = load_config(ROOT / "configs/demo_cpu.yaml", [
             f"run_dir={out / 'supervised'}", *common, f"train.steps={args.supervised_steps}",
@@ -91,6 +90,13 @@ def main() -> None:
         print(f"{mode:<10} {r['steps']:>4} steps: held-out colour accuracy "
               f"{r['before']:.2f} -> {r['after']:.2f}")
     print(f"plot: {png}")
+
+
+def heldout_summary(run_dir: Path) -> dict:
+    """Steps and held-out colour accuracy before and after, from the run's metrics.jsonl."""
+    rows = read_metrics(run_dir, "heldout")
+    return {"steps": rows[-1]["step"], "before": rows[0].get("accuracy/colour"),
+            "after": rows[-1].get("accuracy/colour")}
 
 
 def train_supervised(trainer: Trainer) -> dict:
