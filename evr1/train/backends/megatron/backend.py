@@ -119,6 +119,7 @@ class MegatronBackend:
             if self.spec.deepstack_layers else None
         checkpoint = HFCheckpoint(self.source)
         self._hf_shapes = self._read_shapes(checkpoint)
+        self._disk_names = checkpoint.disk_names()
         self.vision = VisionFrontEnd(self.hf_config, checkpoint, with_tower=g.first_stage,
                                      dtype=self.dtype, device=self.device)
         self._load_decoder(checkpoint)
@@ -597,7 +598,7 @@ class MegatronBackend:
 
     def _write(self, folder: Path, tensors: Iterator[tuple[str, Tensor]], writer: bool) -> None:
         if writer:
-            write_hf_folder(folder, self.source, tensors)
+            write_hf_folder(folder, self.source, tensors, self._disk_names)
         else:
             for _ in tensors:
                 pass

@@ -17,16 +17,17 @@ concatenation and views, never arithmetic).
   ``[its slice of gate; its slice of up]``, which is what the SwiGLU split expects.
 
 Names: in memory transformers 5 calls the decoder ``model.language_model.*`` and the tower
-``model.visual.*``; on disk (and in released checkpoints) they are ``model.*`` and
-``visual.*``. :class:`HFCheckpoint` reads either and hands out the in-memory names;
-:func:`disk_name` converts back when a folder is written.
+``model.visual.*``. On disk Qwen2.5-VL folders (released, and as transformers 5 writes them)
+use ``model.*`` and ``visual.*``, Qwen3-VL folders the in-memory names. :class:`HFCheckpoint`
+reads either and hands out the in-memory names; an exported folder names every tensor as the
+source folder did (:meth:`HFCheckpoint.disk_names`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,15 +54,6 @@ def memory_name(name: str) -> str:
     return name
 
 
-def disk_name(name: str) -> str:
-    """In-memory name -> the name transformers writes into ``model.safetensors``."""
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    if name.startswith(LM):
-        return "model." + name[len(LM):]
-    return name
-
-
 class HFCheckpoint:
     """Lazy reader of the safetensors files of an HF folder (one or sharded)."""
 
@@ -81,6 +73,10 @@ class HFCheckpoint:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def disk_names(self) -> dict[str, str]:
+        """In-memory name -> the name this folder stores the tensor under."""
+        return {name: key for name, (_, key) in self._where.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -309,9 +305,10 @@ def _device() -> torch.device:
 
 
 def write_hf_folder(folder: Path, source: Path, tensors: Iterator[tuple[str, Tensor]],
-                    *, max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``tensors`` (in-memory HF names) as safetensors in transformers' on-disk names,
-    plus every non-weight file of ``source`` (config, tokenizer, processor, templates)."""
+                    disk_names: Mapping[str, str], *, max_shard_bytes: int = 4 << 30) -> None:
+    """Write ``tensors`` (in-memory HF names) as safetensors under ``disk_names[name]`` (the
+    source folder's names), plus every non-weight file of ``source`` (config, tokenizer,
+    processor, templates)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -327,7 +324,7 @@ def write_hf_folder(folder: Path, source: Path, tensors: Iterator[tuple[str, Ten
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][disk_name(name)] = tensor.detach().cpu().contiguous()
+        shards[-1][disk_names[name]] = tensor.detach().cpu().contiguous()
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
