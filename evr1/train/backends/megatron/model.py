@@ -13,7 +13,8 @@ Qwen3-VL (dense) differs in four places, three of them built here:
   spec's ``q_layernorm`` / ``k_layernorm``), and Q, K, V have no bias;
 * ``head_dim`` is explicit (not ``hidden_size / heads``): it is ``kv_channels``;
 * the M-RoPE sections are *interleaved* (frequency j takes its position from the T, H or W
-  row by ``j % 3``, see :class:`InterleavedMRoPE`), which megatron-core 0.16 does not
+  row by ``j % 3`` while the H and W sections last, from T after them; see
+  :class:`InterleavedMRoPE`), which megatron-core 0.16 does not
   compute (its ``rotary_interleaved`` is a different thing: the GPT-J pairing of channels):
   :func:`build_gpt` swaps in a module that does, with megatron's call signature;
 * deepstack (vision features added to the hidden states after the first few decoder layers)

@@ -27,8 +27,8 @@ from evr1.train.backends.megatron.weights import HFCheckpoint
 
 VISUAL_PREFIX = "model.visual."
 
-# model_type -> (transformers model whose get_rope_index gives the positions, vision tower
-# class in its modeling module).
+# model_type -> (transformers model class whose get_rope_index gives the positions, its
+# package under transformers.models, the vision tower class in that package's modeling module).
 _CLASSES = {
     "qwen2_5_vl": ("Qwen2_5_VLModel", "qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
     "qwen3_vl": ("Qwen3VLModel", "qwen3_vl", "Qwen3VLVisionModel"),
