@@ -1,7 +1,7 @@
 """Training backend ``megatron`` against the ``hf`` backend, on CPU under gloo.
 
-Two multi-process runs (``evr1.train.backends.megatron.spawn``) do the heavy work once per
-session and the tests check different parts of their results:
+Multi-process runs (``evr1.train.backends.megatron.spawn``) do the heavy work once per
+session and the tests check different parts of their results. On a tiny Qwen2.5-VL:
 
 * run A: TP=2, sequence packing: log-probs, loss, gradients, three GRPO steps, HF export
   right after loading, a checkpoint after step 2;
@@ -9,12 +9,20 @@ session and the tests check different parts of their results:
   a resume from run A's TP=2 checkpoint (resharded to PP=2) that takes step 3 again;
 * run C: data parallel 2: gradients summed over replicas that each saw one micro-batch.
 
-The reference is the ``hf`` backend on the same tiny Qwen2.5-VL folder and the same fixed
-micro-batches (video, image and text prompts, responses of different lengths).
+On a tiny Qwen3-VL (Q/K norms, interleaved M-RoPE, deepstack; tied embeddings, grouped-query
+attention with heads x head_dim != hidden_size), runs ``qwen3_tp1`` (one process, packed),
+``qwen3_tp2`` (packed) and ``qwen3_pp2`` (padded): HF export, log-probs, loss and gradients
+of one step. It has 4 decoder layers and 3 deepstack levels, so at PP=2 a level is added in
+the second stage, with a layer after it (a level added after the last layer changes nothing
+that is scored).
+
+The reference is the ``hf`` backend on the same folder and the same fixed micro-batches
+(video, image and text prompts, responses of different lengths).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +43,6 @@ from evr1.train.backends.megatron.packing import build_layout  # noqa: E402
 from evr1.train.backends.megatron.weights import (  # noqa: E402
     Geometry,
     Rule,
-    disk_name,
     memory_name,
     shard,
     unshard,
@@ -44,6 +51,11 @@ from evr1.train.grpo import token_entropy, token_logprobs  # noqa: E402
 
 LR = 1e-3
 STEPS = 3
+# The tiny Qwen3-VL: see the module docstring.
+QWEN3_SIZES = dict(num_layers=4, num_heads=4, num_kv_heads=2, attention_head_dim=64,
+                   vision_depth=3, deepstack_levels=3, tie_embeddings=True)
+QWEN3_RUNS = {"qwen3_tp1": (1, 1, True), "qwen3_tp2": (2, 1, True),
+              "qwen3_pp2": (1, 2, False)}  # run -> (TP, PP, sequence packing)
 
 
 def _train_config(tp: int = 1, pp: int = 1, packing: bool = True) -> TrainConfig:
@@ -58,13 +70,15 @@ def make_batches(model_dir: Path) -> list[Any]:
     from evr1.train.batch import make_policy_batches
 
     processor = load_processor(model_dir)
+    # Frame sides in units of patch x merge: 28 pixels for Qwen2.5-VL, 32 for Qwen3-VL.
+    unit = processor.image_processor.patch_size * processor.image_processor.merge_size
     rng = np.random.default_rng(0)
-    frames = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)
+    frames = lambda t, h, w: rng.integers(0, 256, (t, h * unit, w * unit, 3), dtype=np.uint8)
     prompts = [
-        Prompt("a", "What colour is the moving shape?", "video", frames(4, 56, 56, 3)),
-        Prompt("b", "How many shapes appear in the video?", "video", frames(2, 56, 84, 3)),
+        Prompt("a", "What colour is the moving shape?", "video", frames(4, 2, 2)),
+        Prompt("b", "How many shapes appear in the video?", "video", frames(2, 2, 3)),
         Prompt("c", "Is the square larger than the circle?", "text"),
-        Prompt("d", "Which direction does the shape move?", "image", frames(1, 56, 56, 3)),
+        Prompt("d", "Which direction does the shape move?", "image", frames(1, 2, 2)),
     ]
     responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16], [17, 18, 19, 20, 21],
                  [22], [23, 24, 25]]
@@ -89,42 +103,46 @@ def _drop_grads(backend: Any) -> None:
     backend.optimizer.zero_grad(set_to_none=True)
 
 
-def _run_a(model_dir: Path, out: Path) -> dict[str, Any]:
-    """TP=2, packed: parity data, export, three steps, a checkpoint after step 2."""
+def _run_parity(model_dir: Path, out: Path, name: str, tp: int, pp: int,
+                packing: bool) -> tuple[Any, dict[str, Any]]:
+    """The parity part of every run but C: HF export right after loading (to
+    ``out/export_<name>``), log-probs, then one GRPO step whose gradients are kept."""
     from evr1.train.backends.megatron import MegatronBackend
 
-    cfg = _train_config(tp=2, packing=True)
+    cfg = _train_config(tp=tp, pp=pp, packing=packing)
     backend = MegatronBackend(model_dir, cfg)
-    backend.export_hf(out / "export")
+    backend.export_hf(out / f"export_{name}")
     batches = make_batches(model_dir)
     result: dict[str, Any] = {"logprobs": [backend.logprobs(b) for b in batches]}
     _keep_grads(backend)
     result["metrics"] = [backend.train_step(batches, cfg.grpo)]
     result["grads"] = dict(backend.named_hf_grads())
     _drop_grads(backend)
+    return backend, result
+
+
+def _run_qwen3(model_dir: Path, out: Path, name: str) -> dict[str, Any]:
+    """Qwen3-VL run ``name`` of :data:`QWEN3_RUNS`: the parity part only."""
+    return _run_parity(model_dir, out, name, *QWEN3_RUNS[name])[1]
+
+
+def _run_a(model_dir: Path, out: Path) -> dict[str, Any]:
+    """TP=2, packed: parity data, export, three steps, a checkpoint after step 2."""
+    backend, result = _run_parity(model_dir, out, "a", tp=2, pp=1, packing=True)
+    batches = make_batches(model_dir)
     for step in range(1, STEPS):
         if step == STEPS - 1:
             backend.save(out / "ckpt")
-        result["metrics"].append(backend.train_step(batches, cfg.grpo))
+        result["metrics"].append(backend.train_step(batches, backend.cfg.grpo))
     result["weights"] = dict(backend.named_hf_weights())
     return result
 
 
 def _run_b(model_dir: Path, out: Path) -> dict[str, Any]:
     """PP=2, padded: parity data and export; then resume run A's checkpoint, take step 3."""
-    from evr1.train.backends.megatron import MegatronBackend
-
-    cfg = _train_config(pp=2, packing=False)
-    backend = MegatronBackend(model_dir, cfg)
-    backend.export_hf(out / "export_pp")
-    batches = make_batches(model_dir)
-    result: dict[str, Any] = {"logprobs": [backend.logprobs(b) for b in batches]}
-    _keep_grads(backend)
-    result["metrics"] = [backend.train_step(batches, cfg.grpo)]
-    result["grads"] = dict(backend.named_hf_grads())
-    _drop_grads(backend)
+    backend, result = _run_parity(model_dir, out, "b", tp=1, pp=2, packing=False)
     backend.load(out / "ckpt")
-    result["resumed_metrics"] = backend.train_step(batches, cfg.grpo)
+    result["resumed_metrics"] = backend.train_step(make_batches(model_dir), backend.cfg.grpo)
     result["resumed_weights"] = dict(backend.named_hf_weights())
     return result
 
@@ -143,26 +161,32 @@ def _run_c(model_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def hf_reference(tiny_model_dir: Path) -> dict[str, Any]:
+def _hf_run(model_dir: Path, steps: int) -> dict[str, Any]:
+    """The hf backend on the same batches: log-probs, ``steps`` GRPO steps (the gradients of
+    the first kept), the weights after them."""
     from evr1.models import load_model
     from evr1.train.backends.hf import HFBackend
 
     torch.manual_seed(0)
-    model = load_model(tiny_model_dir, torch.float32, "cpu")
+    model = load_model(model_dir, torch.float32, "cpu")
     cfg = _train_config()
     backend = HFBackend(model, cfg)
-    batches = make_batches(tiny_model_dir)
+    batches = make_batches(model_dir)
     ref: dict[str, Any] = {"logprobs": [backend.logprobs(b) for b in batches], "masks":
                            [b.mask for b in batches]}
     _keep_grads(backend)
     ref["metrics"] = [backend.train_step(batches, cfg.grpo)]
     ref["grads"] = {k: p.grad.clone() for k, p in model.named_parameters()}
     _drop_grads(backend)
-    for _ in range(1, STEPS):
+    for _ in range(1, steps):
         ref["metrics"].append(backend.train_step(batches, cfg.grpo))
     ref["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
     return ref
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_model_dir: Path) -> dict[str, Any]:
+    return _hf_run(tiny_model_dir, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +196,52 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     b = spawn.run(_run_b, 2, tiny_model_dir, out)
     c = spawn.run(_run_c, 2, tiny_model_dir)
     return {"a": a, "b": b, "c": c, "out": out}
+
+
+@pytest.fixture(scope="module")
+def qwen3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import TINY_CORPUS
+
+    from evr1.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), TINY_CORPUS,
+                            family="qwen3_vl", seed=0, **QWEN3_SIZES)
+
+
+@pytest.fixture(scope="module")
+def qwen3_reference(qwen3_model_dir: Path) -> dict[str, Any]:
+    return _hf_run(qwen3_model_dir, 1)
+
+
+@pytest.fixture(scope="module")
+def qwen3_runs(qwen3_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("megatron-qwen3")
+    runs: dict[str, Any] = {"out": out}
+    for name, (tp, pp, _) in QWEN3_RUNS.items():
+        runs[name] = spawn.run(_run_qwen3, tp * pp, qwen3_model_dir, out, name)
+    return runs
+
+
+@dataclass
+class Parity:
+    """One run's results (every rank's), the hf reference and the model folder it ran on."""
+
+    ranks: list[dict[str, Any]]
+    reference: dict[str, Any]
+    model_dir: Path
+    out: Path
+
+
+def _parity(request: pytest.FixtureRequest, run: str) -> Parity:
+    """Fixtures are fetched by name so that selecting the tests of one model family runs
+    only that family's processes."""
+    qwen3 = run in QWEN3_RUNS
+    runs = request.getfixturevalue("qwen3_runs" if qwen3 else "runs")
+    return Parity(runs[run], request.getfixturevalue("qwen3_reference" if qwen3
+                                                     else "hf_reference"),
+                  request.getfixturevalue("qwen3_model_dir" if qwen3 else "tiny_model_dir"),
+                  runs["out"])
 
 
 def _max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
@@ -188,26 +258,28 @@ def _masked_diff(got: list[torch.Tensor], want: list[torch.Tensor],
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["a", "b"])
-def test_logprobs_match_hf_on_every_rank(runs, hf_reference, run: str) -> None:
-    for rank_result in runs[run]:
-        diff = _masked_diff(rank_result["logprobs"], hf_reference["logprobs"],
-                            hf_reference["masks"])
+@pytest.mark.parametrize("run", ["a", "b", *QWEN3_RUNS])
+def test_logprobs_match_hf_on_every_rank(request, run: str) -> None:
+    parity = _parity(request, run)
+    for rank_result in parity.ranks:
+        diff = _masked_diff(rank_result["logprobs"], parity.reference["logprobs"],
+                            parity.reference["masks"])
         assert diff < 1e-5, f"run {run}: log-prob difference {diff}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["a", "b", "c"])
-def test_loss_and_gradients_match_hf(runs, hf_reference, run: str) -> None:
-    want = hf_reference["metrics"][0]
-    for rank_result in runs[run]:  # TP, PP and DP ranks all report the whole batch
+@pytest.mark.parametrize("run", ["a", "b", "c", *QWEN3_RUNS])
+def test_loss_and_gradients_match_hf(request, run: str) -> None:
+    parity = _parity(request, run)
+    want = parity.reference["metrics"][0]
+    for rank_result in parity.ranks:  # TP, PP and DP ranks all report the whole batch
         got = rank_result["metrics"][0]
         for key in ("loss", "pg_loss", "entropy_mean", "ratio_mean", "num_tokens"):
             assert got[key] == pytest.approx(want[key], abs=1e-5), key
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
         assert got["train_tokens"] == want["train_tokens"]
     # Gradients after clipping, mapped back to HF names.
-    assert _max_diff(runs[run][0]["grads"], hf_reference["grads"]) < 1e-6
+    assert _max_diff(parity.ranks[0]["grads"], parity.reference["grads"]) < 1e-6
 
 
 @pytest.mark.slow
@@ -223,17 +295,19 @@ def test_three_grpo_steps_match_hf(runs, hf_reference) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("export", ["export", "export_pp"])
-def test_export_round_trips_bit_exactly(runs, tiny_model_dir: Path, export: str) -> None:
+@pytest.mark.parametrize("run", ["a", "b", *QWEN3_RUNS])
+def test_export_round_trips_bit_exactly(request, run: str) -> None:
     from safetensors.torch import load_file
 
-    original = load_file(str(tiny_model_dir / "model.safetensors"))
-    exported = load_file(str(runs["out"] / export / "model.safetensors"))
+    parity = _parity(request, run)
+    source, export = parity.model_dir, parity.out / f"export_{run}"
+    original = load_file(str(source / "model.safetensors"))
+    exported = load_file(str(export / "model.safetensors"))
     assert set(exported) == set(original)
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
     for file in ("config.json", "tokenizer.json", "chat_template.jinja"):
-        assert (runs["out"] / export / file).read_bytes() == (tiny_model_dir / file).read_bytes()
+        assert (export / file).read_bytes() == (source / file).read_bytes()
 
 
 @pytest.mark.slow
@@ -288,12 +362,14 @@ def test_qkv_shards_hold_whole_query_groups() -> None:
                        k[group * g.head_dim:(group + 1) * g.head_dim, 0])
 
 
-def test_checkpoint_names_convert_both_ways() -> None:
+def test_both_checkpoint_layouts_read_as_memory_names() -> None:
+    """Qwen2.5-VL folders store ``model.*`` / ``visual.*``, Qwen3-VL folders the in-memory
+    names (writing them back under the source's names: the export tests)."""
     for disk, memory in [("model.layers.0.mlp.up_proj.weight",
                           "model.language_model.layers.0.mlp.up_proj.weight"),
                          ("visual.blocks.0.attn.qkv.bias", "model.visual.blocks.0.attn.qkv.bias"),
                          ("lm_head.weight", "lm_head.weight")]:
-        assert memory_name(disk) == memory and disk_name(memory) == disk
+        assert memory_name(disk) == memory
         assert memory_name(memory) == memory
 
 
@@ -334,12 +410,71 @@ def test_packed_layout_predicts_each_response_token_from_its_predecessor() -> No
 
 
 def test_unsupported_models_are_refused_by_name() -> None:
+    from transformers import Qwen3VLMoeConfig
+
+    from evr1.train.backends.megatron.model import lm_spec
+
+    with pytest.raises(ValueError, match="dense decoders only.*qwen3_vl_moe.*train.backend=hf"):
+        lm_spec(Qwen3VLMoeConfig())
+
+
+def test_qwen3_vl_decoder_spec() -> None:
     from transformers import Qwen3VLConfig
 
     from evr1.train.backends.megatron.model import lm_spec
 
-    with pytest.raises(ValueError, match="qwen3_vl.*train.backend=hf"):
-        lm_spec(Qwen3VLConfig())
+    spec = lm_spec(Qwen3VLConfig(text_config={"hidden_size": 2560, "num_attention_heads": 32,
+                                              "head_dim": 128}))
+    assert (spec.head_dim, spec.qk_norm, spec.qkv_bias) == (128, True, False)
+    # transformers interleaves Qwen3-VL's M-RoPE even where the config does not say so.
+    assert spec.mrope_interleaved and spec.mrope_section == (24, 20, 20)
+    assert spec.deepstack_layers == 3  # deepstack_visual_indexes (8, 16, 24)
+
+
+def test_interleaved_mrope_matches_transformers() -> None:
+    from transformers import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from evr1.train.backends.megatron.model import InterleavedMRoPE
+
+    section = [12, 10, 10]
+    config = Qwen3VLTextConfig(head_dim=64, rope_parameters={
+        "rope_type": "default", "rope_theta": 5e6, "mrope_section": section,
+        "mrope_interleaved": True})
+    positions = torch.randint(0, 5000, (3, 2, 7))
+    cos, sin = Qwen3VLTextRotaryEmbedding(config)(torch.zeros(1), positions)  # [B, S, D]
+    angles = InterleavedMRoPE(64, 5e6)(positions, section)  # [S, B, 1, D]
+    assert angles.shape == (7, 2, 1, 64)
+    angles = angles[:, :, 0].transpose(0, 1)
+    assert torch.equal(angles.cos(), cos) and torch.equal(angles.sin(), sin)
+
+
+def test_deepstack_adds_levels_at_the_vision_tokens_of_their_layers() -> None:
+    from evr1.train.backends.megatron.deepstack import (
+        Deepstack,
+        add_after_layers,
+        visual_index,
+    )
+
+    class Layer(torch.nn.Module):  # a TransformerLayer's numbering and output, nothing else
+        def __init__(self, layer_number: int):
+            super().__init__()
+            self.layer_number = layer_number
+
+        def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return hidden, None
+
+    visual = torch.tensor([[False, True, True], [True, False, False]])  # [B=2, S=3]
+    levels = torch.arange(1.0, 7.0).view(2, 3, 1)  # 2 levels, 3 vision tokens, H=1
+    layers = [Layer(2), Layer(3)]  # the second stage's layers at 2 per stage: 1 and 2
+    with add_after_layers(layers, visual_index(visual), levels):
+        hidden, _ = layers[0](torch.zeros(3, 2, 1))  # [S, B, H]
+        untouched, _ = layers[1](torch.zeros(3, 2, 1))
+    # Level 1 (the second layer's), in row-major order of the tokens: (0,1), (0,2), (1,0).
+    assert hidden[:, :, 0].t().tolist() == [[0, 4, 5], [6, 0, 0]]
+    assert not untouched.any()
+    assert Deepstack(levels=3, layers_per_stage=2).stage_receives(1)
+    assert not Deepstack(levels=2, layers_per_stage=2).stage_receives(1)
 
 
 def test_parallel_sizes_must_divide_the_model() -> None:

@@ -53,21 +53,29 @@ class TinySizes:
     max_position_embeddings: int = 8192
     tokenizer_vocab: int = 4096  # cap on the learned BPE vocabulary
     vocab_multiple: int = 1  # round the embedding rows up (e.g. 64 for tensor-parallel splits)
+    deepstack_levels: int = 1  # Qwen3-VL: the last n vision blocks feed decoder layers 0..n-1
+    tie_embeddings: bool = False  # output matrix = embedding (Qwen2.5-VL-3B, Qwen3-VL-2B/4B)
+    # Qwen3-VL stores head_dim; heads x head_dim may differ from hidden_size (Qwen3-VL-4B).
+    attention_head_dim: int | None = None  # None: hidden_size / num_heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
 
     def validate(self) -> None:
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"tiny model: need hidden_size % num_heads == 0 and num_heads % "
-                             f"num_kv_heads == 0, got {self.hidden_size}, {self.num_heads}, "
-                             f"{self.num_kv_heads}")
+        if (self.attention_head_dim is None and self.hidden_size % self.num_heads) or \
+                self.num_heads % self.num_kv_heads:
+            raise ValueError(f"tiny model: need hidden_size % num_heads == 0 (or an "
+                             f"attention_head_dim) and num_heads % num_kv_heads == 0, got "
+                             f"{self.hidden_size}, {self.num_heads}, {self.num_kv_heads}")
         if self.head_dim % 4:
             raise ValueError(f"tiny model: head_dim {self.head_dim} must be a multiple of 4 "
                              "(it is split into temporal/height/width rotary sections)")
         if self.vision_hidden % self.vision_heads:
             raise ValueError("tiny model: vision_hidden must be a multiple of vision_heads")
+        if not 1 <= self.deepstack_levels <= self.vision_depth:
+            raise ValueError(f"tiny model: deepstack_levels {self.deepstack_levels} must be "
+                             f"between 1 and vision_depth {self.vision_depth}")
 
 
 def _sizes(family: str, overrides: dict[str, Any]) -> TinySizes:
@@ -77,6 +85,9 @@ def _sizes(family: str, overrides: dict[str, Any]) -> TinySizes:
         raise TypeError(f"unknown tiny-model size {unknown[0]!r}; "
                         f"valid: {', '.join(sorted(known))}")
     sizes = TinySizes(**overrides)
+    if family != "qwen3_vl" and sizes.attention_head_dim is not None:
+        raise ValueError("tiny model: attention_head_dim is a Qwen3-VL setting (Qwen2.5-VL "
+                         "derives head_dim from hidden_size / num_heads)")
     if sizes.patch_size is None:
         sizes.patch_size = _DEFAULT_PATCH[family]
     sizes.validate()
@@ -131,8 +142,9 @@ def _vision_config(family: str, s: TinySizes) -> dict[str, Any]:
         cfg.update(window_size=112, fullatt_block_indexes=[s.vision_depth - 1],
                    tokens_per_second=2)
     else:
-        # A 16x16 learned position grid (interpolated to any frame size); one deepstack level.
-        cfg.update(num_position_embeddings=256, deepstack_visual_indexes=[s.vision_depth - 1])
+        # A 16x16 learned position grid (interpolated to any frame size).
+        cfg.update(num_position_embeddings=256, deepstack_visual_indexes=list(
+            range(s.vision_depth - s.deepstack_levels, s.vision_depth)))
     return cfg
 
 
@@ -150,7 +162,7 @@ def _build_model(family: str, s: TinySizes, tokenizer: Any, seed: int) -> torch.
         vision_config=_vision_config(family, s),
         image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
         vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"])
+        vision_end_token_id=ids["vision_end_token_id"], tie_word_embeddings=s.tie_embeddings)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     # Qwen chat models stop on <|im_end|> and on <|endoftext|>.

@@ -1,4 +1,5 @@
-"""Training backend ``megatron``: megatron-core tensor/pipeline parallelism for Qwen2.5-VL.
+"""Training backend ``megatron``: megatron-core tensor/pipeline parallelism for Qwen2.5-VL and
+Qwen3-VL (dense).
 
 Needs ``megatron-core`` (``pip install "megatron-core==0.16.1"``). Import
 :class:`MegatronBackend` from here; the submodules split the work:
@@ -6,6 +7,7 @@ Needs ``megatron-core`` (``pip install "megatron-core==0.16.1"``). Import
 * :mod:`.model`: the decoder as a ``GPTModel`` (config and layer spec from the HF config)
 * :mod:`.weights`: HF <-> Megatron weight mapping (QKV / gate-up fusion, TP shards)
 * :mod:`.vision`: the HF vision tower and the M-RoPE position ids
+* :mod:`.deepstack`: Qwen3-VL's vision features added inside the first decoder layers
 * :mod:`.packing`: packed or padded token layout of a micro-batch
 * :mod:`.logprobs`: vocab-parallel log-probs and entropy
 * :mod:`.parallel`: process groups; :mod:`.cpu_shims`: the CPU-only patches

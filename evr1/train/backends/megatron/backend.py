@@ -1,4 +1,5 @@
-"""Training backend ``megatron``: megatron-core TP/PP for the language model of Qwen2.5-VL.
+"""Training backend ``megatron``: megatron-core TP/PP for the language model of Qwen2.5-VL and
+Qwen3-VL (dense).
 
 Same interface as :class:`evr1.train.backends.hf.HFBackend` (``logprobs``, ``train_step``,
 ``named_hf_weights``, ``save``, ``load``) and the same GRPO loss (``evr1.train.grpo``), so the
@@ -13,10 +14,12 @@ What runs where
   (:mod:`.logprobs`), only at the positions that predict response tokens.
 * Vision tower: the transformers module, replicated on every TP rank of the first stage
   (:mod:`.vision`); its features are scattered into the token embeddings and the result goes
-  to ``GPTModel`` as ``decoder_input``.
+  to ``GPTModel`` as ``decoder_input``. Qwen3-VL's deepstack levels are added after the
+  first decoder layers by forward hooks (:mod:`.deepstack`).
 * Pipeline schedule: GPipe (all forwards, then all backwards, point-to-point send/recv of
-  ``[S, B, H]`` activations). Simple, and it runs on gloo as well as NCCL; it holds the
-  activations of every micro-batch of a step, which 1F1B would bound to PP of them.
+  ``[S, B, H]`` activations, and of the deepstack levels to the stages that add them).
+  Simple, and it runs on gloo as well as NCCL; it holds the activations of every micro-batch
+  of a step, which 1F1B would bound to PP of them.
 * Optimiser: ``torch.optim.AdamW`` over this rank's shards. AdamW is elementwise, so AdamW on
   shards is AdamW on the full tensors; gradients are summed across data-parallel replicas
   (the loss normaliser counts the whole batch) and clipped by the global norm over all
@@ -45,6 +48,7 @@ from evr1.config import GRPOConfig, TrainConfig
 from evr1.train.backends.hf import HFBackend, lr_lambda
 from evr1.train.backends.megatron import model as mg_model
 from evr1.train.backends.megatron import parallel
+from evr1.train.backends.megatron.deepstack import Deepstack, add_after_layers, visual_index
 from evr1.train.backends.megatron.logprobs import (
     mask_padded_vocab,
     vocab_parallel_entropy,
@@ -53,8 +57,10 @@ from evr1.train.backends.megatron.logprobs import (
 from evr1.train.backends.megatron.packing import TokenLayout, build_layout
 from evr1.train.backends.megatron.vision import VisionFrontEnd
 from evr1.train.backends.megatron.weights import (
+    HEAD_NORMS,
     Geometry,
     HFCheckpoint,
+    LayerKind,
     Rule,
     gather_hf,
     is_tied_copy,
@@ -78,7 +84,7 @@ def _to_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 class MegatronBackend:
-    """GRPO updates of a Qwen2.5-VL HF folder with megatron-core TP/PP.
+    """GRPO updates of a Qwen2.5-VL or Qwen3-VL HF folder with megatron-core TP/PP.
 
     ``cfg.megatron`` gives the TP and PP sizes (data parallel takes the rest of the world);
     ``cfg.megatron.sequence_packing`` packs the valid tokens of a micro-batch into one
@@ -107,9 +113,13 @@ class MegatronBackend:
                                       last_stage=g.last_stage, use_te=self.use_te)
         self.gpt.to(self.device)
         self.rules = model_rules(self.spec.num_layers, g.pp, self.spec.tied_embeddings,
-                                 self.use_te)
+                                 LayerKind(te_fused_norms=self.use_te, qkv_bias=self.spec.qkv_bias,
+                                           qk_norm=self.spec.qk_norm))
+        self.deepstack = Deepstack(self.spec.deepstack_layers, self.spec.num_layers // g.pp) \
+            if self.spec.deepstack_layers else None
         checkpoint = HFCheckpoint(self.source)
         self._hf_shapes = self._read_shapes(checkpoint)
+        self._disk_names = checkpoint.disk_names()
         self.vision = VisionFrontEnd(self.hf_config, checkpoint, with_tower=g.first_stage,
                                      dtype=self.dtype, device=self.device)
         self._load_decoder(checkpoint)
@@ -194,29 +204,37 @@ class MegatronBackend:
         finally:
             handle.remove()
 
-    def _stage_forward(self, batch: PolicyBatch, layout: TokenLayout,
-                       received: Tensor | None) -> Tensor:
+    def _stage_forward(self, batch: PolicyBatch, layout: TokenLayout, received: Tensor | None,
+                       deepstack: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """This stage's output: hidden states ``[S, B, H]`` for the next stage, or on the last
-        stage the tempered vocab-parallel logits ``[K, V/tp]`` at the response positions."""
+        stage the tempered vocab-parallel logits ``[K, V/tp]`` at the response positions.
+
+        Also returns the micro-batch's deepstack levels ``[levels, N, H]`` (Qwen3-VL with
+        vision input, else None): computed here on the first stage, ``deepstack`` (from the
+        previous stage) on the others; they are added inside this stage's first layers.
+        """
         decoder_input = None
         if self.grid.first_stage:
             embeds = self.gpt.embedding(input_ids=layout.ids, position_ids=None)  # [S, B, H]
-            embeds = self.vision.scatter_features(
+            embeds, deepstack = self.vision.scatter_features(
                 embeds.transpose(0, 1), layout.ids, _inputs_on(batch, self.device))
             decoder_input = embeds.transpose(0, 1).contiguous()
         else:
             self.gpt.set_input_tensor(received)
-        context = self._project_only(layout.logit_index) if self.grid.last_stage \
-            else contextlib.nullcontext()
-        with context:
+        with contextlib.ExitStack() as hooks:
+            if deepstack is not None:
+                index = visual_index(self.vision.visual_mask(layout.ids, batch.model_inputs))
+                hooks.enter_context(add_after_layers(self.gpt.decoder.layers, index, deepstack))
+            if self.grid.last_stage:
+                hooks.enter_context(self._project_only(layout.logit_index))
             out = self.gpt(input_ids=None, position_ids=layout.positions,
                            attention_mask=layout.attention_mask, decoder_input=decoder_input,
                            packed_seq_params=layout.packed_seq_params)
         if not self.grid.last_stage:
-            return out
+            return out, deepstack
         logits = out[0].float() / self.temperature
         vocab_start = self.grid.tp_rank * logits.shape[-1]
-        return mask_padded_vocab(logits, vocab_start, self.spec.vocab_size)
+        return mask_padded_vocab(logits, vocab_start, self.spec.vocab_size), deepstack
 
     def _token_logprobs(self, logits: Tensor, layout: TokenLayout) -> Tensor:
         vocab_start = self.grid.tp_rank * logits.shape[-1]
@@ -230,38 +248,69 @@ class MegatronBackend:
 
         On the last stage ``on_logits(i, logits, layout)`` returns micro-batch i's loss (or
         None for a forward only); ``backward`` then back-propagates every loss through all
-        stages, sending activation gradients from stage to stage.
+        stages, sending activation gradients from stage to stage. Deepstack levels travel
+        with the hidden states to the stages that need them, and their gradients back.
         """
         g = self.grid
-        saved: list[tuple[Tensor | None, Tensor | None]] = []
+        saved: list[_StageIO] = []
         for i, batch in enumerate(batches):
             layout = self._layout(batch)
-            received = None
+            io = _StageIO()
             if not g.first_stage:
-                received = self._recv((layout.seq_len, layout.batch, self.spec.hidden_size),
-                                      _prev_rank(), grad=backward)
-            out = self._stage_forward(batch, layout, received)
+                io.received = self._recv((layout.seq_len, layout.batch, self.spec.hidden_size),
+                                         _prev_rank(), grad=backward)
+                shape = self._deepstack_shape(batch, layout, g.pp_rank)
+                if shape is not None:
+                    io.deepstack_in = self._recv(shape, _prev_rank(), grad=backward)
+            out, deepstack = self._stage_forward(batch, layout, io.received, io.deepstack_in)
             if g.last_stage:
                 loss = on_logits(i, out, layout)
                 if backward and g.pp == 1:
                     assert loss is not None
                     loss.backward()  # PP=1: free this micro-batch's graph right away
                     loss = None
-                saved.append((received, loss))
+                io.out = loss
             else:
+                io.out = out
                 dist.send(out.detach().contiguous(), _next_rank())
-                saved.append((received, out))
+                if self._deepstack_shape(batch, layout, g.pp_rank + 1) is not None:
+                    assert deepstack is not None
+                    io.deepstack_out = deepstack
+                    dist.send(deepstack.detach().contiguous(), _next_rank())
+            saved.append(io)
         if not backward or g.pp == 1:
             return
-        for received, out in reversed(saved):
-            assert out is not None
+        for io in reversed(saved):
+            assert io.out is not None
             if g.last_stage:
-                out.backward()
+                io.out.backward()
             else:
-                out.backward(self._recv(out.shape, _next_rank(), grad=False))
+                roots = [io.out]
+                grads = [self._recv(io.out.shape, _next_rank(), grad=False)]
+                if io.deepstack_out is not None:
+                    grad = self._recv(io.deepstack_out.shape, _next_rank(), grad=False)
+                    if io.deepstack_out.requires_grad:  # not with a frozen vision tower
+                        roots.append(io.deepstack_out)
+                        grads.append(grad)
+                torch.autograd.backward(roots, grads)
             if not g.first_stage:
-                assert received is not None and received.grad is not None
-                dist.send(received.grad.contiguous(), _prev_rank())
+                assert io.received is not None and io.received.grad is not None
+                dist.send(io.received.grad.contiguous(), _prev_rank())
+                if io.deepstack_in is not None:
+                    assert io.deepstack_in.grad is not None
+                    dist.send(io.deepstack_in.grad.contiguous(), _prev_rank())
+
+    def _deepstack_shape(self, batch: PolicyBatch, layout: TokenLayout,
+                         stage: int) -> tuple[int, int, int] | None:
+        """Shape of the deepstack levels pipeline stage ``stage`` receives from the stage
+        before it for this micro-batch, or None when it receives none (no deepstack, no
+        vision tokens, or no layer of its own or of a later stage takes them)."""
+        if self.deepstack is None or not self.deepstack.stage_receives(stage):
+            return None
+        tokens = int(self.vision.visual_mask(layout.ids, batch.model_inputs).sum())
+        if not tokens:
+            return None
+        return self.deepstack.levels, tokens, self.spec.hidden_size
 
     def _recv(self, shape: tuple[int, ...] | torch.Size, src: int, grad: bool) -> Tensor:
         buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -410,6 +459,8 @@ class MegatronBackend:
         params = self._params()
         if g.pp > 1 and self.spec.tied_embeddings:
             self._sum_tied_embedding_grads()
+        if g.tp > 1 and self.spec.qk_norm:
+            self._sum_head_norm_grads()
         if g.dp > 1:
             _all_reduce_grads(params, ps.get_data_parallel_group())
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -453,6 +504,16 @@ class MegatronBackend:
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+
+    def _sum_head_norm_grads(self) -> None:
+        """Each TP rank's Q/K norm gradient covers only its own heads: sum them, so that
+        every rank holds the full gradient of the replicated weight."""
+        from megatron.core import parallel_state as ps
+
+        params = dict(self.gpt.named_parameters())
+        norms = [params[r.megatron] for r in self._local_rules()
+                 if r.megatron.endswith(HEAD_NORMS)]
+        _all_reduce_grads(norms, ps.get_tensor_model_parallel_group())
 
     # ------------------------------------------------------------------ weights out
 
@@ -537,7 +598,7 @@ class MegatronBackend:
 
     def _write(self, folder: Path, tensors: Iterator[tuple[str, Tensor]], writer: bool) -> None:
         if writer:
-            write_hf_folder(folder, self.source, tensors)
+            write_hf_folder(folder, self.source, tensors, self._disk_names)
         else:
             for _ in tensors:
                 pass
@@ -583,6 +644,18 @@ class MegatronBackend:
         for p in self._params():
             if step:
                 self.optimizer.state[p]["step"] = torch.tensor(float(step))
+
+
+@dataclasses.dataclass
+class _StageIO:
+    """What one micro-batch exchanged with the neighbouring pipeline stages, kept for the
+    backward pass: the received tensors are leaves whose gradients go back, the sent ones
+    roots that take the next stage's gradients."""
+
+    received: Tensor | None = None  # hidden states from the previous stage
+    deepstack_in: Tensor | None = None  # deepstack levels from the previous stage
+    out: Tensor | None = None  # hidden states sent on, or the loss on the last stage
+    deepstack_out: Tensor | None = None  # deepstack levels sent on
 
 
 class _DictCheckpoint(HFCheckpoint):
@@ -645,7 +718,8 @@ def _inputs_on(batch: PolicyBatch, device: torch.device) -> dict[str, Any]:
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], group: Any) -> None:
-    """Sum gradients over the data-parallel replicas, in one flat buffer per dtype.
+    """Sum gradients over ``group`` (data-parallel replicas; or the TP ranks, for the Q/K
+    norms), in one flat buffer per dtype.
 
     A parameter no replica produced a gradient for (the vision tower in a text-only step)
     keeps ``grad = None``, so AdamW skips it exactly as on a single process.

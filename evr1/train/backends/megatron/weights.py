@@ -1,11 +1,13 @@
-"""Hugging Face <-> megatron-core weight mapping for the Qwen2.5-VL language model.
+"""Hugging Face <-> megatron-core weight mapping for the Qwen2.5-VL / Qwen3-VL language model.
 
 Every HF tensor of the decoder maps to one Megatron parameter by one of a few rules; each rule
 knows how to cut the HF tensor(s) into this rank's tensor-parallel shard and how to put the
 gathered shards back together, so that load -> export is bit-exact (only slicing,
 concatenation and views, never arithmetic).
 
-* ``replicated``: norms (and the vision tower): every TP rank holds the whole tensor.
+* ``replicated``: norms (and the vision tower): every TP rank holds the whole tensor. That
+  includes Qwen3-VL's per-head Q/K norms (``q_norm`` / ``k_norm`` ->
+  ``q_layernorm`` / ``k_layernorm``), whose gradient is per-rank partial (:data:`HEAD_NORMS`).
 * ``column`` / ``row``: split along the output (dim 0) / input (dim 1) features.
 * ``vocab``: embedding and output rows, zero-padded to a multiple of TP first.
 * ``qkv``: Q, K and V fused into ``linear_qkv`` in Megatron's per-group layout: for each of
@@ -15,16 +17,17 @@ concatenation and views, never arithmetic).
   ``[its slice of gate; its slice of up]``, which is what the SwiGLU split expects.
 
 Names: in memory transformers 5 calls the decoder ``model.language_model.*`` and the tower
-``model.visual.*``; on disk (and in released checkpoints) they are ``model.*`` and
-``visual.*``. :class:`HFCheckpoint` reads either and hands out the in-memory names;
-:func:`disk_name` converts back when a folder is written.
+``model.visual.*``. On disk Qwen2.5-VL folders (released, and as transformers 5 writes them)
+use ``model.*`` and ``visual.*``, Qwen3-VL folders the in-memory names. :class:`HFCheckpoint`
+reads either and hands out the in-memory names; an exported folder names every tensor as the
+source folder did (:meth:`HFCheckpoint.disk_names`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +37,9 @@ from torch import Tensor
 
 LM = "model.language_model."
 Kind = Literal["replicated", "column", "row", "vocab", "qkv", "gate_up"]
+# Q/K norms act on each TP rank's own heads: the weight is replicated, but a rank's gradient
+# covers its heads only and must be summed over TP (as megatron's finalize_model_grads does).
+HEAD_NORMS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 
 
 # --------------------------------------------------------------------------- names
@@ -45,15 +51,6 @@ def memory_name(name: str) -> str:
         return "model." + name
     if name.startswith("model.") and not name.startswith((LM, "model.visual.")):
         return LM + name[len("model."):]
-    return name
-
-
-def disk_name(name: str) -> str:
-    """In-memory name -> the name transformers writes into ``model.safetensors``."""
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    if name.startswith(LM):
-        return "model." + name[len(LM):]
     return name
 
 
@@ -76,6 +73,10 @@ class HFCheckpoint:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def disk_names(self) -> dict[str, str]:
+        """In-memory name -> the name this folder stores the tensor under."""
+        return {name: key for name, (_, key) in self._where.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -115,7 +116,16 @@ class Geometry:
     tp: int
 
 
-def layer_rules(layer: int, local: int, stage: int, te_fused_norms: bool) -> list[Rule]:
+@dataclass(frozen=True)
+class LayerKind:
+    """What a decoder layer has beyond the common Qwen decoder layer."""
+
+    te_fused_norms: bool  # Transformer Engine spec (norms fused into the next linear layer)
+    qkv_bias: bool  # Qwen2.5-VL
+    qk_norm: bool  # Qwen3-VL
+
+
+def layer_rules(layer: int, local: int, stage: int, kind: LayerKind) -> list[Rule]:
     """Rules of decoder layer ``layer`` (global index), which is layer ``local`` of its stage.
 
     With the Transformer Engine spec the pre-attention and pre-MLP norms are fused into the
@@ -124,19 +134,26 @@ def layer_rules(layer: int, local: int, stage: int, te_fused_norms: bool) -> lis
     """
     hf = f"{LM}layers.{layer}."
     mg = f"decoder.layers.{local}."
-    attn_norm = "self_attention.linear_qkv.layer_norm_weight" if te_fused_norms \
+    attn_norm = "self_attention.linear_qkv.layer_norm_weight" if kind.te_fused_norms \
         else "input_layernorm.weight"
-    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if te_fused_norms \
+    mlp_norm = "mlp.linear_fc1.layer_norm_weight" if kind.te_fused_norms \
         else "pre_mlp_layernorm.weight"
     q, k, v = (f"{hf}self_attn.{p}_proj" for p in "qkv")
-    return [
+    rules = [
         Rule(mg + attn_norm, (hf + "input_layernorm.weight",), "replicated", stage),
         Rule(mg + "self_attention.linear_qkv.weight", (q + ".weight", k + ".weight",
                                                        v + ".weight"), "qkv", stage),
-        Rule(mg + "self_attention.linear_qkv.bias", (q + ".bias", k + ".bias", v + ".bias"),
-             "qkv", stage),
-        Rule(mg + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",), "row",
-             stage),
+    ]
+    if kind.qkv_bias:
+        rules.append(Rule(mg + "self_attention.linear_qkv.bias",
+                          (q + ".bias", k + ".bias", v + ".bias"), "qkv", stage))
+    rules.append(Rule(mg + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",),
+                      "row", stage))
+    if kind.qk_norm:
+        q_norm, k_norm = HEAD_NORMS
+        rules += [Rule(mg + q_norm, (hf + "self_attn.q_norm.weight",), "replicated", stage),
+                  Rule(mg + k_norm, (hf + "self_attn.k_norm.weight",), "replicated", stage)]
+    return rules + [
         Rule(mg + mlp_norm, (hf + "post_attention_layernorm.weight",), "replicated", stage),
         Rule(mg + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight",
                                             hf + "mlp.up_proj.weight"), "gate_up", stage),
@@ -144,7 +161,7 @@ def layer_rules(layer: int, local: int, stage: int, te_fused_norms: bool) -> lis
     ]
 
 
-def model_rules(num_layers: int, pp: int, tied: bool, te_fused_norms: bool) -> list[Rule]:
+def model_rules(num_layers: int, pp: int, tied: bool, kind: LayerKind) -> list[Rule]:
     """All rules of the decoder, every stage, in HF order (embedding, layers, norm, head).
 
     With tied embeddings and PP > 1 the last stage's output matrix is a copy of the
@@ -155,7 +172,7 @@ def model_rules(num_layers: int, pp: int, tied: bool, te_fused_norms: bool) -> l
     rules = [Rule("embedding.word_embeddings.weight", (f"{LM}embed_tokens.weight",), "vocab", 0)]
     for layer in range(num_layers):
         stage = layer // per_stage
-        rules += layer_rules(layer, layer - stage * per_stage, stage, te_fused_norms)
+        rules += layer_rules(layer, layer - stage * per_stage, stage, kind)
     rules.append(Rule("decoder.final_layernorm.weight", (f"{LM}norm.weight",), "replicated",
                       pp - 1))
     if not tied:
@@ -288,9 +305,10 @@ def _device() -> torch.device:
 
 
 def write_hf_folder(folder: Path, source: Path, tensors: Iterator[tuple[str, Tensor]],
-                    *, max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``tensors`` (in-memory HF names) as safetensors in transformers' on-disk names,
-    plus every non-weight file of ``source`` (config, tokenizer, processor, templates)."""
+                    disk_names: Mapping[str, str], *, max_shard_bytes: int = 4 << 30) -> None:
+    """Write ``tensors`` (in-memory HF names) as safetensors under ``disk_names[name]`` (the
+    source folder's names), plus every non-weight file of ``source`` (config, tokenizer,
+    processor, templates)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -306,7 +324,7 @@ def write_hf_folder(folder: Path, source: Path, tensors: Iterator[tuple[str, Ten
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][disk_name(name)] = tensor.detach().cpu().contiguous()
+        shards[-1][disk_names[name]] = tensor.detach().cpu().contiguous()
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
