@@ -20,8 +20,9 @@ What runs where
 * Optimiser: ``torch.optim.AdamW`` over this rank's shards. AdamW is elementwise, so AdamW on
   shards is AdamW on the full tensors; gradients are summed across data-parallel replicas
   (the loss normaliser counts the whole batch) and clipped by the global norm over all
-  shards. megatron-core's DDP wrapper and distributed optimizer allocate on CUDA and are not
-  used: the optimiser state is replicated across DP ranks.
+  shards. megatron-core's DDP wrapper and distributed optimizer assume CUDA beyond what the CPU
+  shims cover (``device='cuda'`` literals, ``torch.cuda.*Tensor`` type checks; see
+  docs/architecture.md) and are not used: the optimiser state is replicated across DP ranks.
 * Checkpoints: an HF folder (the model, directly usable by eval and vLLM, gathered with the
   weight mapping) plus, for resuming, a megatron-core distributed checkpoint (torch_dist) in
   which every rank writes its shards of the weights and AdamW moments; megatron-core reshards
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -552,8 +554,11 @@ class MegatronBackend:
     def _save_dist(self, folder: Path) -> None:
         from megatron.core import dist_checkpointing
 
-        if dist.get_rank() == 0:  # megatron-core wants the folder to exist (and be empty)
-            folder.mkdir(parents=True, exist_ok=True)
+        if dist.get_rank() == 0:
+            # megatron-core wants the folder to exist; emptied so that no shard file of an
+            # earlier save (another world size) lingers beside the new ones.
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
         dist.barrier()
         dist_checkpointing.save(self._sharded_state(self._moment_or_zeros), str(folder))
 
