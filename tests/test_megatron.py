@@ -4,10 +4,13 @@ Multi-process runs (``evr1.train.backends.megatron.spawn``) do the heavy work on
 session and the tests check different parts of their results. On a tiny Qwen2.5-VL:
 
 * run A: TP=2, sequence packing: log-probs, loss, gradients, three GRPO steps, HF export
-  right after loading, a checkpoint after step 2;
+  right after loading, a checkpoint after step 2 in both formats (megatron-core distributed
+  checkpoint, and HF-named AdamW moments);
 * run B: PP=2 (GPipe over gloo send/recv), padded layout: log-probs, gradients, export, then
-  a resume from run A's TP=2 checkpoint (resharded to PP=2) that takes step 3 again;
-* run C: data parallel 2: gradients summed over replicas that each saw one micro-batch.
+  a resume from run A's TP=2 distributed checkpoint (resharded to PP=2) that takes step 3
+  again;
+* run C: data parallel 2: gradients summed over replicas that each saw one micro-batch;
+* run D: one process (TP=1): loads both of run A's checkpoints, then takes step 3 again.
 
 On a tiny Qwen3-VL (Q/K norms, interleaved M-RoPE, deepstack; tied embeddings, grouped-query
 attention with heads x head_dim != hidden_size), runs ``qwen3_tp1`` (one process, packed),
@@ -133,6 +136,9 @@ def _run_a(model_dir: Path, out: Path) -> dict[str, Any]:
     for step in range(1, STEPS):
         if step == STEPS - 1:
             backend.save(out / "ckpt")
+            backend.cfg.megatron.dist_checkpoint = False
+            backend.save(out / "ckpt_hf")
+            backend.cfg.megatron.dist_checkpoint = True
         result["metrics"].append(backend.train_step(batches, backend.cfg.grpo))
     result["weights"] = dict(backend.named_hf_weights())
     return result
@@ -143,6 +149,36 @@ def _run_b(model_dir: Path, out: Path) -> dict[str, Any]:
     backend, result = _run_parity(model_dir, out, "b", tp=1, pp=2, packing=False)
     backend.load(out / "ckpt")
     result["resumed_metrics"] = backend.train_step(make_batches(model_dir), backend.cfg.grpo)
+    result["resumed_weights"] = dict(backend.named_hf_weights())
+    return result
+
+
+def _resume_state(backend: Any) -> dict[str, Any]:
+    """What a resume restores, under HF names: weights, AdamW moments and steps, the lr.
+    Copies: at TP=1 the gathered tensors are the live ones, which later steps update."""
+    state = {"weights": _copies(backend.named_hf_weights()),
+             "lr": backend.scheduler.get_last_lr(),
+             "steps": {int(s["step"]) for s in backend.optimizer.state.values()}}
+    for moment in ("exp_avg", "exp_avg_sq"):
+        state[moment] = _copies(backend.named_hf_moments(moment))
+    return state
+
+
+def _copies(named: Any) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in named}
+
+
+def _run_d(model_dir: Path, out: Path) -> dict[str, Any]:
+    """TP=1: load run A's HF-named and distributed checkpoints, take step 3 from the latter."""
+    from evr1.train.backends.megatron import MegatronBackend
+
+    cfg = _train_config()
+    backend = MegatronBackend(model_dir, cfg)
+    backend.load(out / "ckpt_hf")
+    result = {"hf": _resume_state(backend)}
+    backend.load(out / "ckpt")
+    result["dist"] = _resume_state(backend)
+    result["resumed_metrics"] = backend.train_step(make_batches(model_dir), cfg.grpo)
     result["resumed_weights"] = dict(backend.named_hf_weights())
     return result
 
@@ -195,7 +231,8 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     a = spawn.run(_run_a, 2, tiny_model_dir, out)
     b = spawn.run(_run_b, 2, tiny_model_dir, out)
     c = spawn.run(_run_c, 2, tiny_model_dir)
-    return {"a": a, "b": b, "c": c, "out": out}
+    d = spawn.run(_run_d, 1, tiny_model_dir, out)
+    return {"a": a, "b": b, "c": c, "d": d, "out": out}
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +353,23 @@ def test_resume_with_another_layout_repeats_the_step(runs) -> None:
     assert b["resumed_metrics"]["loss"] == pytest.approx(a["metrics"][-1]["loss"], abs=1e-6)
     assert b["resumed_metrics"]["lr"] == a["metrics"][-1]["lr"]
     assert _max_diff(b["resumed_weights"], a["weights"]) < 0.1 * LR
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_resumes_like_the_hf_named_one(runs) -> None:
+    """TP=2 -> TP=1 through megatron-core's resharding gives exactly what the HF-named
+    checkpoint of the same state gives, and the resumed step repeats run A's step 3."""
+    out, d, a = runs["out"], runs["d"][0], runs["a"][0]
+    assert (out / "ckpt" / "megatron" / "metadata.json").is_file()
+    assert not (out / "ckpt" / "optimizer" / "exp_avg.safetensors").exists()
+    assert not (out / "ckpt_hf" / "megatron").exists()
+    hf, dist = d["hf"], d["dist"]
+    assert dist["steps"] == hf["steps"] == {STEPS - 1}
+    assert dist["lr"] == hf["lr"]
+    for key in ("weights", "exp_avg", "exp_avg_sq"):
+        assert _max_diff(dist[key], hf[key]) == 0.0, key
+    assert d["resumed_metrics"]["loss"] == pytest.approx(a["metrics"][-1]["loss"], abs=1e-6)
+    assert _max_diff(d["resumed_weights"], a["weights"]) < 0.1 * LR
 
 
 @pytest.mark.slow

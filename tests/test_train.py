@@ -320,6 +320,7 @@ def test_megatron_backend_trains_under_torchrun_tp2(prepared, tmp_path):
     assert out.stdout.count("training: 2 steps") == 1, "only rank 0 reports"
     final = ckpt.latest_checkpoint(run_dir / "checkpoints")
     assert final is not None and final.name == "step-00000002"
+    assert (final / "megatron" / "metadata.json").is_file()  # the distributed checkpoint
     trained = AutoModelForImageTextToText.from_pretrained(final / "model").state_dict()
     start = AutoModelForImageTextToText.from_pretrained(prepared / "tiny_model").state_dict()
     assert trained.keys() == start.keys()

@@ -23,11 +23,15 @@ What runs where
 * Optimiser: ``torch.optim.AdamW`` over this rank's shards. AdamW is elementwise, so AdamW on
   shards is AdamW on the full tensors; gradients are summed across data-parallel replicas
   (the loss normaliser counts the whole batch) and clipped by the global norm over all
-  shards. megatron-core's DDP wrapper and distributed optimizer allocate on CUDA and are not
-  used: the optimiser state is replicated across DP ranks.
-* Checkpoints: an HF folder (the model, directly usable by eval and vLLM) plus the AdamW
-  moments under the same HF names. Both are gathered with the weight mapping, so a run can
-  resume with another TP/PP layout.
+  shards. megatron-core's DDP wrapper and distributed optimizer assume CUDA beyond what the CPU
+  shims cover (``device='cuda'`` literals, ``torch.cuda.*Tensor`` type checks; see
+  docs/architecture.md) and are not used: the optimiser state is replicated across DP ranks.
+* Checkpoints: an HF folder (the model, directly usable by eval and vLLM, gathered with the
+  weight mapping) plus, for resuming, a megatron-core distributed checkpoint (torch_dist) in
+  which every rank writes its shards of the weights and AdamW moments; megatron-core reshards
+  it on load, so a run can resume with another TP/PP layout. With
+  ``train.megatron.dist_checkpoint: false`` the moments are gathered under HF names instead
+  and resume reads the HF folder (also resharded).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,6 +79,7 @@ from evr1.train.grpo import LossMetrics, loss_normaliser, policy_loss
 VISUAL = "model.visual."
 _METRICS = [f.name for f in dataclasses.fields(LossMetrics)]
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+DIST_DIR = "megatron"  # the megatron-core distributed checkpoint inside a checkpoint folder
 
 
 def _to_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -556,36 +562,107 @@ class MegatronBackend:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, folder: Path) -> None:
-        """``folder/model`` (HF folder) and ``folder/optimizer`` (AdamW moments under HF
-        names, step counts, scheduler). Collective; global rank 0 writes."""
+        """``folder/model`` (HF folder, for eval and vLLM), ``folder/optimizer/state.json``
+        (step count, scheduler) and what resume reads: ``folder/megatron``, a megatron-core
+        distributed checkpoint of the weights and AdamW moments that every rank writes its own
+        shards of (``train.megatron.dist_checkpoint``), or else the moments gathered under HF
+        names (``folder/optimizer/<moment>.safetensors``). Collective; global rank 0 writes
+        the rest."""
         folder = Path(folder)
         writer = dist.get_rank() == 0
         self._write(folder / "model", self.named_hf_weights(), writer)
+        if self.cfg.megatron.dist_checkpoint:
+            self._save_dist(folder / DIST_DIR)
+        else:
+            self._save_hf_moments(folder / "optimizer", writer)
         state = self.optimizer.state
-        params = dict(self._named_params())
-        for moment in _MOMENTS:
-            def local(name: str, moment: str = moment) -> Tensor | None:
-                p = params.get(name)
-                if p is None:
-                    return None
-                return state[p][moment] if p in state else torch.zeros_like(p)
-
-            tensors = self._gather(local)
-            if writer:
-                from safetensors.torch import save_file
-
-                (folder / "optimizer").mkdir(parents=True, exist_ok=True)
-                save_file({n: t.cpu().contiguous() for n, t in tensors},
-                          str(folder / "optimizer" / f"{moment}.safetensors"))
-            else:
-                for _ in tensors:
-                    pass
         all_steps = self._merge_steps({name: int(state[p]["step"]) if p in state else 0
-                                       for name, p in params.items()})
+                                       for name, p in self._named_params()})
         if writer:
+            (folder / "optimizer").mkdir(parents=True, exist_ok=True)
             (folder / "optimizer" / "state.json").write_text(json.dumps(
                 {"steps": all_steps, "scheduler": self.scheduler.state_dict()}))
         dist.barrier()
+
+    def named_hf_moments(self, moment: str) -> Iterator[tuple[str, Tensor]]:
+        """AdamW's ``exp_avg`` or ``exp_avg_sq`` (zeros where a parameter has no state yet),
+        gathered like :meth:`named_hf_weights`; collective like it."""
+        params = dict(self._named_params())
+
+        def local(name: str) -> Tensor | None:
+            p = params.get(name)
+            return None if p is None else self._moment_or_zeros(p, moment)
+
+        yield from self._gather(local)
+
+    def _moment_or_zeros(self, p: torch.nn.Parameter, moment: str) -> Tensor:
+        state = self.optimizer.state
+        return state[p][moment] if p in state else torch.zeros_like(p)
+
+    def _save_hf_moments(self, folder: Path, writer: bool) -> None:
+        for moment in _MOMENTS:
+            tensors = self.named_hf_moments(moment)
+            if writer:
+                from safetensors.torch import save_file
+
+                folder.mkdir(parents=True, exist_ok=True)
+                save_file({n: t.cpu().contiguous() for n, t in tensors},
+                          str(folder / f"{moment}.safetensors"))
+            else:
+                for _ in tensors:
+                    pass
+
+    def _save_dist(self, folder: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        if dist.get_rank() == 0:
+            # megatron-core wants the folder to exist; emptied so that no shard file of an
+            # earlier save (another world size) lingers beside the new ones.
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(self._moment_or_zeros), str(folder))
+
+    def _sharded_state(self, moment: Callable[[torch.nn.Parameter, str], Tensor] | None
+                       ) -> dict[str, Any]:
+        """This rank's part of the distributed checkpoint as megatron-core ``ShardedTensor``s,
+        which record where each local piece lies in the full tensor, so that a run with
+        another TP/PP layout reads its own pieces: the GPTModel's ``sharded_state_dict()``,
+        the replicated vision tower (HF names) and, given ``moment(param, name)``, the AdamW
+        moments of the trainable parameters under ``optimizer.state.<moment>.<key>`` (the keys
+        of Megatron's non-distributed optimiser)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+        model = self.gpt.sharded_state_dict()
+        self._tie_output_copy(model)
+        visual = {}
+        if self.vision.visual is not None:
+            # Every TP and DP rank of the first stage holds the whole tower: one writes it.
+            replica = (0, self.grid.tp_rank, self.grid.dp_rank)
+            for name, p in self.vision.visual.named_parameters():
+                visual[VISUAL + name] = ShardedTensor.from_rank_offsets(
+                    VISUAL + name, p.detach(), replica_id=replica)
+        out: dict[str, Any] = {"model": model, "visual": visual}
+        if moment is not None:
+            entries = {**model, **visual}
+            out["optimizer"] = {
+                m: {name: make_sharded_optimizer_tensor(entries[name], moment(p, m),
+                                                        f"optimizer.state.{m}")
+                    for name, p in self._named_params() if p.requires_grad}
+                for m in _MOMENTS}
+        return out
+
+    def _tie_output_copy(self, model: dict[str, Any]) -> None:
+        """With PP > 1 and tied embeddings the last stage's output matrix is a copy of the
+        first stage's embedding: point its entry at the embedding's key as a non-main replica
+        (as megatron-core does for its own tied models), so that it is not written twice and
+        PP = 1, which has no such copy, can load the checkpoint and the other way round."""
+        if not (self.grid.pp > 1 and self.spec.tied_embeddings and self.grid.last_stage):
+            return
+        copy = model["output_layer.weight"]
+        model["output_layer.weight"] = dataclasses.replace(
+            copy, key="embedding.word_embeddings.weight", replica_id=(1, *copy.replica_id[1:]))
 
     def _merge_steps(self, steps: dict[str, int]) -> int:
         """All parameters that have optimiser state took the same number of steps."""
@@ -609,20 +686,51 @@ class MegatronBackend:
         dist.barrier()
 
     def load(self, folder: Path) -> None:
-        """Resume from :meth:`save` output; TP/PP may differ from the saving run."""
+        """Resume from :meth:`save` output, from ``folder/megatron`` when the checkpoint has
+        one, else from the HF folder and HF-named moments; TP/PP may differ from the saving
+        run either way."""
         folder = Path(folder)
+        meta = json.loads((folder / "optimizer" / "state.json").read_text())
+        self.optimizer.state.clear()
+        if (folder / DIST_DIR).is_dir():
+            self._load_dist(folder / DIST_DIR, with_moments=bool(meta["steps"]))
+        else:
+            self._load_hf(folder, with_moments=bool(meta["steps"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self._set_steps(meta["steps"])
+
+    def _load_dist(self, folder: Path, with_moments: bool) -> None:
+        from megatron.core import dist_checkpointing
+
+        state = self.optimizer.state
+        if with_moments:
+            for p in self._params():
+                for m in _MOMENTS:
+                    state[p][m] = torch.zeros_like(p)
+
+        def moment(p: torch.nn.Parameter, name: str) -> Tensor:
+            return state[p][name]
+
+        sharded = self._sharded_state(moment if with_moments else None)
+        loaded = dist_checkpointing.load(sharded, str(folder))
+        self.gpt.load_state_dict(loaded["model"])
+        params = dict(self._named_params())
+        with torch.no_grad():  # (megatron-core drops empty dicts: no tower off stage 0)
+            for name, tensor in loaded.get("visual", {}).items():
+                params[name].copy_(tensor)
+            for m, tensors in loaded.get("optimizer", {}).items():
+                for name, tensor in tensors.items():
+                    state[params[name]][m].copy_(tensor)
+
+    def _load_hf(self, folder: Path, with_moments: bool) -> None:
         checkpoint = HFCheckpoint(folder / "model")
         self._load_decoder(checkpoint)
         if self.vision.visual is not None:
             for name, p in self.vision.visual.named_parameters():
                 with torch.no_grad():
                     p.copy_(checkpoint.get(VISUAL + name))
-        meta = json.loads((folder / "optimizer" / "state.json").read_text())
-        self.optimizer.state.clear()
-        if meta["steps"]:
+        if with_moments:
             self._load_moments(folder / "optimizer")
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self._set_steps(meta["steps"])
 
     def _load_moments(self, folder: Path) -> None:
         params = dict(self._named_params())

@@ -1,7 +1,7 @@
 """The only patches evr1 applies to megatron-core, and only when CUDA is absent.
 
-megatron-core 0.16 assumes a GPU in three places that a CPU forward/backward under gloo
-reaches; everything else runs unchanged with ``use_cpu_initialization=True``:
+megatron-core 0.16 assumes a GPU in four places that a CPU run under gloo reaches; everything
+else runs unchanged with ``use_cpu_initialization=True``:
 
 1. ``GlobalMemoryBuffer.get_tensor`` (scratch space of the local attention's ``baddbmm``)
    allocates on ``torch.cuda.current_device()``: allocate on the CPU instead.
@@ -11,6 +11,10 @@ reaches; everything else runs unchanged with ``use_cpu_initialization=True``:
 3. ``MultimodalRotaryEmbedding.__init__`` (the M-RoPE of Qwen-VL) builds its inverse
    frequencies on ``torch.cuda.current_device()``: build the module with the CUDA device
    query answering "cpu" for the duration of that one constructor.
+4. ``dist_checkpointing.save`` / ``load`` (torch_dist backend) call ``torch.cuda.synchronize()``
+   after staging tensors to the host and put a collective's flag tensor on
+   ``torch.cuda.current_device()``: run them with the same "cpu" answer and a no-op
+   synchronize (the tensors are already on the host).
 
 :func:`install` is idempotent and refuses to patch when CUDA is available, so a GPU run can
 never pick these up by accident.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -39,6 +43,7 @@ def install() -> None:
     _patch_memory_buffer()
     _patch_rng_fork()
     _patch_mrope_init()
+    _patch_dist_checkpointing()
     _installed = True
 
 
@@ -73,18 +78,40 @@ def _patch_rng_fork() -> None:
     random.CudaRNGStatesTracker.fork = fork
 
 
+@contextlib.contextmanager
+def _cuda_queries_on_host() -> Iterator[None]:
+    """``torch.cuda.current_device()`` answers "cpu" and ``torch.cuda.synchronize()`` does
+    nothing, for code that only asks CUDA where to put small tensors or waits for copies."""
+    saved = torch.cuda.current_device, torch.cuda.synchronize
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.cuda.current_device, torch.cuda.synchronize = saved  # type: ignore[assignment]
+
+
+def _on_host(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_queries_on_host():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _patch_mrope_init() -> None:
     from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
 
-    original = rope.MultimodalRotaryEmbedding.__init__
+    rope.MultimodalRotaryEmbedding.__init__ = _on_host(rope.MultimodalRotaryEmbedding.__init__)
 
-    @functools.wraps(original)
-    def init_on_cpu(self: Any, *args: Any, **kwargs: Any) -> None:
-        saved = torch.cuda.current_device
-        torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
-        try:
-            original(self, *args, **kwargs)
-        finally:
-            torch.cuda.current_device = saved  # type: ignore[assignment]
 
-    rope.MultimodalRotaryEmbedding.__init__ = init_on_cpu
+def _patch_dist_checkpointing() -> None:
+    # Both names: callers use ``dist_checkpointing.save`` (the package re-exports them).
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import serialization
+
+    for name in ("save", "load"):
+        wrapped = _on_host(getattr(serialization, name))
+        setattr(serialization, name, wrapped)
+        setattr(dist_checkpointing, name, wrapped)
