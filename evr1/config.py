@@ -9,6 +9,7 @@ on a cluster fails at submission time and not hours later inside a job.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+# A number in exponent form without a dot (3e-4, 1E6), which YAML 1.1 leaves a string.
+_YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -691,6 +695,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; users write it so
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or

@@ -31,6 +31,16 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.data.video.max_pixels == 3136
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 (PyYAML) reads 3e-4 as the string "3e-4"; that is how people write a lr.
+    (tmp_path / "c.yaml").write_text("train: {lr: 1e-6}\n")
+    assert load_config(tmp_path / "c.yaml").train.lr == 1e-6
+    cfg = load_config(None, ["train.lr=3e-4", "train.grpo.eps=1E-8"])
+    assert (cfg.train.lr, cfg.train.grpo.eps) == (3e-4, 1e-8)
+    with pytest.raises(ConfigError, match="train.lr must be float"):
+        load_config(None, ["train.lr=3e-4x"])
+
+
 def test_roundtrip_through_yaml(tmp_path):
     cfg = load_config(ROOT / "configs/demo_cpu.yaml", ["seed=7"])
     dump_config(cfg, tmp_path / "c.yaml")
