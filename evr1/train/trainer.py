@@ -113,7 +113,6 @@ class Trainer:
                                           cfg.data.include_tasks, cfg.data.video.fps)
         self.sampler = PromptSampler(len(self.train_set), cfg.seed)
         self.state = ckpt.TrainerState()
-        self._completions: list[dict[str, Any]] = []  # the last step's, for completions.jsonl
         self.stop_id = stop_token_ids(self.processor.tokenizer)[0]
         self.pad_id = self.processor.tokenizer.pad_token_id or self.stop_id
         self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
@@ -142,10 +141,11 @@ class Trainer:
         with PreemptionWatcher() as preemption:  # Slurm's SIGUSR1/SIGTERM: see preemption.py
             while self.state.step < last and not stopped:
                 metrics = self.train_step()
+                completions = metrics.pop("completions")  # texts: completions.jsonl, not metrics
                 self.state.step += 1
                 if self.state.step % self.cfg.train.log_every == 0:
                     self.metrics.log(self.state.step, metrics)
-                    self.metrics.log_completions(self.state.step, self._completions)
+                    self.metrics.log_completions(self.state.step, completions)
                 if self.async_eval:
                     self.async_eval.poll()  # logs finished checkpoint evals; never waits
                 every = self.cfg.train.eval_every
@@ -176,6 +176,8 @@ class Trainer:
         return result
 
     def train_step(self) -> dict[str, Any]:
+        """One GRPO step; returns its metrics plus ``completions``, the records of the first
+        ``train.log_completions`` groups (sampled texts, rewards, advantages)."""
         cfg, n = self.cfg, self.cfg.rollout.n
         t0 = time.perf_counter()
         indices = self.sampler.next(cfg.train.prompts_per_step)
@@ -220,11 +222,12 @@ class Trainer:
             self.engine.sync_weights(self.backend.named_hf_weights())
             self.engine.wake_up()
         elapsed = time.perf_counter() - t0
-        self._completions = self._completion_records(samples, texts, scores, advantages,
-                                                     offline_rows)
-        return self._step_metrics(samples, scores, responses, offline_rows, len(rows), update,
-                                  dict(time_rollout=t_rollout, time_reward=t_reward,
-                                       time_step=elapsed))
+        metrics = self._step_metrics(samples, scores, responses, offline_rows, len(rows), update,
+                                     dict(time_rollout=t_rollout, time_reward=t_reward,
+                                          time_step=elapsed))
+        metrics["completions"] = self._completion_records(samples, texts, scores, advantages,
+                                                          offline_rows)
+        return metrics
 
     def _mix_offline(self, samples, accuracy, responses, texts) -> list[int]:
         """Put expert trajectories in the last slot of the chosen groups; returns those rows."""
