@@ -74,7 +74,7 @@ def main() -> None:
         make_synthetic(base.synthetic, progress=False)
     if stages.preprocess_sequential(base):
         raise SystemExit("preprocessing failed")
-    results = {}
+    runs: dict[str, Path] = {}  # plot label -> run folder
     for mode, steps in (("always", args.steps), ("never", args.ablation_steps)):
         if not steps:
             continue
@@ -82,15 +82,16 @@ def main() -> None:
             f"run_dir={out / f'offline_{mode}'}", *common, f"train.steps={steps}",
             f"train.save_every={steps}", f"train.offline.mode={mode}"])
         Trainer(cfg).run()  # resumes (or just reports) a run an earlier call made
-        results[mode] = heldout_summary(Path(cfg.run_dir))
+        runs[f"offline {mode}"] = Path(cfg.run_dir)
     if args.supervised_steps:
         cfg = load_config(ROOT / "configs/demo_cpu.yaml", [
             f"run_dir={out / 'supervised'}", *common, f"train.steps={args.supervised_steps}",
             "train.resume=never"])
-        results["supervised"] = train_supervised(Trainer(cfg))
-    png = plot_runs({m if m == "supervised" else f"offline {m}":
-                     out / (m if m == "supervised" else f"offline_{m}") for m in results},
-                    out / "learning_check.png", task="colour")
+        train_supervised(Trainer(cfg))
+        runs["supervised"] = Path(cfg.run_dir)
+    png = plot_runs(runs, out / "learning_check.png", task="colour")
+    results = {label.removeprefix("offline "): heldout_summary(run_dir)
+               for label, run_dir in runs.items()}
     (out / "learning_check.json").write_text(json.dumps(results, indent=1) + "\n")
     for mode, r in results.items():
         print(f"{mode:<10} {r['steps']:>4} steps: held-out colour accuracy "
@@ -105,11 +106,12 @@ def heldout_summary(run_dir: Path) -> dict:
             "after": rows[-1].get("accuracy/colour")}
 
 
-def train_supervised(trainer: Trainer) -> dict:
+def train_supervised(trainer: Trainer) -> None:
     """Cross-entropy on the expert answers through the same backend update: every row is an
-    expert answer with advantage 1, so the policy-gradient loss is the negative log-likelihood."""
+    expert answer with advantage 1, so the policy-gradient loss is the negative log-likelihood.
+    Held-out accuracy goes to the run's metrics.jsonl, as in a GRPO run."""
     cfg = trainer.cfg
-    before = trainer.evaluate().get("accuracy/colour")
+    trainer.evaluate()
     while trainer.state.step < cfg.train.steps:
         indices = trainer.sampler.next(cfg.train.prompts_per_step)
         prompts = [trainer.train_set.prompt(i) for i in indices]
@@ -126,9 +128,8 @@ def train_supervised(trainer: Trainer) -> dict:
         trainer.metrics.log(trainer.state.step, update, kind="supervised")
         if cfg.train.eval_every and trainer.state.step % cfg.train.eval_every == 0:
             trainer.evaluate()
-    after = trainer.evaluate().get("accuracy/colour")
+    trainer.evaluate()
     trainer.metrics.close()
-    return {"steps": trainer.state.step, "before": before, "after": after}
 
 
 if __name__ == "__main__":
