@@ -139,10 +139,27 @@ class RewardConfig:
     # Used for a sample whose problem_type is unknown; empty means such a sample is an error.
     fallback_type: str = ""
     code_execution: bool = False  # run generated code (sandboxed) for the `code` type
-    timeout_s: float = 5.0  # hard limit per math / code check
+    timeout_s: float = 5.0  # hard limit per math / code check (the code box's wall clock)
     num_workers: int = 0  # processes for batch scoring; 0 = in-process
+    # The code sandbox (bubblewrap; see docs/architecture.md "Code sandbox"). Its limits hold
+    # for the whole box with "cgroup" (a memory and pids cgroup per run; needs a writable
+    # cgroup v1 hierarchy, e.g. as root). "rlimit" is weaker and only taken when asked for:
+    # memory_mb per process, so up to memory_mb * max_processes in all.
+    sandbox_limits: Literal["cgroup", "rlimit"] = "cgroup"
+    sandbox_memory_mb: int = 1024
+    sandbox_max_processes: int = 16  # processes and threads in one box, bwrap's two included
+    sandbox_python: str = ""  # interpreter in the box; empty: this one if uid 65534 can read
+    #                           it, else /usr/bin/python3
 
     def validate(self) -> None:
+        if self.sandbox_limits not in ("cgroup", "rlimit"):
+            raise ConfigError("reward.sandbox_limits must be cgroup or rlimit, got "
+                              f"{self.sandbox_limits!r}")
+        if self.sandbox_memory_mb < 64 or self.sandbox_max_processes < 4:
+            raise ConfigError("reward.sandbox_memory_mb must be >= 64 and "
+                              "reward.sandbox_max_processes >= 4 (bwrap's two processes "
+                              "and Python count too), "
+                              f"got {self.sandbox_memory_mb} and {self.sandbox_max_processes}")
         if min(self.accuracy_weight, self.format_weight) < 0:
             raise ConfigError("reward weights must be >= 0")
         if abs(self.accuracy_weight + self.format_weight - 1.0) > 1e-6:

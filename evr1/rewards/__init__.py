@@ -20,12 +20,14 @@ from .router import (
     BUILTIN_TYPES,
     BatchResult,
     canonical_type,
+    check_items,
     problem_types,
     register,
     score,
     score_batch,
     shutdown_pool,
 )
+from .sandbox import SandboxUnavailable
 
 __all__ = [
     "BUILTIN_TYPES",
@@ -34,9 +36,11 @@ __all__ = [
     "InvalidSolution",
     "RewardInputError",
     "RewardResult",
+    "SandboxUnavailable",
     "UnknownProblemType",
     "Verdict",
     "canonical_type",
+    "check_items",
     "problem_types",
     "register",
     "register_judge",

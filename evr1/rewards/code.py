@@ -16,8 +16,11 @@ the answer's n-grams found in the reference; recall: the reverse):
   * Lexical: word and symbol tokens of the code (identifiers, literals, attribute values).
 N-gram multisets make it linear in the code length (no quadratic sequence alignment).
 
-Execution (``code_execution=True`` and ``tests`` given, Python only): the code runs in
-``evr1.rewards.sandbox`` and the accuracy is the fraction of tests (assert lines) that pass.
+Execution (``code_execution=True`` and ``tests`` given, Python only): the code runs in a
+bubblewrap box (``evr1.rewards.sandbox``) and the accuracy is the fraction of tests (one
+``assert <expression>`` each) that hold. Only the parts of a test that call into the code run
+in the box; the assert itself is checked here on the plain values that come back
+(``evr1.rewards.asserts``), so the code cannot forge a pass.
 
 Format: well formed when the code parses as its language (Python: ``ast.parse``; SVG: an
 ``<svg>`` element; HTML: at least one tag).
@@ -29,11 +32,13 @@ import ast
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from html.parser import HTMLParser
 from typing import Any
 
+from .asserts import plan_tests
 from .base import InvalidSolution, RewardInputError, Verdict
-from .sandbox import SandboxLimits, run_tests
+from .sandbox import MAX_TESTS, SandboxLimits, require_sandbox, run_tests
 
 MAX_CODE_CHARS = 20_000
 MAX_UNITS = 5_000  # tokens or nodes per side fed to the n-gram counts
@@ -159,8 +164,40 @@ def _test_lines(tests: Any) -> list[str]:
     return []
 
 
+def _limits(sandbox: Any, timeout_s: Any) -> SandboxLimits:
+    """The configured box limits (``RewardConfig``'s, passed by the router) at this timeout."""
+    base = sandbox if isinstance(sandbox, SandboxLimits) else SandboxLimits()
+    return replace(base, wall_s=float(timeout_s))
+
+
+def _executes(reference: str, tests: Any, code_execution: bool, language: str | None
+              ) -> list[str]:
+    """The tests to run in the sandbox, or [] when this sample is scored by similarity."""
+    lines = _test_lines(tests)
+    lang = language or detect_language(reference)
+    return lines if code_execution and lines and lang == "python" else []
+
+
+def check_code_sample(solution: Any, *, tests: Any = None, code_execution: bool = False,
+                      timeout_s: Any = 5.0, language: str | None = None, sandbox: Any = None,
+                      **_: Any) -> None:
+    """Before training: raise if this sample cannot be scored here.
+
+    ``InvalidSolution`` for a reference or a test the scorer cannot use (a test that is not
+    a single assert), ``SandboxUnavailable`` when its tests need a sandbox this machine cannot
+    start (no bwrap, no user namespaces, no cgroups in "cgroup" mode).
+    """
+    if not isinstance(solution, str) or not solution.strip():
+        raise InvalidSolution(f"code: solution {solution!r:.200} is not reference code")
+    lines = _executes(extract_code(solution), tests, code_execution, language)
+    if lines:
+        plan_tests(lines[:MAX_TESTS])
+        require_sandbox(_limits(sandbox, timeout_s))
+
+
 def score_code(answer: str, solution: Any, *, tests: Any = None, code_execution: bool = False,
-               timeout_s: Any = 5.0, language: str | None = None, **_: Any) -> Verdict:
+               timeout_s: Any = 5.0, language: str | None = None, sandbox: Any = None,
+               **_: Any) -> Verdict:
     if not isinstance(solution, str) or not solution.strip():
         raise InvalidSolution(f"code: solution {solution!r:.200} is not reference code")
     reference = extract_code(solution)
@@ -171,9 +208,7 @@ def score_code(answer: str, solution: Any, *, tests: Any = None, code_execution:
     if not code:
         return Verdict(0.0, parsed=False)
     score, parsed = similarity(code, reference, lang)
-    lines = _test_lines(tests)
-    if code_execution and lines and lang == "python":
-        wall = float(timeout_s)
-        result = run_tests(code, lines, SandboxLimits(wall_s=wall, cpu_s=max(1, round(wall))))
-        score = result.fraction
+    lines = _executes(reference, tests, code_execution, lang)
+    if lines:
+        score = run_tests(code, lines, _limits(sandbox, timeout_s)).fraction
     return Verdict(score, parsed=parsed, extracted=code[:200])

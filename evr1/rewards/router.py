@@ -27,6 +27,7 @@ from . import choice, code, grounding, numeric, preference, text
 from . import math as math_type
 from .base import RewardInputError, RewardResult, UnknownProblemType, Verdict, clamp01, short
 from .format import as_text, find_answer, format_score
+from .sandbox import SandboxLimits, SandboxUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ class _Settings:
     accuracy_weight: float = 0.9
     format_weight: float = 0.1
     fallback_type: str = ""
-    type_kwargs: Mapping[str, Any] = field(default_factory=dict)  # timeout_s, code_execution
+    # timeout_s, code_execution and sandbox (the code box's limits)
+    type_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _settings(cfg: RewardConfig | None, accuracy_weight: float | None,
@@ -133,9 +135,13 @@ def _settings(cfg: RewardConfig | None, accuracy_weight: float | None,
     RewardConfig(accuracy_weight=aw, format_weight=fw).validate()
     if not (isinstance(base.timeout_s, (int, float)) and base.timeout_s > 0):
         raise RewardInputError(f"reward timeout_s must be > 0, got {base.timeout_s!r}")
+    sandbox = SandboxLimits(wall_s=float(base.timeout_s), memory_mb=base.sandbox_memory_mb,
+                            max_processes=base.sandbox_max_processes,
+                            limits=base.sandbox_limits, python=base.sandbox_python)
     return _Settings(float(aw), float(fw), base.fallback_type if fallback_type is None
                      else fallback_type,
-                     {"timeout_s": float(base.timeout_s), "code_execution": base.code_execution})
+                     {"timeout_s": float(base.timeout_s), "code_execution": base.code_execution,
+                      "sandbox": sandbox})
 
 
 _DEFAULT_SETTINGS = _settings(None, None, None, None)
@@ -172,7 +178,7 @@ def _score_resolved(name: str, response: Any, solution: Any, kwargs: Mapping[str
     span = find_answer(as_text(response))
     try:
         verdict = _as_verdict(entry.fn(span.text, solution, **call_kwargs), span.text)
-    except RewardInputError:
+    except (RewardInputError, SandboxUnavailable):  # the sample's or the machine's fault
         raise
     except Exception as exc:  # a scorer bug must not stop training: log it, score 0
         key = (name, type(exc).__name__)
@@ -183,6 +189,26 @@ def _score_resolved(name: str, response: Any, solution: Any, kwargs: Mapping[str
     fmt = format_score(span, verdict.parsed)
     overall = settings.accuracy_weight * verdict.accuracy + settings.format_weight * fmt
     return RewardResult(clamp01(overall), verdict.accuracy, fmt, short(verdict.extracted))
+
+
+def check_items(items: Sequence[Mapping[str, Any]], cfg: RewardConfig | None = None) -> None:
+    """Before training: raise now for what would otherwise stop the run at some step N.
+
+    Items are ``score_batch`` items without a response (``problem_type``, ``solution``,
+    options). Checks every type is known and, for ``code`` samples scored by execution, that
+    their tests can be checked (``InvalidSolution`` names the item) and that the sandbox runs
+    here (``SandboxUnavailable`` says what to install or configure).
+    """
+    cfg = cfg or RewardConfig()
+    cfg.validate()
+    settings = _settings(cfg, None, None, None)
+    for i, item in enumerate(items):
+        _, name, _, solution, kwargs = _job(i, item, settings.fallback_type)
+        if name == "code":
+            try:
+                code.check_code_sample(solution, **{**settings.type_kwargs, **kwargs})
+            except RewardInputError as exc:
+                raise type(exc)(f"reward item {i}: {exc}") from exc
 
 
 def _check_timeout(kwargs: dict[str, Any]) -> None:

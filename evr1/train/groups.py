@@ -16,7 +16,7 @@ from torch import Tensor
 
 from evr1.config import OfflineConfig, RewardConfig
 from evr1.data.schema import Sample
-from evr1.rewards import score_batch
+from evr1.rewards import check_items, score_batch
 
 
 @dataclass
@@ -33,6 +33,12 @@ def reward_item(sample: Sample, response: str) -> dict[str, Any]:
     if sample.options:
         item["options"] = sample.options
     return item
+
+
+def check_samples(samples: list[Sample], cfg: RewardConfig) -> None:
+    """At start, what scoring would raise at step N: unknown types, unusable code tests, a
+    code sandbox that cannot run here (see ``evr1.rewards.check_items``)."""
+    check_items([reward_item(s, "") for s in samples], cfg)
 
 
 def score_responses(samples: list[Sample], texts: list[str], cfg: RewardConfig) -> Scores:

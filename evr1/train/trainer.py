@@ -30,7 +30,12 @@ from evr1.train import checkpoint as ckpt
 from evr1.train.async_eval import AsyncEvaluator
 from evr1.train.backends.hf import HFBackend
 from evr1.train.batch import make_policy_batches
-from evr1.train.groups import groups_to_mix, offline_response_ids, score_responses
+from evr1.train.groups import (
+    check_samples,
+    groups_to_mix,
+    offline_response_ids,
+    score_responses,
+)
 from evr1.train.grpo import compute_advantages, group_has_signal
 from evr1.train.heldout import evaluate_heldout
 from evr1.train.metrics import MetricsLogger
@@ -111,6 +116,9 @@ class Trainer:
         if cfg.data.eval_jsonl:
             self.heldout = PromptSet.load(cfg.data.eval_jsonl, reader, cfg.data.media_root,
                                           cfg.data.include_tasks, cfg.data.video.fps)
+        # Fail now, not at step N, on a sample no scorer can use or a missing code sandbox.
+        check_samples(self.train_set.samples + (self.heldout.samples if self.heldout else []),
+                      cfg.reward)
         self.sampler = PromptSampler(len(self.train_set), cfg.seed)
         self.state = ckpt.TrainerState()
         self.stop_id = stop_token_ids(self.processor.tokenizer)[0]
