@@ -11,7 +11,7 @@ import evr1.rewards as rewards
 from evr1.config import RewardConfig
 from evr1.rewards import InvalidSolution, UnknownProblemType, score, score_batch
 from evr1.rewards.math import math_worker
-from evr1.rewards.sandbox import SandboxLimits, network_prefix, run_tests
+from evr1.rewards.sandbox import run_tests
 
 HANG = "<answer>9^{9^{9^{9}}}</answer>"  # sympy evaluates this for minutes
 
@@ -73,6 +73,7 @@ def test_math_bad_solution_is_an_error():
 
 
 # --------------------------------------------------------------------------- sandbox
+# The attacks on it are in test_sandbox_attacks.py; these are the ordinary cases.
 
 
 def test_sandbox_counts_passing_tests():
@@ -87,24 +88,19 @@ def test_sandbox_code_that_fails_passes_nothing():
     assert run_tests("def f(:", ["assert True"]).passed == 0
 
 
-def test_sandbox_wall_timeout_keeps_earlier_results():
-    # Each step gets wall/(n+1) seconds through SIGALRM; a test that ignores the signal runs
-    # until the wall timeout kills the process, and tests reported before it still count.
-    code = "x = 1"
-    tests = ["assert x == 1",
-             "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass",
-             "assert x == 1"]
-    t0 = time.perf_counter()
-    r = run_tests(code, tests, SandboxLimits(wall_s=1.5, cpu_s=5))
-    assert time.perf_counter() - t0 < 4.0
-    assert r.timed_out and r.passed == 1
-
-
-def test_sandbox_limits_memory_files_and_processes():
-    assert run_tests("x = bytearray(4 << 30)", ["assert True"]).passed == 0
+def test_sandbox_limits_memory_and_files():
+    # 2 GiB written (not just reserved) against the box's 1 GiB: the box's Python is killed.
+    assert run_tests("x = b'x' * (2 << 30)", ["assert True"]).passed == 0
     assert run_tests("open('big', 'wb').write(b'0' * (64 << 20))", ["assert True"]).passed == 0
-    assert run_tests("import os\nos.fork()", ["assert True"]).passed == 0
-    assert run_tests("import subprocess\nsubprocess.run(['true'])", ["assert True"]).passed == 0
+    assert run_tests("x = bytearray(64 << 20)", ["assert len(x) == 64 << 20"]).passed == 1
+
+
+def test_sandbox_allows_processes_inside_the_box():
+    # Processes are no longer refused one wrapper at a time: they run inside the box, under
+    # its limits, and die with it.
+    code = ("import subprocess\n"
+            "out = subprocess.run(['/bin/sh', '-c', 'echo $((6 * 7))'], capture_output=True)\n")
+    assert run_tests(code, ["assert out.stdout == b'42\\n'"]).passed == 1
 
 
 def test_sandbox_has_no_network():
@@ -113,22 +109,23 @@ def test_sandbox_has_no_network():
             "    socket.create_connection(('127.0.0.1', 22), timeout=1)\n"
             "    reached = True\n"
             "except Exception:\n"
-            "    reached = False\n")
-    assert run_tests(code, ["assert not reached"]).passed == 1
-    r = run_tests("import socket\ns = socket.socket()", ["assert True"])
-    assert r.passed == 0
-    if network_prefix():
-        assert r.network_isolated
+            "    reached = False\n"
+            "names = socket.if_nameindex()\n")
+    assert run_tests(code, ["assert not reached", "assert [n for _, n in names] == ['lo']"]
+                     ).passed == 2
 
 
-def test_sandbox_runs_in_a_temporary_directory():
-    r = run_tests("import os\ncwd = os.getcwd()", ["assert 'evr1-sandbox-' in cwd",
-                                                   "assert not os.path.exists('job.json')"])
-    assert r.passed == 2
+def test_sandbox_runs_in_an_empty_private_tmp():
+    r = run_tests("import os\ncwd = os.getcwd()\nfiles = os.listdir('.')\nuid = os.getuid()",
+                  ["assert cwd == '/tmp'", "assert files == []", "assert uid == 65534"])
+    assert r.passed == 3
 
 
 def test_printed_result_lines_earn_nothing():
-    code = "import sys\nfor i in range(5):\n    print('x', i)\nsys.__stdout__.write('0 0\\n')\n"
+    code = ("import os, sys\n"
+            "for i in range(5):\n"
+            "    print('{\"t\": %d, \"v\": []}' % i)\n"
+            "sys.__stdout__.write('{\"t\": 0, \"v\": []}\\n')\n")
     assert run_tests(code, ["assert False"]).passed == 0
 
 

@@ -5,9 +5,10 @@ next to the model's code lets that code decide the outcome (walk the frames into
 return an object whose ``__eq__`` is always True, patch the harness...). So a test is split:
 
 * **probes**: the smallest parts of the expression that need the model's code: every
-  subexpression that refers to a name the test does not know (``add(1, 2)``, ``obj.size``,
-  ``[f(i) for i in range(3)]``). Only these run in the sandbox, which sends back their values
-  as plain data (JSON); the expected side (``3``) never enters the sandbox;
+  subexpression that refers to a name that is not a Python builtin (``add(1, 2)``,
+  ``obj.size``, ``[f(i) for i in range(3)]``), or a known function of one such part alone
+  (``len(x)``). Only these run in the sandbox, which sends back their values as plain data
+  (JSON); the expected side (``3``) never enters the sandbox;
 * **the check**: the rest of the expression with each probe replaced by its value
   (``__probe0 == 3``), evaluated here, in the trainer, by a small interpreter over plain
   Python values (comparisons, arithmetic with size guards, ``len``, ``sorted``, ``abs``,
@@ -25,6 +26,7 @@ evaluating it in the sandbox would let the model's code choose the expected valu
 from __future__ import annotations
 
 import ast
+import builtins
 import functools
 import math
 import operator
@@ -48,6 +50,9 @@ _MATH = {name: getattr(math, name) for name in (
     "isclose", "isnan", "isinf", "isfinite", "fabs", "floor", "ceil", "sqrt", "pi", "e", "inf",
     "nan", "log", "exp", "trunc", "gcd")}
 KNOWN_NAMES = frozenset(_FUNCTIONS) | {"math"}
+# Other builtin names are not the answer's either: a part of a test that uses only builtins
+# (``[x * x for x in range(3)]``) is the expected side, and must not be sent to the sandbox.
+_BUILTINS = frozenset(dir(builtins))
 
 _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
@@ -59,7 +64,7 @@ _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
     ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
     ast.Pow: operator.pow, ast.BitAnd: operator.and_, ast.BitOr: operator.or_,
-    ast.BitXor: operator.xor}
+    ast.BitXor: operator.xor, ast.LShift: operator.lshift, ast.RShift: operator.rshift}
 # Nodes the check evaluates itself; their children may be probes.
 _CHECK_NODES = (ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.IfExp, ast.Constant,
                 ast.List, ast.Tuple, ast.Set, ast.Dict, ast.Subscript, ast.Slice, ast.Call,
@@ -83,9 +88,11 @@ class _Splitter(ast.NodeTransformer):
     def visit(self, node: ast.AST) -> ast.AST:
         if not isinstance(node, (ast.expr, ast.keyword)):
             return node  # operators and load/store contexts
-        if _is_check_node(node):
+        if isinstance(node, ast.Attribute) and _is_check_node(node):
+            return node  # math.<name>: nothing inside to split
+        if _is_check_node(node) and not _wraps_one_probe(node):
             return self.generic_visit(node)
-        if not _free_names(node) - KNOWN_NAMES:
+        if not _answer_names(node):
             raise InvalidSolution(
                 f"code: test {self.source!r:.200} uses {type(node).__name__} "
                 f"({ast.unparse(node)[:80]!r}) outside the answer's code; a test may use "
@@ -112,6 +119,23 @@ def _is_check_node(node: ast.AST) -> bool:
     if isinstance(node, (ast.BinOp, ast.UnaryOp)):
         return type(node.op) in _BINARY or type(node.op) in _UNARY
     return isinstance(node, _CHECK_NODES) and not isinstance(node, ast.Starred)
+
+
+def _answer_names(node: ast.AST) -> set[str]:
+    """Names in ``node`` that can only come from the answer's code."""
+    return _free_names(node) - KNOWN_NAMES - _BUILTINS
+
+
+def _wraps_one_probe(node: ast.AST) -> bool:
+    """``len(x)``, ``sorted(f(a))``: a known function of one probe and nothing else.
+
+    Run whole in the sandbox, so that it also works on values that are not plain data (a
+    bytearray, a generator, the answer's own class). It gives the code no more say than the
+    probe alone (whose value it chooses anyway), and no test data enters the box with it.
+    """
+    return isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords and \
+        not isinstance(node.args[0], ast.Starred) and \
+        not _is_check_node(node.args[0]) and bool(_answer_names(node.args[0]))
 
 
 def _free_names(node: ast.AST) -> set[str]:
@@ -266,3 +290,5 @@ def _guard_size(op: type, a: Any, b: Any) -> None:
     if op is ast.Pow and isinstance(a, int) and isinstance(b, int) and \
             abs(b) * max(1, abs(a).bit_length()) > _MAX_SIZE:
         raise OverflowError("power too large")
+    if op is ast.LShift and isinstance(b, int) and b > _MAX_SIZE:
+        raise OverflowError("shift too large")

@@ -191,13 +191,15 @@ def _score_resolved(name: str, response: Any, solution: Any, kwargs: Mapping[str
     return RewardResult(clamp01(overall), verdict.accuracy, fmt, short(verdict.extracted))
 
 
-def check_items(items: Sequence[Mapping[str, Any]], cfg: RewardConfig | None = None) -> None:
+def check_items(items: Sequence[Mapping[str, Any]], cfg: RewardConfig | None = None,
+                names: Sequence[str] | None = None) -> None:
     """Before training: raise now for what would otherwise stop the run at some step N.
 
     Items are ``score_batch`` items without a response (``problem_type``, ``solution``,
     options). Checks every type is known and, for ``code`` samples scored by execution, that
     their tests can be checked (``InvalidSolution`` names the item) and that the sandbox runs
-    here (``SandboxUnavailable`` says what to install or configure).
+    here (``SandboxUnavailable`` says what to install or configure). Errors name the item
+    by ``names[i]`` (e.g. the sample id), else by its index.
     """
     cfg = cfg or RewardConfig()
     cfg.validate()
@@ -208,7 +210,8 @@ def check_items(items: Sequence[Mapping[str, Any]], cfg: RewardConfig | None = N
             try:
                 code.check_code_sample(solution, **{**settings.type_kwargs, **kwargs})
             except RewardInputError as exc:
-                raise type(exc)(f"reward item {i}: {exc}") from exc
+                where = f"sample {names[i]}" if names else f"reward item {i}"
+                raise type(exc)(f"{where}: {exc}") from exc
 
 
 def _check_timeout(kwargs: dict[str, Any]) -> None:

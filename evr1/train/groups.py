@@ -38,7 +38,7 @@ def reward_item(sample: Sample, response: str) -> dict[str, Any]:
 def check_samples(samples: list[Sample], cfg: RewardConfig) -> None:
     """At start, what scoring would raise at step N: unknown types, unusable code tests, a
     code sandbox that cannot run here (see ``evr1.rewards.check_items``)."""
-    check_items([reward_item(s, "") for s in samples], cfg)
+    check_items([reward_item(s, "") for s in samples], cfg, [s.id for s in samples])
 
 
 def score_responses(samples: list[Sample], texts: list[str], cfg: RewardConfig) -> Scores:
