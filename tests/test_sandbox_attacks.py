@@ -7,6 +7,7 @@ is not installed; CI installs it (.ci/run).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -524,3 +525,30 @@ def test_signals_from_the_trainer_side_still_clean_up():
         time.sleep(0.05)
     assert processes_with(mark) == []
     honest_still_scores()
+
+
+def test_training_with_code_problems_stops_at_start_without_the_sandbox(monkeypatch, tmp_path):
+    from conftest import small_config
+
+    from evr1.launch import stages
+    from evr1.train.trainer import Trainer
+
+    records = [{"id": f"add-{i}", "problem_type": "code", "data_type": "text",
+                "problem": "Write add(a, b).", "solution": HONEST,
+                "meta": {"reward_kwargs": {"tests": tests}}}
+               for i, tests in enumerate([TESTS, "\n".join(TESTS)])]
+    jsonl = tmp_path / "code.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = small_config(tmp_path, f"data.train_jsonl={jsonl}", "data.eval_jsonl=",
+                       "reward.code_execution=true", "model.tiny=true", "data.include_tasks=[]")
+    assert stages.preprocess_sequential(cfg) == 0  # text only: an empty set of shards
+    monkeypatch.setattr(sandbox_mod, "_SETUPS", {})
+    monkeypatch.setattr(sandbox_mod.shutil, "which",
+                        lambda name, *a, **k: None if name == "bwrap" else shutil.which(name))
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        Trainer(cfg)  # in __init__, before any step
+    monkeypatch.undo()
+    records[1]["meta"]["reward_kwargs"]["tests"] = ["import os"]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InvalidSolution, match="sample add-1"):
+        Trainer(cfg)
