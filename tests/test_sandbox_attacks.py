@@ -552,3 +552,50 @@ def test_training_with_code_problems_stops_at_start_without_the_sandbox(monkeypa
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(InvalidSolution, match="sample add-1"):
         Trainer(cfg)
+
+
+@pytest.fixture
+def python_outside_usr():
+    """An interpreter installed under its own prefix (like pyenv or conda), readable by uid
+    65534: Debian's binary and links to its standard library, plus a site-packages module and
+    a file beside them that the box must not see. /var/tmp: the box's /tmp is its own."""
+    import tempfile
+
+    if not Path("/usr/bin/python3.11").exists():
+        pytest.skip("needs Debian's /usr/bin/python3.11 to build a prefix from")
+    root = Path(tempfile.mkdtemp(prefix="evr1-python-", dir="/var/tmp"))
+    try:
+        stdlib = root / "lib/python3.11"
+        (stdlib / "site-packages").mkdir(parents=True)
+        (root / "bin").mkdir()
+        shutil.copy2("/usr/bin/python3.11", root / "bin/python3.11")
+        for entry in Path("/usr/lib/python3.11").iterdir():
+            if entry.name not in ("site-packages", "dist-packages"):
+                (stdlib / entry.name).symlink_to(entry)
+        (stdlib / "site-packages/evil.py").write_text("x = 1\n")
+        (root / "secret.txt").write_text("secret\n")
+        for path in [root, *root.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(0o755)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def test_interpreter_outside_usr_shows_only_its_standard_library(python_outside_usr):
+    root = python_outside_usr
+    code = ("import os, sys\n"
+            "prefix = sys.prefix\n"
+            "sys.path.append(prefix + '/lib/python3.11/site-packages')\n"
+            "try:\n"
+            "    import evil\n"
+            "    imported = True\n"
+            "except ImportError:\n"
+            "    imported = False\n"
+            "beside = os.path.exists(prefix + '/secret.txt')\n" + HONEST)
+    tests = TESTS + [f"assert prefix == {str(root)!r}", "assert not imported",
+                     "assert not beside"]
+    cfg = RewardConfig(code_execution=True, sandbox_python=str(root / "bin/python3.11"))
+    answer = f"<answer>```python\n{code}\n```</answer>"
+    assert score("code", answer, HONEST, tests=tests, cfg=cfg).accuracy == 1.0
+    honest_still_scores()

@@ -210,8 +210,8 @@ def _find_setup(limits: SandboxLimits) -> _Setup:
         raise SandboxUnavailable(f"reward.sandbox_limits must be cgroup or rlimit, "
                                  f"got {limits.limits!r}")
     tried = []
-    for python in ([limits.python] if limits.python else
-                   [os.path.realpath(sys.executable), "/usr/bin/python3"]):
+    for python in ([limits.python] if limits.python else [sys.executable, "/usr/bin/python3"]):
+        python = os.path.realpath(python)  # a venv's or a symlink's interpreter, bound as is
         setup = _Setup(bwrap, python, _binds(python), drop_to, cgroups)
         error = _try(setup, limits)
         if error is None:
@@ -236,8 +236,19 @@ def _try(setup: _Setup, limits: SandboxLimits) -> str | None:
     return f"exit status {run.returncode}: {run.stderr.strip()[:400]}"
 
 
+_INTERPRETER_INFO = """
+import json, os, sys, sysconfig
+lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "",
+                   sysconfig.get_config_var("INSTSONAME") or "")
+print(json.dumps({"exe": os.path.realpath(sys.executable), "lib": os.path.realpath(lib),
+                  "stdlib": sysconfig.get_path("stdlib"),
+                  "platstdlib": sysconfig.get_path("platstdlib")}))
+"""
+
+
 def _binds(python: str) -> tuple[str, ...]:
-    """Read-only /usr and /lib*, and the interpreter's prefix when it lives elsewhere."""
+    """Read-only /usr and /lib*; for an interpreter outside /usr, just its binary, libpython
+    and standard library (never its whole prefix, which may be a home folder)."""
     args = ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
@@ -245,12 +256,17 @@ def _binds(python: str) -> tuple[str, ...]:
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
     try:
-        prefix = subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.base_prefix)"],
-                                capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        prefix = ""
-    if prefix and prefix != "/usr" and not prefix.startswith("/usr/"):
-        args += ["--ro-bind", prefix, prefix]
+        info = json.loads(subprocess.run([python, "-I", "-S", "-c", _INTERPRETER_INFO],
+                                         capture_output=True, text=True, timeout=30).stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return tuple(args)  # the box will fail to start, and say so
+    for key in ("exe", "lib", "stdlib", "platstdlib"):
+        path = info[key]
+        if path and os.path.exists(path) and not path.startswith("/usr/") and path not in args:
+            args += ["--ro-bind", path, path]
+    site = os.path.join(info["stdlib"], "site-packages")
+    if os.path.isdir(site) and not site.startswith("/usr/"):
+        args += ["--tmpfs", site]  # the standard library only, as under /usr
     return tuple(args)
 
 
@@ -274,7 +290,23 @@ def _cgroup_parents() -> tuple[tuple[str, Path], ...]:
                 "memory is then bounded by sandbox_memory_mb per process, up to "
                 "sandbox_max_processes processes (see docs/architecture.md)")
         parents.append((controller, parent))
+        _remove_stale_cgroups(parent)
     return tuple(parents)
+
+
+def _remove_stale_cgroups(parent: Path) -> None:
+    """Empty cgroups left by a scorer that was killed mid-run (their name holds its pid).
+
+    Only empty ones: the hierarchy may be shared with other containers, whose pids are not
+    visible here, and whose boxes must not be touched.
+    """
+    for cgroup in parent.glob("evr1-box-*-*"):
+        pid = cgroup.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            try:
+                cgroup.rmdir()  # fails while processes are in it
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------- one box
@@ -341,8 +373,10 @@ def _argv(setup: _Setup, limits: SandboxLimits, cgroups: Sequence[Path]) -> list
            "--uid", str(BOX_UID), "--gid", str(BOX_UID), "--die-with-parent", "--new-session",
            "--cap-drop", "ALL", "--hostname", "evr1-box", "--clearenv",
            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-           "--setenv", "LANG", "C.UTF-8", *setup.binds, "--proc", "/proc", "--dev", "/dev",
-           "--size", str(limits.file_mb << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
+           "--setenv", "LANG", "C.UTF-8",
+           # /tmp first: an interpreter kept under /tmp is then bound on top of it
+           "--size", str(limits.file_mb << 20), "--tmpfs", "/tmp",
+           *setup.binds, "--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp",
            setup.python, "-I", "-S", "-B", "-c", _RUNNER]
     if setup.drop_to:  # root: the box must not be host root, even without capabilities
         box = [setup.drop_to, f"--reuid={BOX_UID}", f"--regid={BOX_UID}", "--clear-groups",
