@@ -203,7 +203,8 @@ def test_writes_stay_inside_the_box():
     token = secrets.token_hex(4)
     targets = [f"/tmp/evr1-attack-{token}", str(REPO / f"evr1-attack-{token}"),
                f"/work/evr1-attack-{token}", f"/usr/lib/evr1-attack-{token}",
-               f"/root/evr1-attack-{token}", f"/etc/evr1-attack-{token}"]
+               f"/root/evr1-attack-{token}", f"/etc/evr1-attack-{token}",
+               f"/evr1-attack-{token}", f"/dev/evr1-attack-{token}"]  # bwrap's own tmpfs
     code = ("wrote = []\n"
             f"for path in {targets}:\n"
             "    try:\n"
@@ -215,13 +216,18 @@ def test_writes_stay_inside_the_box():
     # Only its own /tmp is writable, and it is a private tmpfs gone with the box.
     assert accuracy(code, TESTS + [f"assert wrote == ['/tmp/evr1-attack-{token}']"]) == 1.0
     assert not any(Path(t).exists() for t in targets)
-    # The tmpfs is size-limited too.
-    fill = ("try:\n"
-            "    open('/tmp/big', 'wb').write(b'0' * (64 << 20))\n"
-            "    filled = True\n"
-            "except OSError:\n"
-            "    filled = False\n" + HONEST)
-    assert accuracy(fill, TESTS + ["assert not filled"]) == 1.0
+    # The writable tmpfs are size-limited too (16 MiB), also against many small files.
+    fill = ("import os\n"
+            "filled = []\n"
+            "for folder in ('/tmp', '/dev/shm'):\n"
+            "    try:\n"
+            "        for i in range(64):\n"
+            "            with open(f'{folder}/{i}', 'wb') as f:\n"
+            "                f.write(b'0' * (1 << 20))\n"
+            "        filled.append(folder)\n"
+            "    except OSError:\n"
+            "        pass\n" + HONEST)
+    assert accuracy(fill, TESTS + ["assert filled == []"]) == 1.0
     honest_still_scores()
 
 
@@ -375,6 +381,8 @@ def test_the_check_is_python_semantics_on_plain_values():
     assert not check("assert 'a' * f(1) == ''", 10 ** 12)
     assert not check("assert 2 ** f(1) > 0", 10 ** 9)
     assert not check("assert 1 << f(1) > 0", 10 ** 12)
+    assert not check("assert f(1) % 1 == ''", "%0999999999d")
+    assert not check("assert round(f(1), f(2)) == 0", 10 ** 30, -10 ** 9)
     assert check("assert f(1) == 64 << 20", 64 << 20)
     for bad in ("x = 1", "assert f(1) == 1\nassert f(2) == 2", "import os",
                 "assert f(1) == [i for i in range(3)]", "assert (lambda: 1)() == f(1)"):

@@ -277,6 +277,9 @@ class _Eval:
             if kw.arg is None:
                 raise TypeError("**kwargs in a test")
             kwargs[kw.arg] = self.eval(kw.value)
+        if fn is round and len(args) == 2 and isinstance(args[1], int) and \
+                abs(args[1]) > 10_000:  # round(x, -10**9) computes 10**(10**9)
+            raise OverflowError("round to too many digits")
         return fn(*args, **kwargs)
 
 
@@ -292,3 +295,5 @@ def _guard_size(op: type, a: Any, b: Any) -> None:
         raise OverflowError("power too large")
     if op is ast.LShift and isinstance(b, int) and b > _MAX_SIZE:
         raise OverflowError("shift too large")
+    if op is ast.Mod and isinstance(a, (str, bytes)):  # '%0999999999d' % 1
+        raise TypeError("printf-style formatting in a test")

@@ -376,7 +376,11 @@ def _argv(setup: _Setup, limits: SandboxLimits, cgroups: Sequence[Path]) -> list
            "--setenv", "LANG", "C.UTF-8",
            # /tmp first: an interpreter kept under /tmp is then bound on top of it
            "--size", str(limits.file_mb << 20), "--tmpfs", "/tmp",
-           *setup.binds, "--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp",
+           *setup.binds, "--proc", "/proc", "--dev", "/dev",
+           "--size", str(limits.file_mb << 20), "--tmpfs", "/dev/shm",
+           # bwrap's own / and /dev are tmpfs without a size: read-only, so that /tmp and
+           # /dev/shm are the only (size-limited) places to write
+           "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
            setup.python, "-I", "-S", "-B", "-c", _RUNNER]
     if setup.drop_to:  # root: the box must not be host root, even without capabilities
         box = [setup.drop_to, f"--reuid={BOX_UID}", f"--regid={BOX_UID}", "--clear-groups",
