@@ -288,7 +288,8 @@ def _cgroup_parents() -> tuple[tuple[str, Path], ...]:
                 f"{os.geteuid()}. Run the trainer where it is (as root, or with a delegated "
                 "cgroup), or set reward.sandbox_limits=rlimit to accept per-process limits: "
                 "memory is then bounded by sandbox_memory_mb per process, up to "
-                "sandbox_max_processes processes (see docs/architecture.md)")
+                "sandbox_max_processes processes (see docs/architecture.md; cgroup v2 alone "
+                "is not supported yet)")
         parents.append((controller, parent))
         _remove_stale_cgroups(parent)
     return tuple(parents)
@@ -329,7 +330,23 @@ def run_tests(code: str, tests: Sequence[str],
     run = _run_box(setup, limits, code, plans)
     passed = sum(1 for plan, values in zip(plans, run.values, strict=True)
                  if values is not None and passes(plan, values))
-    return SandboxResult(passed, len(plans), run.timed_out, run.overflowed)
+    result = SandboxResult(passed, len(plans), run.timed_out, run.overflowed)
+    _note_cut(result, limits)
+    return result
+
+
+_NOTED: set[str] = set()
+
+
+def _note_cut(result: SandboxResult, limits: SandboxLimits) -> None:
+    """Log (once per kind and process, then at debug level) boxes killed at a limit."""
+    for kind, cut in (("wall clock", result.timed_out), ("output cap", result.overflowed)):
+        if cut:
+            level = logging.DEBUG if kind in _NOTED else logging.INFO
+            _NOTED.add(kind)
+            logger.log(level, "code sandbox: a box was killed at its %s (timeout_s=%s, "
+                       "output_kb=%s); its unanswered tests count as failed", kind,
+                       limits.wall_s, limits.output_kb)
 
 
 def _run_box(setup: _Setup, limits: SandboxLimits, code: str, plans: Sequence[TestPlan],
