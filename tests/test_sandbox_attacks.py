@@ -388,6 +388,18 @@ def test_the_check_is_python_semantics_on_plain_values():
                 "assert f(1) == [i for i in range(3)]", "assert (lambda: 1)() == f(1)"):
         with pytest.raises(InvalidSolution):
             plan_test(bad)
+    # Parts that would carry test data into the box next to the answer's values are refused:
+    # there the code would only have to claim True (or 0, or []).
+    for mixed in ("assert all(f(x) == y for x, y in [(1, 2), (3, 4)])",
+                  "assert sum(abs(f(x) - y) for x, y in [(1, 2)]) < 1e-9",
+                  "assert [f(x) for x, y in [(1, 2)] if f(x) != y] == []",
+                  "assert (y := f(1)) == 3"):
+        with pytest.raises(InvalidSolution, match="mixes the answer's code"):
+            plan_test(mixed)
+    assert plan_test("assert [f(i) for i in range(3)] == [0, 1, 4]").probes == \
+        ("[f(i) for i in range(3)]",)
+    assert plan_test("assert Stack().push(1).items[0] == 1").probes == \
+        ("Stack().push(1).items",)  # the subscript is taken outside, on plain data
 
 
 # --------------------------------------------------------------------------- limits

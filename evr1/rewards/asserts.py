@@ -99,6 +99,12 @@ class _Splitter(ast.NodeTransformer):
                 "comparisons, arithmetic, literals, subscripts and " +
                 ", ".join(sorted(KNOWN_NAMES)) + " around calls into the answer "
                 "(see docs/rewards.md)")
+        if not _is_answer_path(node):
+            raise InvalidSolution(
+                f"code: test {self.source!r:.200}: {ast.unparse(node)[:80]!r} mixes the "
+                "answer's code with other operations, which would have to run next to the "
+                "answer; keep the answer's calls apart and compare outside them, e.g. "
+                "`f(x) == y`, `[f(i) for i in range(3)] == [...]` (see docs/rewards.md)")
         if len(self.probes) >= MAX_PROBES:
             raise InvalidSolution(f"code: test {self.source!r:.200} has more than "
                                   f"{MAX_PROBES} calls into the answer")
@@ -135,7 +141,38 @@ def _wraps_one_probe(node: ast.AST) -> bool:
     """
     return isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords and \
         not isinstance(node.args[0], ast.Starred) and \
-        not _is_check_node(node.args[0]) and bool(_answer_names(node.args[0]))
+        not _is_check_node(node.args[0]) and bool(_answer_names(node.args[0])) and \
+        _is_answer_path(node.args[0])
+
+
+def _is_answer_path(node: ast.AST, bound: frozenset[str] = frozenset()) -> bool:
+    """Whether ``node`` may run in the sandbox: its value is the answer's alone.
+
+    The answer's names, attributes, subscripts and calls (``Stack().push(1).items[0]``; the
+    arguments are inputs and may hold anything), a builtin of one such value (``len(x)``,
+    ``list(gen())``), and a comprehension without conditions whose elements are such values
+    (``[f(i) for i in range(3)]``). Not a comparison, arithmetic, a condition or a lambda
+    around the answer's values: test data could meet them there (``all(f(x) == y for x, y
+    in pairs)``), and the code would only have to claim ``True``.
+    """
+    if isinstance(node, ast.Name):
+        return node.id in bound or (node.id not in KNOWN_NAMES and node.id not in _BUILTINS)
+    if isinstance(node, (ast.Attribute, ast.Subscript)):
+        return _is_answer_path(node.value, bound)
+    if isinstance(node, ast.Call):
+        if _is_answer_path(node.func, bound):
+            return True
+        return isinstance(node.func, ast.Name) and node.func.id in _BUILTINS and \
+            len(node.args) == 1 and not node.keywords and \
+            not isinstance(node.args[0], ast.Starred) and _is_answer_path(node.args[0], bound)
+    if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+        if any(g.ifs or g.is_async for g in node.generators):
+            return False
+        inner = bound | {n.id for g in node.generators for n in ast.walk(g.target)
+                         if isinstance(n, ast.Name)}
+        parts = [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
+        return all(_is_answer_path(p, inner) for p in parts)
+    return False
 
 
 def _free_names(node: ast.AST) -> set[str]:
