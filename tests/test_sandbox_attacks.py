@@ -524,6 +524,7 @@ def test_bad_tests_are_found_before_training():
     with pytest.raises(InvalidSolution, match="sample b.*not a single `assert"):
         check_items(items, RewardConfig(code_execution=True), names=["a", "b"])
     check_items(items[:1], RewardConfig(code_execution=True))
+    honest_still_scores()
 
 
 def test_signals_from_the_trainer_side_still_clean_up():
