@@ -88,6 +88,8 @@ def compute_advantages(rewards: Tensor, group_size: int | None = None,
     n = groups.shape[1]
     if estimator in ("grpo", "rloo") and n < 2:
         raise ValueError(f"the {estimator} estimator needs at least 2 responses per group")
+    if groups.shape[0] == 0:  # a step whose groups were all filtered out
+        return torch.zeros_like(rewards, dtype=groups.dtype)
     signal = groups.amax(dim=1, keepdim=True) > groups.amin(dim=1, keepdim=True)
     centred = torch.where(signal, groups - groups.mean(dim=1, keepdim=True), 0.0)
     if estimator == "grpo":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,7 +137,9 @@ class HFBackend:
         """A step with nothing to train on (every group filtered out): no optimiser step, but
         the learning-rate schedule advances with the step counter, as a real step would."""
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant so
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         return {"lr": lr, "skipped_update": 1}
 
     # ------------------------------------------------------------------ state

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -449,7 +450,9 @@ class MegatronBackend:
     def skip_update(self) -> dict[str, float]:
         """No optimiser step (every group filtered out); the lr schedule still advances."""
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant so
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         return {"lr": lr, "skipped_update": 1}
 
     def _reduce_metrics(self, totals: Tensor) -> Tensor:
