@@ -518,6 +518,21 @@ def test_luffy_shaping_of_offline_rows_changes_the_update(prepared, tmp_path):
     assert any(not torch.equal(out["clip"][1][k], out["shaping"][1][k]) for k in out["clip"][1])
 
 
+def test_offline_importance_weight_reaches_the_loss(prepared, tmp_path):
+    """min(pi_old, c) on the expert tokens: the untrained model gives them little
+    probability, so the weight is below 1 and the mean weight drops (it was min(pi_old, c)
+    with c >= 1 allowed, which never changed anything)."""
+    out = {}
+    for clip in ("null", "0.5"):
+        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / clip}",
+                                       "train.resume=never", "train.offline.mode=always",
+                                       f"train.grpo.offline_is_clip={clip}"))
+        out[clip] = trainer.train_step()
+    assert out["null"]["is_weight_mean"] == 1.0
+    assert out["0.5"]["is_weight_mean"] < 1.0
+    assert out["0.5"]["pg_loss"] != out["null"]["pg_loss"]
+
+
 def _draws() -> tuple:
     import random
 
