@@ -108,7 +108,8 @@ def group_has_signal(rewards: Tensor, group_size: int | None = None) -> Tensor:
     """``[num_groups]`` bool: False where every reward of the group is equal.
 
     Such a group has zero advantages and so contributes no policy gradient (only KL and
-    entropy terms); online filtering drops it and samples more prompts instead.
+    entropy terms): ``train.filter_no_signal`` drops it (no refill), ``train.dynamic_sampling``
+    drops it and draws more prompts (``evr1.train.groups.collect_groups``).
     """
     groups = _as_groups(rewards, group_size)
     return groups.amax(dim=1) > groups.amin(dim=1)
