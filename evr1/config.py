@@ -199,8 +199,9 @@ class RolloutConfig:
     offload_trainer: bool = True  # move trainer params/grads/optimizer to CPU while generating
 
     def validate(self) -> None:
-        if self.n < 1:
-            raise ConfigError(f"rollout.n must be >= 1, got {self.n}")
+        if self.n < 2:  # every estimator needs a baseline from the rest of the group
+            raise ConfigError(f"rollout.n must be >= 2 (grpo and rloo fail on a group of one "
+                              f"and drgrpo gives it a zero advantage), got {self.n}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("rollout: need temperature >= 0 and 0 < top_p <= 1")
         if self.max_new_tokens < 1:
@@ -213,6 +214,8 @@ class RolloutConfig:
 Estimator = Literal["grpo", "drgrpo", "rloo"]
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 KLEstimator = Literal["k1", "k2", "k3"]
+OfflineLoss = Literal["clip", "shaping"]
+RolloutIS = Literal["none", "token", "sequence"]
 
 
 @dataclass
@@ -231,9 +234,22 @@ class GRPOConfig:
     kl_coef: float = 0.0  # 0 disables the KL term (no reference forward needed)
     kl_estimator: KLEstimator = "k3"
     entropy_coef: float = 0.0
-    # Truncation c of the per-token weight min(pi_old / pi_behaviour, c) for trajectories that
-    # another policy sampled (offline slot of a group); None applies no correction.
+    # Per-token weight min(pi_old, c) of offline (expert) tokens: the expert is taken as a
+    # deterministic behaviour policy (probability 1), so pi_old / 1 <= 1 and only c < 1
+    # truncates anything. None: no weight.
     offline_is_clip: float | None = None
+    # How offline rows enter the policy term: `clip` (plain mixing: the same clipped-ratio
+    # term as sampled rows) or `shaping` (LUFFY: -A * f(pi) with f(p) = p / (p + gamma), no
+    # clipping; gamma = offline_shaping_gamma). docs/architecture.md, "Loss and advantage options".
+    offline_loss: OfflineLoss = "clip"
+    offline_shaping_gamma: float = 0.1
+    # Rollout/trainer mismatch correction with the engine's own log-probs (truncated importance
+    # sampling as in verl / slime): the policy term of each sampled token is weighted by
+    # min(pi_trainer / pi_engine, rollout_is_cap), per token or per sequence (the product of
+    # the token ratios). `none` applies nothing; the ratio statistics are logged either way
+    # when the engine returns log-probs.
+    rollout_is: RolloutIS = "none"
+    rollout_is_cap: float = 2.0
     eps: float = 1e-6  # added to the group std in the `grpo` estimator
 
     def validate(self, where: str = "grpo") -> GRPOConfig:
@@ -248,9 +264,18 @@ class GRPOConfig:
             value = getattr(self, name)
             if not value >= 0.0:  # also rejects nan
                 raise ConfigError(f"{where}.{name} must be >= 0, got {value}")
-        if self.offline_is_clip is not None and not self.offline_is_clip > 0.0:
+        if self.offline_is_clip is not None and not 0.0 < self.offline_is_clip < 1.0:
             raise ConfigError(
-                f"{where}.offline_is_clip must be > 0 or null, got {self.offline_is_clip}")
+                f"{where}.offline_is_clip must be in (0, 1) or null (the weight is "
+                f"min(pi_old, c) and pi_old <= 1, so c >= 1 changes nothing), got "
+                f"{self.offline_is_clip}")
+        _check_choice(where, "offline_loss", self.offline_loss, OfflineLoss)
+        _check_choice(where, "rollout_is", self.rollout_is, RolloutIS)
+        if not self.offline_shaping_gamma > 0.0:
+            raise ConfigError(f"{where}.offline_shaping_gamma must be > 0, got "
+                              f"{self.offline_shaping_gamma}")
+        if not self.rollout_is_cap >= 1.0:
+            raise ConfigError(f"{where}.rollout_is_cap must be >= 1, got {self.rollout_is_cap}")
         if not self.eps > 0.0:
             raise ConfigError(f"{where}.eps must be > 0, got {self.eps}")
         return self
@@ -346,7 +371,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off (norm still logged)
     # Train the language model only. A random-init vision tower (the tiny demo model) loses its
     # colour features within a few updates at a language-model learning rate: frozen, its
     # random features stay linearly readable and the model learns to read them.
@@ -357,7 +382,21 @@ class TrainConfig:
     shared_prefix: bool = True
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
-    filter_no_signal: bool = False  # drop groups whose rewards are all equal
+    # Groups whose rewards are all equal have zero advantages. filter_no_signal drops them from
+    # the update (the step trains on fewer groups, none refilled); dynamic_sampling (DAPO) drops
+    # them and draws prompts_per_step more prompts, up to max_sampling_rounds draws in all,
+    # until prompts_per_step groups with signal are in hand (the extra ones are left out).
+    filter_no_signal: bool = False
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    # Responses cut at rollout.max_new_tokens (no stop token): `none` trains on them like any
+    # other; `mask` leaves them out of the loss (they still count in their group's baseline);
+    # `shaping` adds DAPO's soft overlong penalty to the reward: 0 up to
+    # max_new_tokens - overlong_buffer tokens, then falling linearly to -overlong_penalty at
+    # max_new_tokens.
+    overlong: Literal["none", "mask", "shaping"] = "none"
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
     # checkpoints and logging
     save_every: int = 50
@@ -382,6 +421,15 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.offline.threshold <= 1:
             raise ConfigError("train.offline.threshold must be in [0, 1]")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0: no clipping), got "
+                              f"{self.grad_clip}")
+        if self.max_sampling_rounds < 1:
+            raise ConfigError(f"train.max_sampling_rounds must be >= 1, got "
+                              f"{self.max_sampling_rounds}")
+        _check_choice("train", "overlong", self.overlong, Literal["none", "mask", "shaping"])
+        if self.overlong == "shaping" and not self.overlong_penalty > 0:
+            raise ConfigError(f"train.overlong_penalty must be > 0, got {self.overlong_penalty}")
 
 
 # --------------------------------------------------------------------------- launching
@@ -594,6 +642,11 @@ class Config:
         self.curate.validate()
         aliases = [b.alias or b.name for b in self.eval.benchmarks] or ["synthetic"]
         self.train.async_eval.validate(self.train.save_every, aliases)
+        if self.train.overlong == "shaping" and \
+                not 0 < self.train.overlong_buffer < self.rollout.max_new_tokens:
+            raise ConfigError(f"train.overlong_buffer must be in (0, rollout.max_new_tokens="
+                              f"{self.rollout.max_new_tokens}) with train.overlong=shaping, got "
+                              f"{self.train.overlong_buffer}")
 
         self.launch.validate()
         if self.launch.train_ranks > 1 and self.train.backend != "megatron":

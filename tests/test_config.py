@@ -57,10 +57,29 @@ def test_roundtrip_through_yaml(tmp_path):
     ("reward.accuracy_weight=0.5", "must sum to 1"),
     ("launch.setup=notalist", "launch.setup must be a list"),
     ("nokey", "not of the form key.sub=value"),
+    # a group of one has no baseline: grpo / rloo fail, drgrpo gives it advantage 0
+    ("rollout.n=1", "rollout.n must be >= 2"),
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+    ("train.grpo.offline_is_clip=1.0", "train.grpo.offline_is_clip must be in \\(0, 1\\)"),
+    ("train.grpo.offline_loss=luffy", "train.grpo.offline_loss='luffy' is not one of"),
+    ("train.grpo.rollout_is=seq", "train.grpo.rollout_is='seq' is not one of"),
+    ("train.grpo.rollout_is_cap=0.5", "train.grpo.rollout_is_cap must be >= 1"),
+    ("train.max_sampling_rounds=0", "train.max_sampling_rounds must be >= 1"),
+    ("train.overlong=cut", "train.overlong='cut' is not one of"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_new_training_options_default_off():
+    """Every option of issue #17 is off by default: the recipes' behaviour is unchanged."""
+    cfg = load_config(None, [])
+    assert (cfg.train.dynamic_sampling, cfg.train.filter_no_signal, cfg.train.overlong) == \
+        (False, False, "none")
+    g = cfg.train.grpo
+    assert (g.rollout_is, g.offline_loss, g.offline_is_clip) == ("none", "clip", None)
+    assert load_config(None, ["train.grad_clip=0"]).train.grad_clip == 0.0  # 0: no clipping
 
 
 def test_unknown_key_in_yaml_lists_valid_keys(tmp_path):

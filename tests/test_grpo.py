@@ -10,14 +10,20 @@ import torch
 from evr1.config import ConfigError, from_dict
 from evr1.train.grpo import (
     K3_CLAMP,
+    SUMMED_METRICS,
     GRPOConfig,
+    LossMetrics,
     aggregate_loss,
+    clip_coefficient,
     compute_advantages,
     group_has_signal,
     importance_weights,
     kl_penalty,
     loss_normaliser,
+    overlong_reward,
     policy_loss,
+    rollout_correction,
+    sample_weights,
     token_entropy,
     token_logprobs,
 )
@@ -65,6 +71,37 @@ def test_flat_rewards_match_grouped_and_uniform_group_is_zero(estimator):
     close(flat, compute_advantages(REWARDS, estimator=estimator).flatten())
     uniform = compute_advantages(torch.full((1, 4), 2.0), estimator=estimator)
     close(uniform, torch.zeros(1, 4))  # no nan from std = 0
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo"])
+@pytest.mark.parametrize("value", [0.1, 0.95, 0.3, 1.0 / 3.0])
+def test_uniform_group_has_exactly_zero_advantages_in_float32(estimator, value):
+    # 8 x 0.1 in float32: the mean is 0.10000001 (not 0.1); grpo divided that rounding error by
+    # std + eps = eps and gave every row -0.0074 (0.95: +0.056), all of the same sign.
+    rewards = torch.full((3, 8), value, dtype=torch.float32)
+    rewards[1] = 0.0  # another uniform group, and one with signal below
+    rewards[2, :4] = 1.0
+    adv = compute_advantages(rewards, estimator=estimator)
+    assert torch.equal(adv[:2], torch.zeros(2, 8)), adv[:2]
+    # The group with signal is untouched: the naive formulas, in float64.
+    g = rewards[2].double()
+    centred = g - g.mean()
+    expected = {"grpo": centred / (g.std() + 1e-6), "drgrpo": centred,
+                "rloo": centred * 8 / 7}[estimator]
+    # float32 arithmetic: the mean's rounding (~6e-8) over a std as small as 0.027 (the 0.95
+    # case) is a relative error of a few 1e-6; a wrong formula is off by far more.
+    torch.testing.assert_close(adv[2].double(), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_drgrpo_pairs_are_unchanged_by_the_uniform_group_fix():
+    # The learning check runs Dr.GRPO on groups of 2: there (a + a) / 2 == a exactly, so the
+    # plain r - mean already gave exact zeros; the fix must not change a single bit there.
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(64, 2, generator=g)
+    rewards[::3, 1] = rewards[::3, 0]  # every third pair uniform
+    rewards[1::3] = torch.tensor([0.05, 1.05])  # format-only and full-reward pairs
+    naive = rewards - rewards.mean(dim=1, keepdim=True)
+    assert torch.equal(compute_advantages(rewards, estimator="drgrpo"), naive)
 
 
 def test_advantage_input_errors():
@@ -496,6 +533,10 @@ def test_config_defaults_follow_the_recipe():
     ("estimator", "ppo"), ("loss_agg", "token-sum"), ("kl_estimator", "k4"),
     ("clip_low", 0.0), ("clip_low", 1.0), ("clip_high", 0.0), ("kl_coef", -0.1),
     ("entropy_coef", float("nan")), ("offline_is_clip", 0.0), ("eps", 0.0),
+    # the offline weight is min(pi_old, c) with pi_old <= 1: c >= 1 would change nothing
+    ("offline_is_clip", 1.0), ("offline_is_clip", 2.0),
+    ("offline_loss", "luffy"), ("offline_shaping_gamma", 0.0), ("rollout_is", "geometric"),
+    ("rollout_is_cap", 0.5),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"train.grpo.{field}"):
@@ -503,9 +544,9 @@ def test_config_errors_name_the_field(field, value):
 
 
 def test_config_loads_through_the_typed_schema():
-    cfg = from_dict(GRPOConfig, {"loss_agg": "seq-mean-token-sum", "offline_is_clip": 2,
+    cfg = from_dict(GRPOConfig, {"loss_agg": "seq-mean-token-sum", "offline_is_clip": 0.5,
                                  "kl_coef": 0}, "grpo").validate()
-    assert cfg.offline_is_clip == 2.0 and isinstance(cfg.offline_is_clip, float)
+    assert cfg.offline_is_clip == 0.5 and isinstance(cfg.offline_is_clip, float)
     with pytest.raises(ConfigError, match="grpo.loss_agg"):
         from_dict(GRPOConfig, {"loss_agg": "mean"}, "grpo")
 
@@ -516,3 +557,100 @@ def test_shape_errors():
         policy_loss(x, x, torch.zeros(3), torch.ones(2, 3), CFG)
     with pytest.raises(ValueError, match="mask"):
         policy_loss(x, x, torch.zeros(2), torch.ones(2, 4), CFG)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_overlong_reward_is_dapo_soft_punishment():
+    # L_max = 20, L_cache = 5: no penalty up to 15 tokens, then (15 - len) / 5, -1 at 20.
+    lengths = torch.tensor([3, 15, 16, 18, 20])
+    close(overlong_reward(lengths, 20, 5), [0.0, 0.0, -0.2, -0.6, -1.0])
+    close(overlong_reward(lengths, 20, 5, penalty=0.5), [0.0, 0.0, -0.1, -0.3, -0.5])
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_reward(lengths, 20, 20)
+
+
+def _mismatch_case():
+    # Row 0: trainer 0.5, 0.2, (pad); engine 0.25, 0.4 -> ratios 2, 0.5. Row 1: trainer 0.9 vs
+    # engine 0.3 -> ratio 3. Row 2: an offline row (no engine log-probs).
+    old = torch.tensor([[LN(0.5), LN(0.2), 0.0], [LN(0.9), 0.0, 0.0], [LN(0.1), LN(0.1), 0.0]],
+                       dtype=torch.float64)
+    engine = torch.tensor([[LN(0.25), LN(0.4), 7.0], [LN(0.3), 7.0, 7.0], [0.0, 0.0, 0.0]],
+                          dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    return old, engine, mask, torch.tensor([True, True, False])
+
+
+def test_rollout_correction_token_level():
+    old, engine, mask, has = _mismatch_case()
+    c = rollout_correction(old, engine, mask, has, "token", cap=2.5)
+    close(c.weights, [[2.0, 0.5, 1.0], [2.5, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    close(c.ratio_mean, (2 + 0.5 + 3) / 3)
+    close(c.trunc_frac, 1 / 3)
+    # k3 of r: r - 1 - log r over the three engine tokens
+    close(c.kl, sum(r - 1 - LN(r) for r in (2.0, 0.5, 3.0)) / 3)
+
+
+def test_rollout_correction_sequence_level_and_none():
+    old, engine, mask, has = _mismatch_case()
+    c = rollout_correction(old, engine, mask, has, "sequence", cap=2.5)
+    # row 0: 2 * 0.5 = 1 for both tokens; row 1: 3 -> truncated to 2.5
+    close(c.weights, [[1.0, 1.0, 1.0], [2.5, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    close(c.ratio_mean, (1 + 1 + 3) / 3)
+    close(c.trunc_frac, 1 / 3)
+    off = rollout_correction(old, engine, mask, has, "none", cap=2.5)
+    close(off.weights, torch.ones(3, 3))
+    close(off.ratio_mean, (2 + 0.5 + 3) / 3)  # logged even when not applied
+
+
+def test_sample_weights_offline_truncation_and_rollout_correction_multiply():
+    old, engine, mask, has = _mismatch_case()
+    offline = ~has
+    # offline rows: min(pi_old, c) = min(0.1, 0.05); sampled rows: the token correction
+    cfg = GRPOConfig(offline_is_clip=0.05, rollout_is="token", rollout_is_cap=2.5)
+    w, c = sample_weights(old, mask, cfg, offline=offline, rollout_logp=engine, has_rollout=has)
+    close(w, [[2.0, 0.5, 1.0], [2.5, 1.0, 1.0], [0.05, 0.05, 1.0]])
+    assert c is not None
+    # offline weight alone, c = 0.5 above pi_old = 0.1: the weight is pi_old itself
+    w, c = sample_weights(old, mask, GRPOConfig(offline_is_clip=0.5), offline=offline)
+    close(w[2, :2], [0.1, 0.1])
+    close(w[:2], torch.ones(2, 3))
+    assert c is None
+    # nothing configured, no engine log-probs: no weights at all (the default path)
+    assert sample_weights(old, mask, GRPOConfig(), offline=offline) == (None, None)
+
+
+def test_offline_policy_shaping_values_and_gradient():
+    # One offline token with pi = 0.5, A = 1, gamma = 0.1: l = -0.5 / 0.6 = -0.8333;
+    # dl/dlogp = -A * gamma * p / (p + gamma)^2 = -0.1 * 0.5 / 0.36 = -0.138889.
+    # A sampled token beside it with ratio 1.5 and A = 1 is clipped at 1.28 as before.
+    logp = torch.tensor([[LN(0.5)], [LN(0.6)]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[LN(0.5)], [LN(0.4)]], dtype=torch.float64)
+    cfg = GRPOConfig(offline_loss="shaping", offline_shaping_gamma=0.1)
+    loss, m = policy_loss(logp, old, torch.ones(2), torch.ones(2, 1, dtype=torch.bool), cfg,
+                          shaped=torch.tensor([True, False]))
+    close(loss, (-0.5 / 0.6 - 1.28) / 2)
+    loss.backward()
+    close(logp.grad, [[-0.1 * 0.5 / 0.36 / 2], [0.0]])
+    close(m.clip_frac_high, 0.5)  # only the sampled token can be clipped
+    # Far from the old policy the shaped term is not clipped: pi = 0.9 vs old 0.1
+    logp2 = torch.tensor([[LN(0.9)]], dtype=torch.float64, requires_grad=True)
+    loss2, m2 = policy_loss(logp2, torch.tensor([[LN(0.1)]], dtype=torch.float64),
+                            torch.ones(1), torch.ones(1, 1, dtype=torch.bool), cfg,
+                            shaped=torch.tensor([True]))
+    close(loss2, -0.9 / 1.0)
+    loss2.backward()
+    close(logp2.grad, [[-0.1 * 0.9 / 1.0]])
+    assert float(m2.clip_frac_high) == 0.0
+
+
+def test_clip_coefficient_zero_means_off():
+    assert clip_coefficient(4.0, 0.0) == 1.0
+    assert clip_coefficient(4.0, 1.0) == pytest.approx(0.25)
+    assert clip_coefficient(0.5, 1.0) == 1.0
+
+
+def test_summed_metrics_are_loss_metrics():
+    names = {f for f in LossMetrics.__dataclass_fields__}
+    assert set(SUMMED_METRICS) == {"pg_loss", "num_tokens"} and set(SUMMED_METRICS) <= names

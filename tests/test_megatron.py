@@ -545,3 +545,45 @@ def test_parallel_sizes_must_divide_the_model() -> None:
     with pytest.raises(ValueError, match="num_hidden_layers=3.*pipeline_parallel=2"):
         spec.check_parallel(1, 2)
 
+
+
+# --------------------------------------------------------------------------- grad_clip = 0
+
+
+def _run_grad_clip_off(model_dir: Path) -> dict[str, Any]:
+    """One process, two micro-batches, train.grad_clip = 0 (no clipping)."""
+    from evr1.train.backends.megatron import MegatronBackend
+
+    cfg = TrainConfig(lr=LR, grad_clip=0.0)
+    backend = MegatronBackend(model_dir, cfg)
+    _keep_grads(backend)
+    metrics = backend.train_step(make_batches(model_dir), cfg.grpo)
+    return {"metrics": metrics, "grads": dict(backend.named_hf_grads())}
+
+
+@pytest.mark.slow
+def test_grad_clip_zero_is_off_and_step_metrics_sum_over_micro_batches(tiny_model_dir) -> None:
+    """grad_clip = 0 used to scale every gradient by 0; and pg_loss / num_tokens were
+    token-averaged over the two micro-batches instead of summed. The hf backend with the
+    same settings is the reference (its own tests check it against the full-batch loss)."""
+    from evr1.models import load_model
+    from evr1.train.backends.hf import HFBackend
+
+    got = spawn.run(_run_grad_clip_off, 1, tiny_model_dir)[0]
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir, torch.float32, "cpu")
+    cfg = TrainConfig(lr=LR, grad_clip=0.0)
+    backend = HFBackend(model, cfg)
+    _keep_grads(backend)
+    want = backend.train_step(make_batches(tiny_model_dir), cfg.grpo)
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert want["grad_norm"] > 1.0  # clipping at 1 would have scaled these
+    m = got["metrics"]
+    assert m["num_tokens"] == m["train_tokens"] == want["num_tokens"] == want["train_tokens"]
+    for key in ("loss", "pg_loss"):
+        assert m[key] == pytest.approx(want[key], abs=1e-5), key
+    assert m["loss"] == pytest.approx(m["pg_loss"], abs=1e-6)  # no KL / entropy terms
+    assert m["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert float(torch.stack([g.norm() for g in got["grads"].values()]).norm()) == \
+        pytest.approx(m["grad_norm"], rel=1e-5)  # the gradients were left unscaled
+    assert _max_diff(got["grads"], grads) < 1e-6

@@ -143,7 +143,8 @@ def test_checkpoint_model_loads_with_transformers(prepared, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("train.lr=-1", "train.lr must be > 0"),
-    ("rollout.n=0", "rollout.n must be >= 1"),
+    ("rollout.n=0", "rollout.n must be >= 2"),
+    ("rollout.n=1", "rollout.n must be >= 2"),
     ("train.grpo.clip_low=1.5", "train.grpo.clip_low must be in"),
     ("train.grpo.loss_agg=mean", "train.grpo.loss_agg='mean' is not one of"),
     ("train.offline.mode=sometimes", "train.offline.mode='sometimes' is not one of"),
@@ -327,3 +328,256 @@ def test_megatron_backend_trains_under_torchrun_tp2(prepared, tmp_path):
     assert any(not torch.equal(trained[k], start[k]) for k in start), "weights did not move"
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "train"] == [1, 2]
+
+
+# --------------------------------------------------------------------------- issue #17
+
+
+def test_grad_clip_zero_turns_clipping_off(prepared, tmp_path):
+    """train.grad_clip=0 used to scale every gradient by 0 / norm: no weight ever moved."""
+    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
+                                   "train.grad_clip=0"))
+    before = weights(trainer)
+    metrics = trainer.train_step()
+    assert metrics["grad_norm"] > 0
+    moved = max(float((weights(trainer)[k] - v).abs().max()) for k, v in before.items())
+    # Adam's first step moves a weight with a non-zero gradient by about lr
+    assert moved > 0.5 * trainer.cfg.train.lr
+    with pytest.raises(ConfigError, match="train.grad_clip must be >= 0"):
+        small_config(prepared, "train.grad_clip=-1")
+
+
+def test_logged_pg_loss_and_tokens_do_not_depend_on_micro_batches(prepared, tmp_path):
+    """pg_loss is each micro-batch's share of the step total and num_tokens a count: they
+    add up over micro-batches (they were token-averaged, about 1/K of the true value)."""
+    out = {}
+    for size in (64, 3):
+        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / str(size)}",
+                                       "train.resume=never", f"train.micro_batch_size={size}"))
+        out[size] = trainer.train_step()
+    one, several = out[64], out[3]
+    assert several["train_tokens"] == one["train_tokens"] == one["num_tokens"] == \
+        several["num_tokens"]
+    assert one["pg_loss"] != 0
+    # float32 sums in another order: ~1e-7 relative
+    assert several["pg_loss"] == pytest.approx(one["pg_loss"], rel=1e-4, abs=1e-7)
+    assert several["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-7)
+
+
+def _uniform_scores(samples, texts, cfg):
+    from evr1.train.groups import Scores
+
+    zeros = torch.zeros(len(texts))
+    return Scores(zeros, zeros.clone(), zeros.clone())
+
+
+def test_step_without_signal_still_advances_the_lr_schedule(prepared, tmp_path, monkeypatch):
+    """Every group dropped: no optimiser step, but the scheduler follows the step counter."""
+    from evr1.train import trainer as trainer_module
+    from evr1.train.backends.hf import lr_lambda
+
+    monkeypatch.setattr(trainer_module, "score_responses", _uniform_scores)
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
+                       "train.filter_no_signal=true", "train.lr_schedule=linear",
+                       "train.steps=4", "train.save_every=4")
+    trainer = Trainer(cfg)
+    before = weights(trainer)
+    for _ in range(2):
+        metrics = trainer.train_step()
+        trainer.state.step += 1
+        assert metrics["trained_rows"] == 0 and metrics["skipped_update"] == 1
+        assert metrics["groups_with_signal"] == 0
+    assert all(torch.equal(v, weights(trainer)[k]) for k, v in before.items())
+    assert trainer.backend.scheduler.last_epoch == trainer.state.step == 2
+    assert trainer.backend.scheduler.get_last_lr()[0] == \
+        pytest.approx(cfg.train.lr * lr_lambda(cfg.train)(2))
+
+
+def _group(n: int, signal: list[bool], tag: int):
+    """A GroupBatch of len(signal) groups; a group has signal iff its flag is set."""
+    from evr1.data.schema import Sample
+    from evr1.rollout.base import Prompt
+    from evr1.train.groups import GroupBatch, Scores
+
+    rewards = torch.tensor([[1.0] + [0.0] * (n - 1) if s else [0.5] * n for s in signal])
+    rows = len(signal) * n
+    return GroupBatch(
+        n, [Sample(id=f"{tag}-{g}", problem_type="numerical", problem="?", solution=1,
+                   data_type="text") for g in range(len(signal))],
+        [Prompt(f"{tag}-{g}", "?", "text") for g in range(len(signal))],
+        [[1]] * rows, ["x"] * rows, Scores(rewards.flatten(), rewards.flatten(), rewards.flatten()),
+        torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool), None,
+        {"time_rollout": 1.0})
+
+
+def test_dynamic_sampling_draws_until_enough_groups_have_signal():
+    from evr1.train.groups import collect_groups
+
+    def drawer(rounds):
+        it = iter(rounds)
+        return lambda: _group(2, next(it), tag=len(calls.append(0) or calls))
+
+    rounds = [[True, False, False], [False, True, False], [True, True, True], [True] * 3]
+    calls: list[int] = []
+    got = collect_groups(drawer(rounds), 3, filter_no_signal=False, dynamic=True, max_rounds=8)
+    assert got.rounds == 3 and got.drawn.num_groups == 9
+    # the first three groups with signal, in draw order; the surplus of round 3 left out
+    assert [s.id for s in got.train.samples] == ["1-0", "2-1", "3-0"]
+    assert got.train.has_signal().all() and len(got.train.responses) == 6
+    assert got.metrics() == {"sampling_rounds": 3, "groups_drawn": 9, "groups_with_signal": 5,
+                             "groups_trained": 3}
+    assert got.drawn.times == {"time_rollout": 3.0}
+    calls.clear()  # bounded: two rounds, two groups with signal, trained on those
+    got = collect_groups(drawer(rounds), 3, filter_no_signal=False, dynamic=True, max_rounds=2)
+    assert got.rounds == 2 and [s.id for s in got.train.samples] == ["1-0", "2-1"]
+    calls.clear()  # filter_no_signal: one draw, no refill
+    got = collect_groups(drawer(rounds), 3, filter_no_signal=True, dynamic=False, max_rounds=8)
+    assert got.rounds == 1 and [s.id for s in got.train.samples] == ["1-0"]
+    calls.clear()  # neither: the draw as it is
+    got = collect_groups(drawer(rounds), 3, filter_no_signal=False, dynamic=False, max_rounds=8)
+    assert got.rounds == 1 and got.train.num_groups == 3
+
+
+def test_dynamic_sampling_in_the_trainer(prepared, tmp_path):
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
+                       "train.dynamic_sampling=true", "train.max_sampling_rounds=3")
+    trainer = Trainer(cfg)
+    metrics = trainer.train_step()
+    rounds = metrics["sampling_rounds"]
+    assert 1 <= rounds <= 3
+    assert metrics["data_position"] == rounds * cfg.train.prompts_per_step
+    assert metrics["groups_drawn"] == rounds * cfg.train.prompts_per_step
+    assert metrics["groups_trained"] == min(metrics["groups_with_signal"],
+                                            cfg.train.prompts_per_step)
+    assert metrics["trained_rows"] == metrics["groups_trained"] * cfg.rollout.n
+
+
+def test_overlong_mask_leaves_truncated_responses_out_of_the_loss(prepared, tmp_path):
+    common = ["train.resume=never", "rollout.max_new_tokens=4", "train.offline.mode=always"]
+    masked = Trainer(small_config(prepared, f"run_dir={tmp_path / 'm'}", *common,
+                                  "train.overlong=mask"))
+    group = masked._draw_groups()
+    truncated = int(group.truncated.sum())
+    assert truncated > 0 and not group.truncated[group.offline].any()
+    kept = len(group.responses) - truncated
+    masked2 = Trainer(small_config(prepared, f"run_dir={tmp_path / 'm2'}", *common,
+                                   "train.overlong=mask"))
+    metrics = masked2.train_step()  # the same draw (same seed)
+    assert metrics["trained_rows"] == kept
+    assert metrics["truncated"] == pytest.approx(truncated / len(group.responses))
+    plain = Trainer(small_config(prepared, f"run_dir={tmp_path / 'p'}", *common))
+    assert plain.train_step()["trained_rows"] == len(group.responses)
+
+
+def test_overlong_shaping_adds_the_dapo_penalty_to_the_reward(prepared, tmp_path):
+    from evr1.train.groups import score_responses
+    from evr1.train.grpo import overlong_reward
+
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
+                       "rollout.max_new_tokens=6", "train.overlong=shaping",
+                       "train.overlong_buffer=3", "train.overlong_penalty=0.5")
+    group = Trainer(cfg)._draw_groups()
+    lengths = torch.tensor([len(r) for r in group.responses])
+    base = score_responses([s for s in group.samples for _ in range(cfg.rollout.n)],
+                           group.texts, cfg.reward).overall
+    penalty = overlong_reward(lengths, 6, 3, 0.5)
+    assert (penalty < 0).any()
+    torch.testing.assert_close(group.scores.overall, base + penalty)
+    with pytest.raises(ConfigError, match="train.overlong_buffer"):
+        small_config(prepared, "train.overlong=shaping", "train.overlong_buffer=0")
+
+
+def test_rollout_correction_uses_the_engine_logprobs(prepared, tmp_path):
+    """hf engine, same model: pi_trainer / pi_engine is the mass the placeholder ban keeps
+    (top_p = 1), so every ratio is a little under 1 and the weights apply it."""
+    out = {}
+    for level in ("none", "token", "sequence"):
+        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / level}",
+                                       "train.resume=never", f"train.grpo.rollout_is={level}"))
+        out[level] = trainer.train_step()
+    for level, m in out.items():
+        assert 0.5 < m["rollout_ratio_mean"] <= 1 + 1e-5, (level, m["rollout_ratio_mean"])
+        assert m["rollout_trunc_frac"] == 0.0 and m["rollout_kl"] >= 0
+    assert out["none"]["is_weight_mean"] == 1.0
+    # the offline rows keep weight 1; sampled rows get their ratio
+    assert out["token"]["is_weight_mean"] < 1.0 and out["sequence"]["is_weight_mean"] < 1.0
+    assert out["token"]["pg_loss"] != out["none"]["pg_loss"]
+
+
+def test_luffy_shaping_of_offline_rows_changes_the_update(prepared, tmp_path):
+    out = {}
+    for mode in ("clip", "shaping"):
+        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / mode}",
+                                       "train.resume=never", "train.offline.mode=always",
+                                       f"train.grpo.offline_loss={mode}"))
+        start = weights(trainer)
+        metrics = trainer.train_step()
+        out[mode] = metrics, {k: weights(trainer)[k] - v for k, v in start.items()}
+    assert out["clip"][0]["offline_groups"] > 0
+    assert out["clip"][0]["pg_loss"] != out["shaping"][0]["pg_loss"]
+    assert any(not torch.equal(out["clip"][1][k], out["shaping"][1][k]) for k in out["clip"][1])
+
+
+def test_offline_importance_weight_reaches_the_loss(prepared, tmp_path):
+    """min(pi_old, c) on the expert tokens: the untrained model gives them little
+    probability, so the weight is below 1 and the mean weight drops (it was min(pi_old, c)
+    with c >= 1 allowed, which never changed anything)."""
+    out = {}
+    for clip in ("null", "0.5"):
+        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / clip}",
+                                       "train.resume=never", "train.offline.mode=always",
+                                       f"train.grpo.offline_is_clip={clip}"))
+        out[clip] = trainer.train_step()
+    assert out["null"]["is_weight_mean"] == 1.0
+    assert out["0.5"]["is_weight_mean"] < 1.0
+    assert out["0.5"]["pg_loss"] != out["null"]["pg_loss"]
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist()
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    state = ckpt.rng_state()
+    assert {"torch", "python", "cuda", "numpy"} <= state.keys()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = _draws()
+    _draws()  # the generators move on
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draws() == expected
+
+
+class _FakeCuda:
+    """Per-device generator states, standing in for torch.cuda on a machine without a GPU."""
+
+    def __init__(self, count: int) -> None:
+        self.states = {d: torch.full((16,), d + 1, dtype=torch.uint8) for d in range(count)}
+
+    def get_rng_state(self, device=0):
+        return self.states[device].clone()
+
+    def set_rng_state(self, state, device=0):
+        self.states[device] = state.clone()
+
+
+def test_cuda_rng_states_of_every_device_are_saved_and_restored(tmp_path, monkeypatch):
+    """On a GPU a rollout's sampling draws from the CUDA generator; resume must restore it on
+    every device (checked here through torch.cuda's interface; the GPU run is the real test)."""
+    fake = _FakeCuda(2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", fake.get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", fake.set_rng_state)
+    saved = ckpt.rng_state()
+    assert [s[0].item() for s in saved["cuda"]] == [1, 2]
+    torch.save(saved, tmp_path / "rng.pt")
+    fake.states = {0: torch.zeros(16, dtype=torch.uint8), 1: torch.zeros(16, dtype=torch.uint8)}
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert [fake.states[d][0].item() for d in (0, 1)] == [1, 2]
+    # an explicit device list (e.g. this rank's device) maps the states in order
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), cuda_devices=[1])
+    assert fake.states[1][0].item() == 1

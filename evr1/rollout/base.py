@@ -2,9 +2,11 @@
 
 An engine receives prompts whose frames were already sampled and resized in preprocessing
 (no second decode, no second resize), samples ``n`` responses per prompt, and returns token
-ids, decoded text and, where the engine computes them, its own per-token log-probs (used to
-log the train/inference mismatch). After every optimiser step the trainer pushes its weights
-with ``sync_weights``; colocated engines also ``sleep``/``wake_up`` around the update.
+ids, decoded text and, where the engine computes them, its own per-token log-probs of the
+sampled tokens under the distribution they were drawn from (logged as the rollout/trainer
+mismatch, and used to correct it with ``train.grpo.rollout_is``). After every optimiser step
+the trainer pushes its weights with ``sync_weights``; colocated engines also
+``sleep``/``wake_up`` around the update.
 """
 
 from __future__ import annotations

@@ -427,6 +427,9 @@ def make_vllm_engine(model_path: str | Path, rollout_cfg: RolloutConfig, seed: i
         log.warning("vllm: sleep mode is unavailable on %s; the engine keeps its memory "
                     "between rollouts", current_platform.device_name)
     start = time.perf_counter()
+    # "vllm": the model folder's generation_config.json gives no sampling defaults (an instruct
+    # checkpoint's repetition_penalty would otherwise reach requests that leave it unset).
+    llm_kwargs.setdefault("generation_config", "vllm")
     llm = LLM(model=str(model_path), seed=seed, dtype=dtype, max_model_len=max_model_len,
               gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
               enable_sleep_mode=sleep_available, worker_extension_cls=EXTENSION_QUALNAME,

@@ -22,6 +22,7 @@ takes a lease before it is queued and gives it back when it ends; a lease whose 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -33,7 +34,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -199,15 +203,48 @@ def remove_stale_temporaries(root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def rng_state() -> dict:
-    # Python's random state is a tuple of ints: fine for weights_only loading.
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+def rng_state(cuda_devices: Sequence[int] | None = None) -> dict:
+    """Every random generator a training step draws from, as tensors and numbers only
+    (``torch.load(weights_only=True)``): torch's CPU generator, each CUDA device's (the
+    sampler's draws on a GPU come from there), Python's ``random`` and numpy's global one.
+
+    ``cuda_devices``: the devices to save; default every visible one when CUDA is available.
+    """
+    if cuda_devices is None:
+        cuda_devices = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(internal),
+            "python_version": version, "python_gauss": gauss,
+            "cuda": [torch.cuda.get_rng_state(d) for d in cuda_devices],
+            "numpy": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)]}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, cuda_devices: Sequence[int] | None = None) -> None:
+    """Restore what :func:`rng_state` saved; CUDA states go to ``cuda_devices`` (default
+    0 .. k-1 for k saved states). A checkpoint from before CUDA/numpy states were saved
+    restores what it has."""
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "numpy" in state:
+        has_gauss, cached = state["numpy_gauss"]
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
+                             state["numpy_pos"], int(has_gauss), float(cached)))
+    saved = state.get("cuda", [])
+    if not saved:
+        return
+    if cuda_devices is None:
+        if not torch.cuda.is_available():
+            log.warning("the checkpoint holds %d CUDA RNG states but CUDA is not available: "
+                        "sampling will not repeat the uninterrupted run", len(saved))
+            return
+        cuda_devices = range(min(len(saved), torch.cuda.device_count()))
+    if len(cuda_devices) != len(saved):
+        log.warning("the checkpoint holds %d CUDA RNG states, restoring %d devices",
+                    len(saved), len(cuda_devices))
+    for device, device_state in zip(cuda_devices, saved, strict=False):
+        torch.cuda.set_rng_state(device_state, device)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -3,12 +3,18 @@
 A group is the ``n`` responses of one prompt (rows ``g*n .. g*n+n-1``). Mixed offline-online
 training puts the sample's expert trajectory (``offline_output``) in the group's last slot,
 either always or only when the on-policy responses' accuracy is below a threshold; the mixed
-rows are flagged so the loss can weight them (see ``HFBackend._offline_weights``).
+rows are flagged so the loss can weight or shape them (``train.grpo.offline_*``).
+
+Groups whose rewards are all equal carry no policy gradient. ``train.filter_no_signal`` drops
+them (the step trains on fewer groups); ``train.dynamic_sampling`` (DAPO) drops them and draws
+more prompts until the step has ``prompts_per_step`` groups with signal
+(:func:`collect_groups`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +23,9 @@ from torch import Tensor
 from evr1.config import OfflineConfig, RewardConfig
 from evr1.data.schema import Sample
 from evr1.rewards import check_items, score_batch
+from evr1.rollout.base import Prompt
+from evr1.train.batch import PolicyBatch
+from evr1.train.grpo import group_has_signal
 
 
 @dataclass
@@ -24,6 +33,126 @@ class Scores:
     overall: Tensor  # [N]
     accuracy: Tensor  # [N]
     format: Tensor  # [N]
+
+
+@dataclass
+class GroupBatch:
+    """The groups of one or more draws: ``n`` rows per prompt, everything per row."""
+
+    n: int
+    samples: list[Sample]  # one per group
+    prompts: list[Prompt]  # one per group
+    responses: list[list[int]]
+    texts: list[str]
+    scores: Scores
+    offline: Tensor  # [rows] bool: the expert answer in the slot
+    truncated: Tensor  # [rows] bool: cut at max_new_tokens without a stop token
+    logprobs: list[list[float]] | None  # the engine's, per row ([] for offline rows)
+    times: dict[str, float] = field(default_factory=dict)  # seconds spent, by phase
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.samples)
+
+    def has_signal(self) -> Tensor:
+        return group_has_signal(self.scores.overall.view(-1, self.n))
+
+    def select(self, groups: list[int]) -> GroupBatch:
+        """The given groups, in that order."""
+        rows = [g * self.n + i for g in groups for i in range(self.n)]
+        index = torch.tensor(rows, dtype=torch.long)
+        return GroupBatch(
+            self.n, [self.samples[g] for g in groups], [self.prompts[g] for g in groups],
+            [self.responses[r] for r in rows], [self.texts[r] for r in rows],
+            Scores(*(getattr(self.scores, k)[index] for k in ("overall", "accuracy", "format"))),
+            self.offline[index], self.truncated[index],
+            None if self.logprobs is None else [self.logprobs[r] for r in rows], dict(self.times))
+
+    @staticmethod
+    def concat(parts: list[GroupBatch]) -> GroupBatch:
+        first = parts[0]
+        logprobs = None
+        if all(p.logprobs is not None for p in parts):
+            logprobs = [lp for p in parts for lp in p.logprobs]
+        times: dict[str, float] = {}
+        for p in parts:
+            for k, v in p.times.items():
+                times[k] = times.get(k, 0.0) + v
+        return GroupBatch(
+            first.n, [s for p in parts for s in p.samples], [q for p in parts for q in p.prompts],
+            [r for p in parts for r in p.responses], [t for p in parts for t in p.texts],
+            Scores(*(torch.cat([getattr(p.scores, k) for p in parts])
+                     for k in ("overall", "accuracy", "format"))),
+            torch.cat([p.offline for p in parts]), torch.cat([p.truncated for p in parts]),
+            logprobs, times)
+
+
+@dataclass
+class Collected:
+    drawn: GroupBatch  # every group sampled this step (for the reward metrics)
+    train: GroupBatch  # the groups the step trains on
+    rounds: int  # draws of prompts_per_step prompts
+
+    def metrics(self) -> dict[str, float]:
+        signal = int(self.drawn.has_signal().sum())
+        return {"sampling_rounds": self.rounds, "groups_drawn": self.drawn.num_groups,
+                "groups_with_signal": signal, "groups_trained": self.train.num_groups}
+
+
+def collect_groups(draw: Callable[[], GroupBatch], target: int, *, filter_no_signal: bool,
+                   dynamic: bool, max_rounds: int) -> Collected:
+    """The groups one step trains on.
+
+    ``draw()`` samples and scores ``target`` new prompts. Without filtering, one draw is the
+    step. ``filter_no_signal`` keeps the groups with signal of that one draw (fewer than
+    ``target``, not refilled). ``dynamic`` (DAPO's dynamic sampling) keeps drawing until
+    ``target`` groups with signal are in hand or ``max_rounds`` draws were made, and trains on
+    the first ``target`` of them (fewer if the rounds ran out; the metrics count the rounds).
+    """
+    parts: list[GroupBatch] = []
+    kept: list[GroupBatch] = []
+    have = 0
+    rounds = max_rounds if dynamic else 1
+    for _ in range(rounds):
+        part = draw()
+        parts.append(part)
+        if not (dynamic or filter_no_signal):
+            kept.append(part)
+            break
+        groups = torch.nonzero(part.has_signal()).flatten().tolist()
+        if dynamic:
+            groups = groups[:target - have]
+        kept.append(part.select(groups))
+        have += len(groups)
+        if have >= target:
+            break
+    drawn = GroupBatch.concat(parts)
+    return Collected(drawn=drawn, train=GroupBatch.concat(kept), rounds=len(parts))
+
+
+def fill_policy_batches(batches: list[PolicyBatch], group: GroupBatch, advantages: Tensor,
+                        ) -> None:
+    """Give each micro-batch its rows' advantages, offline flags and, where the engine
+    returned them, its log-probs (``extras['rollout_logp']`` [B, R], zero-padded, with
+    ``extras['has_rollout_logp']`` [B]: false on offline rows)."""
+    for b in batches:
+        b.advantages = advantages[b.rows]
+        b.extras["offline"] = group.offline[b.rows]
+        if group.logprobs is None:
+            continue
+        padded = torch.zeros(b.responses.shape, dtype=torch.float32)
+        has = torch.zeros(len(b.rows), dtype=torch.bool)
+        for i, r in enumerate(b.rows):
+            values = group.logprobs[r]
+            if not values:
+                continue
+            if len(values) != len(group.responses[r]):
+                raise ValueError(f"row {r}: the engine gave {len(values)} log-probs for "
+                                 f"{len(group.responses[r])} response tokens")
+            padded[i, :len(values)] = torch.tensor(values)
+            has[i] = True
+        b.extras["rollout_logp"] = padded
+        b.extras["has_rollout_logp"] = has
 
 
 def reward_item(sample: Sample, response: str) -> dict[str, Any]:

@@ -31,12 +31,12 @@ right for a single micro-batch holding the whole batch.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from evr1.config import Estimator, GRPOConfig, KLEstimator, LossAgg
+from evr1.config import Estimator, GRPOConfig, KLEstimator, LossAgg, RolloutIS
 
 # exp() of a log-ratio beyond this overflows float32 long before it means anything; tokens that
 # far off-policy are clipped (or hopeless) anyway, so the clamp only buys finite numbers.
@@ -80,13 +80,18 @@ def compute_advantages(rewards: Tensor, group_size: int | None = None,
     * ``drgrpo``: r - mean (Dr. GRPO: dividing by the std up-weights near-uniform groups)
     * ``rloo``:   r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean)
 
-    A group whose rewards are all equal gets zero advantages under every estimator.
+    A group whose rewards are all equal gets exactly zero advantages under every estimator:
+    in float32 its mean need not equal the rewards (8 x 0.1 sums to 0.8000001), and ``grpo``
+    would divide that rounding error by std + eps = eps into a same-sign push of ~0.01-0.1.
     """
     groups = _as_groups(rewards, group_size)
     n = groups.shape[1]
     if estimator in ("grpo", "rloo") and n < 2:
         raise ValueError(f"the {estimator} estimator needs at least 2 responses per group")
-    centred = groups - groups.mean(dim=1, keepdim=True)
+    if groups.shape[0] == 0:  # a step whose groups were all filtered out
+        return torch.zeros_like(rewards, dtype=groups.dtype)
+    signal = groups.amax(dim=1, keepdim=True) > groups.amin(dim=1, keepdim=True)
+    centred = torch.where(signal, groups - groups.mean(dim=1, keepdim=True), 0.0)
     if estimator == "grpo":
         adv = centred / (groups.std(dim=1, keepdim=True) + eps)
     elif estimator == "drgrpo":
@@ -103,7 +108,8 @@ def group_has_signal(rewards: Tensor, group_size: int | None = None) -> Tensor:
     """``[num_groups]`` bool: False where every reward of the group is equal.
 
     Such a group has zero advantages and so contributes no policy gradient (only KL and
-    entropy terms); online filtering drops it and samples more prompts instead.
+    entropy terms): ``train.filter_no_signal`` drops it (no refill), ``train.dynamic_sampling``
+    drops it and draws more prompts (``evr1.train.groups.collect_groups``).
     """
     groups = _as_groups(rewards, group_size)
     return groups.amax(dim=1) > groups.amin(dim=1)
@@ -131,6 +137,18 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") ->
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
+def overlong_reward(lengths: Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment, added to the reward of each response.
+
+    0 for ``len <= max_len - buffer``; then ``((max_len - buffer) - len) / buffer * penalty``,
+    falling linearly to ``-penalty`` at ``max_len`` (and below it for anything longer).
+    """
+    if not 0 < buffer < max_len:
+        raise ValueError(f"need 0 < buffer < max_len, got buffer={buffer}, max_len={max_len}")
+    excess = (lengths.float() - (max_len - buffer)).clamp(min=0.0)
+    return -penalty * excess / buffer
+
+
 @torch.no_grad()
 def importance_weights(old_logp: Tensor, behaviour_logp: Tensor, clip: float) -> Tensor:
     """Truncated per-token importance weights min(pi_old / pi_behaviour, clip).
@@ -143,6 +161,89 @@ def importance_weights(old_logp: Tensor, behaviour_logp: Tensor, clip: float) ->
     """
     log_w = (old_logp - behaviour_logp).clamp(max=_MAX_LOG_RATIO)
     return torch.exp(log_w).clamp(max=clip)
+
+
+@dataclass
+class RolloutCorrection:
+    """Truncated importance weights for the rollout/trainer mismatch, and their statistics
+    (token means over the tokens that have engine log-probs; 0 where none do)."""
+
+    weights: Tensor  # [B, T], 1 on rows without engine log-probs
+    ratio_mean: Tensor  # pi_trainer / pi_engine before truncation (sequence-level: per sequence)
+    trunc_frac: Tensor  # share of those tokens whose weight was truncated at the cap
+    kl: Tensor  # KL(pi_engine || pi_trainer) by the k3 estimator: how far the engines disagree
+
+
+@torch.no_grad()
+def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, has_rollout: Tensor,
+                       level: RolloutIS, cap: float) -> RolloutCorrection:
+    """Truncated importance sampling (TIS) with the rollout engine's own log-probs.
+
+    The engine (vLLM: other kernels, bf16) samples from mu, slightly different from the
+    trainer's pi_old, which the clipped objective assumes. With log r_t = old_logp - rollout_logp:
+
+    * ``token``:    w_t = min(r_t, cap)                     (verl ``token``, slime ``--use-tis``)
+    * ``sequence``: w_t = min(prod_t' r_t', cap) for every token of the sequence
+    * ``none``:     w_t = 1 (the statistics are still computed)
+
+    ``has_rollout [B]`` marks rows whose tokens the engine sampled (offline rows: weight 1).
+    """
+    mask = mask.bool() & has_rollout.bool()[:, None]
+    log_r = torch.where(mask, old_logp - rollout_logp, 0.0).clamp(-_MAX_LOG_RATIO,
+                                                                 _MAX_LOG_RATIO)
+    ratio = torch.exp(log_r)
+    if level == "sequence":
+        seq = torch.exp(log_r.sum(dim=-1).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+        per_token = seq[:, None].expand_as(ratio)
+    else:
+        per_token = ratio
+    truncated = (per_token > cap) & mask
+    weights = torch.ones_like(ratio)
+    if level != "none":
+        weights = torch.where(mask, per_token.clamp(max=cap), 1.0)
+    return RolloutCorrection(weights=weights, ratio_mean=_masked_mean(per_token, mask),
+                             trunc_frac=_masked_mean(truncated.float(), mask),
+                             kl=_masked_mean(ratio - 1.0 - log_r, mask))
+
+
+def sample_weights(old_logp: Tensor, mask: Tensor, cfg: GRPOConfig, *,
+                   offline: Tensor | None = None, rollout_logp: Tensor | None = None,
+                   has_rollout: Tensor | None = None,
+                   ) -> tuple[Tensor | None, RolloutCorrection | None]:
+    """The per-token weights of a micro-batch's policy term: offline rows' weight
+    min(pi_old, offline_is_clip) (when set) times the rollout correction of sampled rows
+    (when the engine returned log-probs); ``None`` where neither applies."""
+    weights = None
+    if cfg.offline_is_clip is not None and offline is not None and bool(offline.any()):
+        # The expert is a deterministic behaviour policy: pi_old / 1, truncated at c < 1.
+        w = importance_weights(old_logp, torch.zeros_like(old_logp), cfg.offline_is_clip)
+        weights = torch.where(offline.bool()[:, None] & mask.bool(), w, 1.0)
+    correction = None
+    if rollout_logp is not None and has_rollout is not None and bool(has_rollout.any()):
+        correction = rollout_correction(old_logp, rollout_logp, mask, has_rollout,
+                                        cfg.rollout_is, cfg.rollout_is_cap)
+        if cfg.rollout_is != "none":
+            weights = correction.weights if weights is None else weights * correction.weights
+    return weights, correction
+
+
+def shaped_offline_term(logp: Tensor, gamma: float) -> Tensor:
+    """LUFFY's policy shaping f(pi) = pi / (pi + gamma) of a token's probability (with grad).
+
+    Its gradient, gamma / (pi + gamma)^2 * grad pi = gamma * pi / (pi + gamma)^2 * grad log pi,
+    is largest for tokens the policy finds unlikely, so rare expert tokens are not drowned by
+    the policy's own confident ones (LUFFY, Yan et al. 2025, eq. 6; gamma = 0.1 there).
+    """
+    p = torch.exp(logp)
+    return p / (p + gamma)
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """The factor that brings a gradient of global ``norm`` within ``max_norm`` (as
+    ``torch.nn.utils.clip_grad_norm_``); ``max_norm <= 0`` means no clipping (factor 1)."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -205,9 +306,25 @@ class LossMetrics:
     approx_kl: Tensor  # KL(pi_old || pi) by the k3 estimator: how far this update has moved
     is_weight_mean: Tensor  # 1 without importance weights
     num_tokens: Tensor
+    # Rollout/trainer mismatch (see RolloutCorrection); 0 when the engine gives no log-probs.
+    rollout_ratio_mean: Tensor = field(default_factory=lambda: torch.zeros(()))
+    rollout_trunc_frac: Tensor = field(default_factory=lambda: torch.zeros(()))
+    rollout_kl: Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def as_floats(self) -> dict[str, float]:
         return {name: float(value) for name, value in vars(self).items()}
+
+    def add_correction(self, correction: RolloutCorrection | None) -> None:
+        if correction is not None:
+            self.rollout_ratio_mean = correction.ratio_mean
+            self.rollout_trunc_frac = correction.trunc_frac
+            self.rollout_kl = correction.kl
+
+
+# Metrics that are a micro-batch's share of a step total (pg_loss is divided by the step's
+# normaliser, num_tokens is a count): a step sums them over micro-batches. The other metrics are
+# means over a micro-batch's tokens: a step weights them by its token count.
+SUMMED_METRICS = ("pg_loss", "num_tokens")
 
 
 def _check_shapes(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
@@ -234,7 +351,8 @@ def _per_token(t: Tensor, like: Tensor, mask: Tensor) -> Tensor:
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                 cfg: GRPOConfig, *, ref_logp: Tensor | None = None,
                 entropy: Tensor | None = None, is_weights: Tensor | None = None,
-                normaliser: float | Tensor | None = None) -> tuple[Tensor, LossMetrics]:
+                normaliser: float | Tensor | None = None,
+                shaped: Tensor | None = None) -> tuple[Tensor, LossMetrics]:
     """GRPO loss of one micro-batch and its metrics.
 
     Per token, with ratio = exp(logp - old_logp) and A the advantage:
@@ -243,6 +361,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
             + kl_coef * KL_est(logp, ref_logp) - entropy_coef * entropy
 
     aggregated by ``cfg.loss_agg`` and divided by ``normaliser`` (see the module docstring).
+    Rows flagged in ``shaped [B]`` (offline rows under ``offline_loss: shaping``) use
+    LUFFY's unclipped ``-w * A * f(pi)`` instead, f(p) = p / (p + offline_shaping_gamma).
     ``logp`` (and ``entropy``) carry the gradient; ``old_logp``, ``ref_logp``, ``advantages``
     and the importance weights ``w`` (``[B]`` or ``[B, T]``, default 1) are treated as
     constants. The weights multiply the policy term only: they correct which tokens were
@@ -259,6 +379,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     pg = -torch.minimum(ratio * adv, clipped * adv)
+    can_clip = mask
+    if shaped is not None:
+        rows = shaped.bool()[:, None].expand_as(pg)
+        pg = torch.where(rows, -adv * shaped_offline_term(logp, cfg.offline_shaping_gamma), pg)
+        can_clip = mask & ~rows
     weights = torch.ones_like(pg)
     if is_weights is not None:
         weights = _per_token(is_weights.detach().to(logp.dtype), logp, mask)
@@ -285,9 +410,10 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     with torch.no_grad():
         metrics = LossMetrics(
             pg_loss=aggregate_loss(pg, mask, cfg.loss_agg, normaliser),
-            clip_frac_low=_masked_mean(((adv < 0) & (ratio < 1.0 - cfg.clip_low)).float(), mask),
-            clip_frac_high=_masked_mean(((adv > 0) & (ratio > 1.0 + cfg.clip_high)).float(),
-                                        mask),
+            clip_frac_low=_masked_mean(
+                ((adv < 0) & (ratio < 1.0 - cfg.clip_low) & can_clip).float(), mask),
+            clip_frac_high=_masked_mean(
+                ((adv > 0) & (ratio > 1.0 + cfg.clip_high) & can_clip).float(), mask),
             ratio_mean=_masked_mean(ratio, mask),
             kl_mean=_masked_mean(kl, mask),
             entropy_mean=_masked_mean(ent, mask),

@@ -31,12 +31,16 @@ from evr1.train.async_eval import AsyncEvaluator
 from evr1.train.backends.hf import HFBackend
 from evr1.train.batch import make_policy_batches
 from evr1.train.groups import (
+    Collected,
+    GroupBatch,
     check_samples,
+    collect_groups,
+    fill_policy_batches,
     groups_to_mix,
     offline_response_ids,
     score_responses,
 )
-from evr1.train.grpo import compute_advantages, group_has_signal
+from evr1.train.grpo import compute_advantages, overlong_reward
 from evr1.train.heldout import evaluate_heldout
 from evr1.train.metrics import MetricsLogger
 from evr1.train.plots import plot_runs
@@ -188,8 +192,39 @@ class Trainer:
         ``train.log_completions`` groups (sampled texts, rewards, advantages)."""
         cfg, n = self.cfg, self.cfg.rollout.n
         t0 = time.perf_counter()
-        indices = self.sampler.next(cfg.train.prompts_per_step)
+        collected = collect_groups(self._draw_groups, cfg.train.prompts_per_step,
+                                   filter_no_signal=cfg.train.filter_no_signal,
+                                   dynamic=cfg.train.dynamic_sampling,
+                                   max_rounds=cfg.train.max_sampling_rounds)
         self.state.data_position = self.sampler.position
+        group = collected.train
+        advantages = compute_advantages(group.scores.overall.view(-1, n),
+                                        estimator=cfg.train.grpo.estimator,
+                                        eps=cfg.train.grpo.eps).view(-1)
+        # train.overlong=mask: truncated responses stay in their group's baseline, not the loss
+        rows = [r for r in range(len(group.responses))
+                if not (cfg.train.overlong == "mask" and group.truncated[r])]
+        if rows:
+            batches = make_policy_batches(self.processor, group.prompts, n, group.responses, rows,
+                                          cfg.train.micro_batch_size, self.pad_id)
+            fill_policy_batches(batches, group, advantages)
+            self.engine.sleep()  # colocated engines free their memory for the update
+            update = self.backend.train_step(batches, cfg.train.grpo)
+            self.engine.sync_weights(self.backend.named_hf_weights())
+            self.engine.wake_up()
+        else:  # nothing to train on: the lr schedule still follows the step counter
+            update = self.backend.skip_update()
+        times = dict(collected.drawn.times, time_step=time.perf_counter() - t0)
+        metrics = self._step_metrics(collected, len(rows), update, times)
+        metrics["completions"] = self._completion_records(group, advantages)
+        return metrics
+
+    def _draw_groups(self) -> GroupBatch:
+        """Sample ``prompts_per_step`` new prompts' groups, score them, mix in the offline
+        answers, shape the reward of long responses (``train.overlong=shaping``)."""
+        cfg, n = self.cfg, self.cfg.rollout.n
+        t0 = time.perf_counter()
+        indices = self.sampler.next(cfg.train.prompts_per_step)
         prompts = [self.train_set.prompt(i) for i in indices]
         samples = [self.train_set.samples[i] for i in indices]
         rollouts = self.engine.generate(prompts, SamplingParams(
@@ -207,35 +242,19 @@ class Trainer:
             for k, r in enumerate(offline_rows):
                 for name in ("overall", "accuracy", "format"):
                     getattr(scores, name)[r] = getattr(mixed, name)[k]
+        offline = torch.zeros(len(responses), dtype=torch.bool)
+        offline[offline_rows] = True
+        truncated = torch.tensor(rollouts.truncated or [False] * len(responses)) & ~offline
+        logprobs = None if rollouts.logprobs is None else \
+            [[] if offline[r] else list(lp) for r, lp in enumerate(rollouts.logprobs)]
+        if cfg.train.overlong == "shaping":
+            scores.overall += overlong_reward(torch.tensor([len(r) for r in responses]),
+                                              cfg.rollout.max_new_tokens,
+                                              cfg.train.overlong_buffer,
+                                              cfg.train.overlong_penalty)
         t_reward = time.perf_counter() - t0 - t_rollout
-
-        advantages = compute_advantages(scores.overall.view(-1, n),
-                                        estimator=cfg.train.grpo.estimator,
-                                        eps=cfg.train.grpo.eps).view(-1)
-        keep = torch.ones(len(samples), dtype=torch.bool)
-        if cfg.train.filter_no_signal:
-            keep = group_has_signal(scores.overall.view(-1, n))
-        rows = [r for r in range(len(responses)) if keep[r // n]]
-        update = {}
-        if rows:
-            batches = make_policy_batches(self.processor, prompts, n, responses, rows,
-                                          cfg.train.micro_batch_size, self.pad_id)
-            offline = torch.zeros(len(responses), dtype=torch.bool)
-            offline[offline_rows] = True
-            for b in batches:
-                b.advantages = advantages[b.rows]
-                b.extras["offline"] = offline[b.rows]
-            self.engine.sleep()  # colocated engines free their memory for the update
-            update = self.backend.train_step(batches, cfg.train.grpo)
-            self.engine.sync_weights(self.backend.named_hf_weights())
-            self.engine.wake_up()
-        elapsed = time.perf_counter() - t0
-        metrics = self._step_metrics(samples, scores, responses, offline_rows, len(rows), update,
-                                     dict(time_rollout=t_rollout, time_reward=t_reward,
-                                          time_step=elapsed))
-        metrics["completions"] = self._completion_records(samples, texts, scores, advantages,
-                                                          offline_rows)
-        return metrics
+        return GroupBatch(n, samples, prompts, responses, texts, scores, offline, truncated,
+                          logprobs, {"time_rollout": t_rollout, "time_reward": t_reward})
 
     def _mix_offline(self, samples, accuracy, responses, texts) -> list[int]:
         """Put expert trajectories in the last slot of the chosen groups; returns those rows."""
@@ -251,36 +270,38 @@ class Trainer:
             rows.append(row)
         return rows
 
-    def _completion_records(self, samples, texts, scores, advantages,
-                            offline_rows) -> list[dict[str, Any]]:
-        """The first ``train.log_completions`` groups of the step, for completions.jsonl."""
-        n, offline = self.cfg.rollout.n, set(offline_rows)
+    def _completion_records(self, group: GroupBatch, advantages) -> list[dict[str, Any]]:
+        """The first ``train.log_completions`` trained groups of the step, for
+        completions.jsonl."""
+        n = self.cfg.rollout.n
         records = []
-        for g, sample in enumerate(samples[:self.cfg.train.log_completions]):
+        for g, sample in enumerate(group.samples[:self.cfg.train.log_completions]):
             rows = range(g * n, (g + 1) * n)
             records.append({
                 "sample_id": sample.id, "solution": sample.solution,
-                "responses": [texts[r] for r in rows],
-                "reward": [round(float(scores.overall[r]), 4) for r in rows],
+                "responses": [group.texts[r] for r in rows],
+                "reward": [round(float(group.scores.overall[r]), 4) for r in rows],
                 "advantage": [round(float(advantages[r]), 4) for r in rows],
-                "offline": [r in offline for r in rows]})
+                "offline": [bool(group.offline[r]) for r in rows]})
         return records
 
-    def _step_metrics(self, samples, scores, responses, offline_rows, trained_rows, update,
-                      times) -> dict[str, Any]:
-        n = self.cfg.rollout.n
-        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
+    def _step_metrics(self, collected: Collected, trained_rows, update, times) -> dict[str, Any]:
+        """Reward metrics over every group drawn this step; the update's over those trained."""
+        n, drawn = self.cfg.rollout.n, collected.drawn
+        scores, offline = drawn.scores, drawn.offline
+        lengths = torch.tensor([len(r) for r in drawn.responses], dtype=torch.float32)
         out: dict[str, Any] = {
             "reward": float(scores.overall.mean()), "accuracy": float(scores.accuracy.mean()),
             "format": float(scores.format.mean()), "response_len": float(lengths.mean()),
-            "offline_groups": len(offline_rows), "trained_rows": trained_rows,
-            "data_position": self.state.data_position, **times, **update}
-        if offline_rows:
-            out["offline_reward"] = float(scores.overall[offline_rows].mean())
-        online = [r for r in range(len(responses)) if r not in set(offline_rows)]
-        out["online_accuracy"] = float(scores.accuracy[online].mean()) if online else 0.0
+            "truncated": float(drawn.truncated.float().mean()),
+            "offline_groups": int(offline.sum()), "trained_rows": trained_rows,
+            "data_position": self.state.data_position, **collected.metrics(), **times, **update}
+        if offline.any():
+            out["offline_reward"] = float(scores.overall[offline].mean())
+        out["online_accuracy"] = float(scores.accuracy[~offline].mean()) if (~offline).any() \
+            else 0.0
         by_type: dict[str, list[float]] = {}
-        for g, sample in enumerate(samples):
+        for g, sample in enumerate(drawn.samples):
             by_type.setdefault(sample.problem_type, []).extend(
                 scores.overall[g * n:(g + 1) * n].tolist())
         out.update({f"reward/{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})

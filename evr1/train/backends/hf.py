@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from torch import Tensor
 from evr1.config import GRPOConfig, TrainConfig
 from evr1.train.batch import PolicyBatch
 from evr1.train.grpo import (
-    importance_weights,
+    SUMMED_METRICS,
+    LossMetrics,
     loss_normaliser,
     policy_loss,
+    sample_weights,
     token_entropy,
     token_logprobs,
 )
@@ -107,10 +110,8 @@ class HFBackend:
                 with torch.no_grad():
                     ref_logp = token_logprobs(self._logits(self.ref_model, batch),
                                               batch.responses)
-            loss, metrics = policy_loss(
-                logp, old_logp, batch.advantages, batch.mask, grpo, ref_logp=ref_logp,
-                entropy=entropy, is_weights=self._offline_weights(batch, old_logp, grpo),
-                normaliser=normaliser)
+            loss, metrics = grpo_terms(logp, old_logp, batch, grpo, ref_logp=ref_logp,
+                                       entropy=entropy, normaliser=normaliser)
             loss.backward()
             if entropy is None:
                 with torch.no_grad():
@@ -118,34 +119,28 @@ class HFBackend:
                                                         batch.mask)
             n = batch.num_tokens
             tokens += n
-            for key, value in metrics.as_floats().items():
-                totals[key] = totals.get(key, 0.0) + value * n
+            accumulate_metrics(totals, metrics, n)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        # max_norm inf: the norm is measured and nothing is scaled (train.grad_clip = 0: off)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: v / max(tokens, 1) for k, v in totals.items() if k != "loss"}
+        out = step_metrics(totals, tokens)
         out.update(loss=totals.get("loss", 0.0), grad_norm=float(grad_norm), lr=lr,
                    train_tokens=tokens, time_update=time.perf_counter() - start)
         return out
 
-    @staticmethod
-    def _offline_weights(batch: PolicyBatch, old_logp: Tensor,
-                         grpo: GRPOConfig) -> Tensor | None:
-        """Importance weights for offline (expert) rows; on-policy rows keep weight 1.
-
-        The expert's own token probabilities are unknown, so it is treated as a deterministic
-        behaviour policy (probability 1): the weight of an offline token is the old policy's
-        probability of it, min(pi_old / 1, c). Off by default (``offline_is_clip: null``), as
-        in the method's recipe.
-        """
-        offline = batch.extras.get("offline")
-        if grpo.offline_is_clip is None or offline is None or not bool(offline.any()):
-            return None
-        weights = importance_weights(old_logp, torch.zeros_like(old_logp), grpo.offline_is_clip)
-        return torch.where(offline[:, None], weights, torch.ones_like(weights))
+    def skip_update(self) -> dict[str, float]:
+        """A step with nothing to train on (every group filtered out): no optimiser step, but
+        the learning-rate schedule advances with the step counter, as a real step would."""
+        lr = self.scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant so
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        return {"lr": lr, "skipped_update": 1}
 
     # ------------------------------------------------------------------ state
 
@@ -167,6 +162,37 @@ class HFBackend:
         opt = torch.load(folder / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+
+
+def grpo_terms(logp: Tensor, old_logp: Tensor, batch: PolicyBatch, grpo: GRPOConfig, *,
+               ref_logp: Tensor | None, entropy: Tensor | None,
+               normaliser: float | Tensor) -> tuple[Tensor, LossMetrics]:
+    """``policy_loss`` of one micro-batch with its per-row options: offline rows' weights or
+    LUFFY shaping, and the rollout/trainer correction from the engine's log-probs (extras
+    ``offline``, ``rollout_logp``, ``has_rollout_logp``, see the trainer). Both backends."""
+    offline = batch.extras.get("offline")
+    weights, correction = sample_weights(
+        old_logp, batch.mask, grpo, offline=offline,
+        rollout_logp=batch.extras.get("rollout_logp"),
+        has_rollout=batch.extras.get("has_rollout_logp"))
+    shaped = offline if grpo.offline_loss == "shaping" else None
+    loss, metrics = policy_loss(logp, old_logp, batch.advantages, batch.mask, grpo,
+                                ref_logp=ref_logp, entropy=entropy, is_weights=weights,
+                                normaliser=normaliser, shaped=shaped)
+    metrics.add_correction(correction)
+    return loss, metrics
+
+
+def accumulate_metrics(totals: dict[str, float], metrics: LossMetrics, tokens: int) -> None:
+    """Add one micro-batch's metrics: step totals summed, token means weighted by tokens."""
+    for key, value in metrics.as_floats().items():
+        totals[key] = totals.get(key, 0.0) + value * (1 if key in SUMMED_METRICS else tokens)
+
+
+def step_metrics(totals: dict[str, float], tokens: int) -> dict[str, float]:
+    """The step's metrics from ``accumulate_metrics`` totals (``loss`` is left to the caller)."""
+    return {k: v if k in SUMMED_METRICS else v / max(tokens, 1)
+            for k, v in totals.items() if k != "loss"}
 
 
 _VISION_INPUTS = (("image", "pixel_values", "image_grid_thw", "get_image_features"),

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from evr1.config import GRPOConfig, TrainConfig
-from evr1.train.backends.hf import HFBackend, lr_lambda
+from evr1.train.backends.hf import grpo_terms, lr_lambda
 from evr1.train.backends.megatron import model as mg_model
 from evr1.train.backends.megatron import parallel
 from evr1.train.backends.megatron.deepstack import Deepstack, add_after_layers, visual_index
@@ -74,7 +75,7 @@ from evr1.train.backends.megatron.weights import (
     write_hf_folder,
 )
 from evr1.train.batch import PolicyBatch
-from evr1.train.grpo import LossMetrics, loss_normaliser, policy_loss
+from evr1.train.grpo import SUMMED_METRICS, LossMetrics, clip_coefficient, loss_normaliser
 
 VISUAL = "model.visual."
 _METRICS = [f.name for f in dataclasses.fields(LossMetrics)]
@@ -411,11 +412,12 @@ class MegatronBackend:
             entropy = None
             if grpo.entropy_coef > 0:
                 entropy = layout.scatter(vocab_parallel_entropy(logits, self._tp_group()))
-            loss, metrics = policy_loss(
-                logp, old_logp, batch.advantages.to(logp.device), layout.response_mask, grpo,
+            view = dataclasses.replace(
+                batch, advantages=batch.advantages.to(logp.device), mask=layout.response_mask,
+                extras={k: v.to(logp.device) for k, v in batch.extras.items()})
+            loss, metrics = grpo_terms(
+                logp, old_logp, view, grpo,
                 ref_logp=None if ref is None else ref[i].to(logp.device), entropy=entropy,
-                is_weights=HFBackend._offline_weights(_extras_on(batch, logp.device), old_logp,
-                                                      grpo),
                 normaliser=normaliser)
             if entropy is None:
                 with torch.no_grad():
@@ -424,8 +426,8 @@ class MegatronBackend:
                     metrics.entropy_mean = _masked_mean(ent, layout.response_mask)
             values = metrics.as_floats()
             n = batch.num_tokens
-            for j, key in enumerate(_METRICS):
-                totals[j] += values[key] * n
+            for j, key in enumerate(_METRICS):  # step totals summed, token means weighted
+                totals[j] += values[key] * (1 if key in SUMMED_METRICS else n)
             totals[-2] += float(loss.detach())
             totals[-1] += n
             return loss
@@ -439,10 +441,19 @@ class MegatronBackend:
         totals = self._reduce_metrics(totals)
         tokens = float(totals[-1])
         # Token-weighted means over the whole batch, as the hf backend reports them.
-        out = {key: float(totals[j]) / max(tokens, 1.0) for j, key in enumerate(_METRICS)}
+        out = {key: float(totals[j]) / (1.0 if key in SUMMED_METRICS else max(tokens, 1.0))
+               for j, key in enumerate(_METRICS)}
         out.update(loss=float(totals[-2]), grad_norm=grad_norm, lr=lr, train_tokens=int(tokens),
                    time_update=time.perf_counter() - start)
         return out
+
+    def skip_update(self) -> dict[str, float]:
+        """No optimiser step (every group filtered out); the lr schedule still advances."""
+        lr = self.scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant so
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        return {"lr": lr, "skipped_update": 1}
 
     def _reduce_metrics(self, totals: Tensor) -> Tensor:
         """Sum token-weighted metrics over data-parallel replicas and pipeline stages (only
@@ -478,7 +489,7 @@ class MegatronBackend:
         if g.pp > 1:
             dist.all_reduce(squares, group=ps.get_pipeline_model_parallel_group())
         norm = float(squares.sqrt())
-        coef = min(1.0, self.cfg.grad_clip / (norm + 1e-6))
+        coef = clip_coefficient(norm, self.cfg.grad_clip)  # grad_clip 0: no clipping
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(coef)
@@ -810,12 +821,6 @@ def _to_device(layout: TokenLayout, device: torch.device) -> TokenLayout:
         for name in ("cu_seqlens_q", "cu_seqlens_kv"):
             setattr(params, name, getattr(params, name).to(device))
     return TokenLayout(**moved)
-
-
-def _extras_on(batch: PolicyBatch, device: torch.device) -> PolicyBatch:
-    if device.type == "cpu":
-        return batch
-    return dataclasses.replace(batch, extras={k: v.to(device) for k, v in batch.extras.items()})
 
 
 def _inputs_on(batch: PolicyBatch, device: torch.device) -> dict[str, Any]:
