@@ -93,6 +93,16 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        # Data first: a sample the rewards cannot score fails here, before any model is built.
+        reader = ShardReader(cfg.shard_dir)
+        self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
+                                        cfg.data.include_tasks, cfg.data.video.fps,
+                                        cfg.reward.fallback_type)
+        self.heldout = None
+        if cfg.data.eval_jsonl:
+            self.heldout = PromptSet.load(cfg.data.eval_jsonl, reader, cfg.data.media_root,
+                                          cfg.data.include_tasks, cfg.data.video.fps,
+                                          cfg.reward.fallback_type)
         model_dir = ensure_model(cfg)
         self.model_dir = model_dir
         self.processor = load_processor(model_dir)
@@ -104,13 +114,6 @@ class Trainer:
         # seed, so all ranks sample the same rollouts; rank 0 alone logs, evaluates and writes.
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.engine = make_engine(cfg, self.model, self.processor, model_dir)
-        reader = ShardReader(cfg.shard_dir)
-        self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
-                                        cfg.data.include_tasks, cfg.data.video.fps)
-        self.heldout = None
-        if cfg.data.eval_jsonl:
-            self.heldout = PromptSet.load(cfg.data.eval_jsonl, reader, cfg.data.media_root,
-                                          cfg.data.include_tasks, cfg.data.video.fps)
         self.sampler = PromptSampler(len(self.train_set), cfg.seed)
         self.state = ckpt.TrainerState()
         self.stop_id = stop_token_ids(self.processor.tokenizer)[0]
