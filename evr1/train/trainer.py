@@ -33,7 +33,7 @@ from evr1.train.batch import make_policy_batches
 from evr1.train.groups import groups_to_mix, offline_response_ids, score_responses
 from evr1.train.grpo import compute_advantages, group_has_signal
 from evr1.train.heldout import evaluate_heldout
-from evr1.train.metrics import MetricsLogger
+from evr1.train.metrics import MetricsLogger, rewind_logs
 from evr1.train.plots import plot_runs
 from evr1.video.shards import ShardReader
 
@@ -311,18 +311,32 @@ class Trainer:
                                    **self._keep_best())
 
     def resume(self) -> None:
-        ckpt.remove_stale_temporaries(self.cfg.checkpoint_dir)
+        """Continue from ``train.resume``'s checkpoint (none: step 0). What lies beyond it, the
+        checkpoints and log rows of a branch left behind (an earlier folder named, or
+        ``never``) or of steps about to be redone, is moved to ``checkpoints/abandoned-<time>/``
+        first, so ``resume: auto`` never returns to it and each step is logged once."""
+        root = self.cfg.checkpoint_dir
+        if self.is_main:
+            ckpt.recover_interrupted_saves(root)  # a kill inside save: old or new, complete
+        if dist.is_initialized():
+            dist.barrier()
         mode = self.cfg.train.resume
-        if mode == "never":
-            return
-        folder = ckpt.latest_checkpoint(self.cfg.checkpoint_dir) if mode == "auto" \
-            else Path(mode)
-        if folder is None:
-            return
-        if not (folder / "meta.json").exists():
-            raise FileNotFoundError(f"train.resume={mode}: {folder} is not a complete checkpoint")
-        self.backend.load(folder)
-        self.state = ckpt.load_trainer_state(folder)
-        self.sampler.position = self.state.data_position
-        log.info("resumed from %s (step %d)", folder, self.state.step)
+        folder = None if mode == "never" else \
+            ckpt.latest_checkpoint(root) if mode == "auto" else Path(mode)
+        if folder is not None:
+            if not (folder / "meta.json").exists():
+                raise FileNotFoundError(f"train.resume={mode}: {folder} is not a complete "
+                                        "checkpoint")
+            self.backend.load(folder)
+            self.state = ckpt.load_trainer_state(folder)
+            self.sampler.position = self.state.data_position
+            log.info("resumed from %s (step %d)", folder, self.state.step)
+        if self.is_main:
+            archive = ckpt.new_abandoned_dir(root)
+            moved = ckpt.abandon_after(root, self.state.step, folder, archive)
+            rows = rewind_logs(self.run_dir, self.state.step, archive)
+            if moved or rows:
+                log.warning("starting at step %d: moved %d later checkpoint(s) (%s) and %d "
+                            "log row(s) of later steps to %s", self.state.step, len(moved),
+                            ", ".join(p.name for p in moved) or "none", rows, archive)
 
