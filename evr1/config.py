@@ -78,6 +78,11 @@ class DataConfig:
     # Separate budgets: a joint image-video batch must not let one modality starve the other.
     image: VisionBudget = field(default_factory=lambda: VisionBudget(max_pixels=1_048_576))
     video: VisionBudget = field(default_factory=lambda: VisionBudget(min_pixels=128 * 28 * 28))
+    # Largest source frame (width x height) decoded at full size: 8K UHD. Larger videos are
+    # scaled to the model's frame size while each frame is converted (PyAV; DALI refuses them,
+    # auto falls back to PyAV), so memory does not grow with the source; larger images are
+    # read at a reduced JPEG scale, or refused. Frames of sources up to this size are unchanged.
+    max_source_pixels: int = 7680 * 4320
 
     @property
     def resize_factor(self) -> int:
@@ -88,6 +93,9 @@ class DataConfig:
         self.video.validate("data.video")
         if self.temporal_patch_size < 1:
             raise ConfigError("data.temporal_patch_size must be >= 1")
+        if self.max_source_pixels < 1:
+            raise ConfigError(f"data.max_source_pixels must be >= 1, got "
+                              f"{self.max_source_pixels}")
 
 
 @dataclass

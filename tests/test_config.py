@@ -68,6 +68,7 @@ def test_roundtrip_through_yaml(tmp_path):
     ("reward.timeout_s=.inf", "reward.timeout_s must be a positive number"),
     ("reward.num_workers=-1", "reward.num_workers must be >= 0"),
     ("train.keep_last=-1", "train.keep_last must be >= 0"),
+    ("data.max_source_pixels=0", "data.max_source_pixels must be >= 1"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
