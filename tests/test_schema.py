@@ -339,6 +339,8 @@ def test_command_line_names_file_line_sample_field(folder: Path) -> None:
     import subprocess
     import sys
 
+    from evr1.rewards import BUILTIN_TYPES
+
     path = write_lines(folder / "bad.jsonl", [GOOD[0], record(id="s2", problem_type="nope"),
                                               record(id="s3", solution=["A"])])
     out = subprocess.run([sys.executable, "-m", "evr1.data.schema", str(path)],
@@ -346,7 +348,7 @@ def test_command_line_names_file_line_sample_field(folder: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.splitlines() == [
         f"{path}:2: sample s2: field problem_type: unknown problem type 'nope'; known types: "
-        + ", ".join(__import__("evr1.rewards").rewards.PROBLEM_TYPES)
+        + ", ".join(BUILTIN_TYPES)  # the child process registers nothing else
         + " (or set a fallback_type)",
         f"{path}:3: sample s3: field solution: multiple_choice: solution ['A'] is not an option "
         "letter or option text among 2 options (problem type 'multiple_choice')"]
