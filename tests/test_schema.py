@@ -227,6 +227,13 @@ def test_failed_write_leaves_the_old_file(folder: Path) -> None:
                                    data_type="audio")],
         "not JSON serializable": [Sample(id="j", problem_type="numerical", problem="?",
                                          solution=1, data_type="text", meta={"x": object()})],
+        # A file this writes loads back: the rewards must be able to score every sample.
+        "field problem_type: cannot write sample #0: unknown problem type": [Sample(
+            id="u", problem_type="colour_naming", problem="?", solution="red",
+            data_type="text")],
+        "field solution: .*is not an option letter": [Sample(id="m", problem_type="multiple_choice",
+                                                   problem="?", solution=["A"],
+                                                   data_type="text")],
     }
     for reason, batch in bad_batches.items():
         with pytest.raises(SampleError, match=reason):

@@ -501,7 +501,7 @@ def collect_curation(cfg: Config) -> CurateReport:
              "json": str(out / "report.json"), "markdown": str(out / "report.md"),
              "png": str(out / "pass_rates.png")}
     atomic_write_jsonl(out / "pass_rates.jsonl", [by_id[s.id] for s in samples])
-    write_samples(output_jsonl(cfg), kept)
+    write_samples(output_jsonl(cfg), kept, fallback_type=cfg.reward.fallback_type)
     report = build_report(cfg, samples, by_id, decision, offline, files)
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", markdown(report).encode())

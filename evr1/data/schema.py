@@ -405,25 +405,27 @@ def check_files(files: Iterable[str | os.PathLike[str]],
         raise DatasetError(errors)
 
 
-def write_samples(path: str | os.PathLike[str], samples: Iterable[Sample]) -> int:
+def write_samples(path: str | os.PathLike[str], samples: Iterable[Sample], *,
+                  fallback_type: str = "") -> int:
     """Write samples as JSONL atomically (temp file, fsync, rename); return how many.
 
-    Each sample is checked first and ids must be unique, so a file this writes always loads
-    back; on any error the previous file (if any) is left untouched.
+    Each sample is checked first (shape, and that the rewards can score it, with
+    ``fallback_type`` as ``load_samples`` takes it) and ids must be unique, so a file this
+    writes always loads back; on any error the previous file (if any) is left untouched.
     """
     target = Path(path)
-    lines = _checked_lines(samples, target)
+    lines = _checked_lines(samples, target, fallback_type)
     atomic_write_bytes(target, "".join(line + "\n" for line in lines).encode("utf-8"))
     return len(lines)
 
 
-def _checked_lines(samples: Iterable[Sample], target: Path) -> list[str]:
+def _checked_lines(samples: Iterable[Sample], target: Path, fallback_type: str) -> list[str]:
     lines: list[str] = []
     seen: set[str] = set()
     for index, sample in enumerate(samples):
         try:
             record = sample.to_dict()
-            Sample.from_dict(record)
+            check_reward(Sample.from_dict(record), fallback_type)
             line = json.dumps(record, ensure_ascii=False, allow_nan=False)
         except SampleError as exc:
             raise SampleError(f"cannot write sample #{index}: {exc.what}", file=target,
