@@ -298,6 +298,22 @@ def test_resume_from_an_older_checkpoint_leaves_the_later_branch(prepared, tmp_p
     assert auto.state.step == 3 and len(list(root.glob("abandoned-*"))) == 1
 
 
+def test_requeued_job_resumes_its_own_progress(prepared, tmp_path, monkeypatch):
+    # A job started with train.resume=never (or a folder) and requeued by Slurm must not go
+    # back to step 0 and set its own checkpoints aside.
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=2", "train.save_every=2",
+                       "train.resume=never")
+    Trainer(cfg).run()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = Trainer(cfg)
+    again.resume()
+    assert again.state.step == 2 and not list((tmp_path / "checkpoints").glob("abandoned-*"))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the first run of a job: as configured
+    fresh = Trainer(cfg)
+    fresh.resume()
+    assert fresh.state.step == 0 and len(list((tmp_path / "checkpoints").glob("abandoned-*"))) == 1
+
+
 def test_resume_after_a_crash_logs_each_redone_step_once(prepared, tmp_path):
     # Killed after step 4 was logged but before it was saved: auto-resume redoes 3 and 4.
     import shutil

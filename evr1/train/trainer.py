@@ -9,6 +9,7 @@ backend (``evr1.train.backends``) and checkpoints (``evr1.train.checkpoint``).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -321,6 +322,12 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         mode = self.cfg.train.resume
+        if mode != "auto" and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            # A requeued job (preemption, time limit) continues its own progress: going back
+            # to the named folder (or to step 0) would set that progress aside every requeue.
+            log.info("requeued job: train.resume=%s applies to its first run; resuming from "
+                     "the newest checkpoint", mode)
+            mode = "auto"
         folder = None if mode == "never" else \
             ckpt.latest_checkpoint(root) if mode == "auto" else Path(mode)
         if folder is not None:
