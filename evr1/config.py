@@ -9,6 +9,7 @@ on a cluster fails at submission time and not hours later inside a job.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -77,6 +78,11 @@ class DataConfig:
     # Separate budgets: a joint image-video batch must not let one modality starve the other.
     image: VisionBudget = field(default_factory=lambda: VisionBudget(max_pixels=1_048_576))
     video: VisionBudget = field(default_factory=lambda: VisionBudget(min_pixels=128 * 28 * 28))
+    # Largest source frame (width x height) decoded at full size: 8K UHD. Larger videos are
+    # scaled to the model's frame size while each frame is converted (PyAV; DALI refuses them,
+    # auto falls back to PyAV), so memory does not grow with the source; larger images are
+    # read at a reduced JPEG scale, or refused. Frames of sources up to this size are unchanged.
+    max_source_pixels: int = 7680 * 4320
 
     @property
     def resize_factor(self) -> int:
@@ -87,6 +93,9 @@ class DataConfig:
         self.video.validate("data.video")
         if self.temporal_patch_size < 1:
             raise ConfigError("data.temporal_patch_size must be >= 1")
+        if self.max_source_pixels < 1:
+            raise ConfigError(f"data.max_source_pixels must be >= 1, got "
+                              f"{self.max_source_pixels}")
 
 
 @dataclass
@@ -166,6 +175,12 @@ class RewardConfig:
             raise ConfigError(
                 "reward.accuracy_weight + reward.format_weight must sum to 1, got "
                 f"{self.accuracy_weight} + {self.format_weight}")
+        # The hard limit of every math check and sandboxed code run: 0 would fail every one.
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ConfigError(f"reward.timeout_s must be a positive number of seconds, got "
+                              f"{self.timeout_s}")
+        if self.num_workers < 0:
+            raise ConfigError(f"reward.num_workers must be >= 0, got {self.num_workers}")
 
 
 # --------------------------------------------------------------------------- model / rollout
@@ -202,8 +217,14 @@ class RolloutConfig:
         if self.n < 2:  # every estimator needs a baseline from the rest of the group
             raise ConfigError(f"rollout.n must be >= 2 (grpo and rloo fail on a group of one "
                               f"and drgrpo gives it a zero advantage), got {self.n}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("rollout: need temperature >= 0 and 0 < top_p <= 1")
+        # GRPO needs a spread of responses per prompt, and the trainer's log-probs divide the
+        # logits by this temperature: 0 would be greedy decoding (n identical responses, no
+        # advantage) and a division by zero. Greedy evaluation is eval.temperature=0.
+        if not self.temperature > 0:  # also refuses nan
+            raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature} (for "
+                              "greedy decoding use eval.temperature=0; training samples)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -400,7 +421,7 @@ class TrainConfig:
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
     # checkpoints and logging
     save_every: int = 50
-    keep_last: int = 3
+    keep_last: int = 3  # newest checkpoints kept (plus async_eval.keep_best); 0 keeps all
     resume: str = "auto"  # auto | never | a checkpoint folder
     log_every: int = 1
     log_completions: int = 2  # groups per logged step whose texts go to completions.jsonl
@@ -417,6 +438,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.keep_last < 0:  # 0 keeps every checkpoint (checkpoint.prune_checkpoints)
+            raise ConfigError(f"train.keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.offline.threshold <= 1:

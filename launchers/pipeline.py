@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from evr1.config import Config
+from evr1.data.schema import DatasetError
 from evr1.data.synthetic import make_synthetic
 from evr1.launch import stages
 from evr1.launch.cli import base_parser, load_from_args, setup_logging
@@ -40,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not wanted:
         parser.error(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     make_synthetic_if_configured(cfg)
+    try:  # every sample file the stages read, before any of them is submitted or run
+        for stage in ("preprocess", "train"):
+            if stage in wanted:
+                stages.check_data(cfg, stage)
+    except DatasetError as exc:
+        sys.exit(f"data error: {exc}")
     if resolve_cluster(cfg.launch) == "slurm":
         return submit_stages(cfg, wanted)
     return run_stages(cfg, wanted)

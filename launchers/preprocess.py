@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.merge:
+        stages.check_data(cfg, "preprocess")  # every input file, before any work
     cfg.shard_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, cfg.shard_dir / "preprocess_config.yaml")
 

@@ -20,7 +20,7 @@ import sys
 
 from evr1.config import Config
 from evr1.launch.cli import run_launcher
-from evr1.launch.stages import train_job
+from evr1.launch.stages import check_data, train_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(cfg: Config, args: argparse.Namespace) -> int:
     if args.slurm:
         cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, cluster="slurm"))
+    check_data(cfg, "train")  # before a job is submitted or a model built
     return train_job(cfg, submit=args.submit or args.slurm)
 
 

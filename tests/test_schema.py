@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from evr1.data.schema import (
+    DatasetError,
     Sample,
     SampleError,
+    check_files,
     load_samples,
     main,
     resolve_media_path,
@@ -58,8 +60,8 @@ GOOD = [
            solution=[0.1, 0.2, 0.3, 0.4], data_type="image", path="images/b.png"),
     record(id="s3", problem_type="numerical", problem="What is 2 plus 3?", options=_DROP,
            solution=5, data_type="text", path=_DROP),
-    record(id="s4", problem_type="open_ended", problem="Describe.", options=_DROP,
-           solution={"text": "a red square"}, data_type="text", path=""),
+    record(id="s4", problem_type="temporal_grounding", problem="When?", options=_DROP,
+           solution={"start": 1.0, "end": 2.5}, data_type="text", path=""),
 ]
 
 
@@ -137,6 +139,25 @@ BAD_CASES = {
                                     "must be a string"),
     "data_type_not_a_string": ([record(solution=[], data_type=1)], 1, "s1", "data_type",
                            "must be a string"),
+    # What the reward registry can score (the probe of issue #24: both passed the schema and
+    # killed training at the step that drew them).
+    "unknown_problem_type": ([GOOD[0], record(id="s2", problem_type="colour_naming")], 2, "s2",
+                             "problem_type", "unknown problem type 'colour_naming'"),
+    "list_solution_for_multiple_choice": ([record(solution=["A"])], 1, "s1", "solution",
+                                          "not an option letter"),
+    "letter_beyond_the_options": ([record(solution="E")], 1, "s1", "solution",
+                                  "not an option letter or option text among 2 options"),
+    "reward_kwargs_not_an_object": ([record(meta={"reward_kwargs": ["pixel"]})], 1, "s1",
+                                    "meta.reward_kwargs", "must be a JSON object"),
+    "unknown_box_format": ([record(problem_type="spatial_grounding", options=_DROP,
+                                   solution=[0.1, 0.1, 0.5, 0.5],
+                                   meta={"reward_kwargs": {"box_format": "xyxy"}})],
+                           1, "s1", "meta.reward_kwargs", "box_format must be"),
+    # Media paths may not leave the media root (issue #24: ../outside/x.mp4 was decoded).
+    "path_climbs_out_of_the_root": ([GOOD[0], record(id="s2", path="../outside/x.mp4")], 2,
+                                    "s2", "path", "outside the media root"),
+    "path_climbs_out_and_back": ([record(path="videos/../../x/../videos/a.mp4")], 1, "s1",
+                                 "path", "outside the media root"),
 }
 
 
@@ -206,9 +227,194 @@ def test_failed_write_leaves_the_old_file(folder: Path) -> None:
                                    data_type="audio")],
         "not JSON serializable": [Sample(id="j", problem_type="numerical", problem="?",
                                          solution=1, data_type="text", meta={"x": object()})],
+        # A file this writes loads back: the rewards must be able to score every sample.
+        "field problem_type: cannot write sample #0: unknown problem type": [Sample(
+            id="u", problem_type="colour_naming", problem="?", solution="red",
+            data_type="text")],
+        "field solution: .*is not an option letter": [Sample(id="m", problem_type="multiple_choice",
+                                                   problem="?", solution=["A"],
+                                                   data_type="text")],
     }
     for reason, batch in bad_batches.items():
         with pytest.raises(SampleError, match=reason):
             write_samples(target, batch)
         assert target.read_bytes() == before
     assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["out.jsonl"]
+
+
+# --------------------------------------------------------------------------- rewards
+
+# One solution per built-in type (and per shape it accepts) that its scorer reads, and one it
+# cannot: problem_type -> (options, reward_kwargs, good solutions, bad solutions).
+SOLUTIONS: dict[str, tuple[Any, dict[str, Any], list[Any], list[Any]]] = {
+    "multiple_choice": (["A. red", "B. green"], {}, ["B", "(A)", "B. green", "green"],
+                        [["A"], "E", 1, {"answer": "A"}]),
+    "numerical": (None, {"rel_tol": 0.05}, [5, 2.5, "1,234", "3/4"],
+                  [[5], "many", "1 or 2", True, {"value": 5}]),
+    "regression": (None, {}, [12, "0.5", "about ten"], [[1, 2], "a lot", {"value": 3}]),
+    "temporal_grounding": (None, {}, [[1, 2.5], {"start": 0, "end": 3}, {"span": [1, 2]},
+                                      "0:12 - 0:20"],
+                           [[5, 2], [1, 2, 3], "soon", 4]),
+    "spatial_grounding": (None, {}, [[0.1, 0.2, 0.5, 0.6], {"bbox_2d": [0, 0, 1, 1]},
+                                     "[0.1, 0.2, 0.3, 0.4]"],
+                          [[0.1, 0.2, 0.3], [10, 10, 50, 50], [0.5, 0.5, 0.1, 0.1], "left"]),
+    "spatial_temporal_grounding": (None, {}, [{"span": [1, 3], "boxes": {"2": [0, 0, .5, .5]}},
+                                              '{"span": [1, 3], "boxes": {"2s": [0, 0, 1, 1]}}'],
+                                   [{"span": [1, 3]}, {"span": [1, 3], "boxes": {}},
+                                    [1, 3], "1-3"]),
+    "open_ended": (None, {}, ["the Eiffel Tower", 42], [{"text": "a"}, ["a", "b"], True]),
+    "math": (None, {}, ["x^2+2x+1", 0.5], [["x"], {"expr": "x"}, False]),
+    "ocr": (None, {}, ["STOP", "the quick brown fox"], [True, ["STOP"]]),
+    "boolean": (None, {}, ["yes", "False", True, 0], ["maybe", [True], 2]),
+    "code": (None, {}, ["def add(a, b):\n    return a + b", "<svg width='4'></svg>"],
+             [42, ["print(1)"], {"code": "x"}]),
+    "preference": (None, {}, ["1", 2, "tie", "Response 2"], ["3", [1], 1.5, "better"]),
+}
+
+
+def test_every_builtin_type_has_solution_cases() -> None:
+    from evr1.rewards import BUILTIN_TYPES
+
+    assert set(SOLUTIONS) == set(BUILTIN_TYPES)  # 11 problem types + preference
+
+
+@pytest.mark.parametrize("ptype", sorted(SOLUTIONS))
+def test_solution_shapes_per_type(folder: Path, ptype: str) -> None:
+    options, kwargs, good, bad = SOLUTIONS[ptype]
+
+    def line(i: int, solution: Any) -> dict[str, Any]:
+        return record(id=f"{ptype}-{i}", problem_type=ptype, options=options or _DROP,
+                      solution=solution, data_type="text", path=_DROP,
+                      meta={"reward_kwargs": kwargs} if kwargs else _DROP)
+
+    good_file = write_lines(folder / "good.jsonl", [line(i, s) for i, s in enumerate(good)])
+    assert [s.solution for s in load_samples(good_file)] == good
+    bad_file = write_lines(folder / "bad.jsonl", [line(i, s) for i, s in enumerate(bad)])
+    errors = validate_samples(bad_file)
+    assert [(e.line, e.sample_id, e.field) for e in errors] == \
+        [(i + 1, f"{ptype}-{i}", "solution") for i in range(len(bad))], errors
+    assert all(str(e).startswith(f"{bad_file}:{e.line}: sample {e.sample_id}: field solution: ")
+               and ptype in str(e) for e in errors)
+
+
+def test_every_scorer_agrees_with_its_check(folder: Path) -> None:
+    # The check must refuse exactly what the scorer refuses: score each case with an answer.
+    from evr1.rewards import InvalidSolution, score
+
+    for ptype, (options, kwargs, good, bad) in SOLUTIONS.items():
+        kw = {**kwargs, **({"options": options} if options else {})}
+        for solution in good:
+            score(ptype, "<answer>x</answer>", solution, **kw)
+        for solution in bad:
+            with pytest.raises(InvalidSolution):
+                score(ptype, "<answer>x</answer>", solution, **kw)
+
+
+def test_fallback_type_admits_unknown_types(folder: Path) -> None:
+    path = write_lines(folder / "x.jsonl", [record(problem_type="colour_naming", options=_DROP,
+                                                   solution="red")])
+    assert validate_samples(path)[0].field == "problem_type"
+    assert load_samples(path, fallback_type="open_ended")[0].problem_type == "colour_naming"
+    assert main([str(path), "--fallback-type", "open_ended"]) == 0
+    # The solution is checked as the fallback type reads it.
+    write_lines(path, [record(problem_type="colour_naming", options=_DROP, solution=["red"])])
+    assert validate_samples(path, fallback_type="open_ended")[0].field == "solution"
+
+
+def test_registered_types_bring_their_own_check(folder: Path, clean_registry) -> None:
+    from evr1.rewards import InvalidSolution, register
+
+    def check_colour(solution: Any, **_: Any) -> None:
+        if solution not in ("red", "green"):
+            raise InvalidSolution(f"colour: {solution!r} is not a colour")
+
+    register("colour", lambda answer, solution: 1.0, check=check_colour)
+    register("anything", lambda answer, solution: 1.0)  # no check: only the name is known
+    path = write_lines(folder / "x.jsonl", [
+        record(id="a", problem_type="colour", options=_DROP, solution="red"),
+        record(id="b", problem_type="colour", options=_DROP, solution="blue"),
+        record(id="c", problem_type="anything", options=_DROP, solution=[1, {"x": 2}])])
+    assert [(e.sample_id, e.field) for e in validate_samples(path)] == [("b", "solution")]
+
+
+def test_skipping_reward_checks(folder: Path) -> None:
+    path = write_lines(folder / "x.jsonl", [record(problem_type="colour_naming")])
+    assert load_samples(path, check_rewards=False)[0].problem_type == "colour_naming"
+
+
+def test_command_line_names_file_line_sample_field(folder: Path) -> None:
+    import subprocess
+    import sys
+
+    from evr1.rewards import BUILTIN_TYPES
+
+    path = write_lines(folder / "bad.jsonl", [GOOD[0], record(id="s2", problem_type="nope"),
+                                              record(id="s3", solution=["A"])])
+    out = subprocess.run([sys.executable, "-m", "evr1.data.schema", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        f"{path}:2: sample s2: field problem_type: unknown problem type 'nope'; known types: "
+        + ", ".join(BUILTIN_TYPES)  # the child process registers nothing else
+        + " (or set a fallback_type)",
+        f"{path}:3: sample s3: field solution: multiple_choice: solution ['A'] is not an option "
+        "letter or option text among 2 options (problem type 'multiple_choice')"]
+
+
+def test_check_files_lists_every_problem_of_every_file(folder: Path) -> None:
+    a = write_lines(folder / "a.jsonl", [GOOD[0], record(id="s2", problem_type="nope")])
+    b = write_lines(folder / "b.jsonl", [record(solution=["A"]), record(id="s2", path="../x")])
+    with pytest.raises(DatasetError) as info:
+        check_files([a, b])
+    assert [(Path(e.file).name, e.line, e.field) for e in info.value.errors] == [
+        ("a.jsonl", 2, "problem_type"), ("b.jsonl", 1, "solution"), ("b.jsonl", 2, "path")]
+    assert str(info.value).startswith("3 problem(s) in the sample files:\n")
+    check_files([write_lines(folder / "ok.jsonl", GOOD)])
+
+
+def test_rewards_do_not_import_data_or_train() -> None:
+    # evr1.data.schema asks evr1.rewards; the other way round would be an import cycle.
+    import subprocess
+    import sys
+
+    code = ("import sys, evr1.rewards, evr1.data.schema; "
+            "print(sorted(m for m in sys.modules if m.startswith(('evr1.train', 'evr1.data.'))"
+            " and m != 'evr1.data.schema'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- media paths
+
+
+def test_media_paths_stay_inside_the_root(folder: Path, tmp_path_factory) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "x.mp4").write_bytes(b"\x00" * 16)
+    (folder / "videos" / "link.mp4").symlink_to(outside / "x.mp4")
+    (folder / "linkdir").symlink_to(outside)
+    (folder / "videos" / "inner.mp4").symlink_to(folder / "videos" / "a.mp4")
+    jsonl = folder / "x.jsonl"
+
+    def problem(path: str, media_root: Path | None = None) -> str | None:
+        write_lines(jsonl, [record(path=path)])
+        errors = validate_samples(jsonl, media_root)
+        assert all(e.field == "path" and e.sample_id == "s1" for e in errors)
+        return str(errors[0]) if errors else None
+
+    assert problem("videos/a.mp4") is None
+    assert problem("./videos/../videos/a.mp4") is None  # ".." that stays inside
+    assert problem("videos/inner.mp4") is None  # a link to a file inside the root
+    assert problem(str(outside / "x.mp4")) is None  # absolute: the user's explicit choice
+    assert f"resolves to {outside / 'x.mp4'}, outside the media root {folder}" in problem(
+        "videos/link.mp4")  # a link out (an unpacked archive's link to /etc/passwd)
+    assert "outside the media root" in problem("linkdir/x.mp4")
+    assert "outside the media root" in problem(f"../{outside.name}/x.mp4")
+    assert "outside the media root" in problem("../../../../../../../../etc/passwd")
+    # Against data.media_root instead of the JSONL's folder.
+    assert problem("a.mp4", folder / "videos") is None
+    assert "outside the media root" in problem("../images/b.png", folder / "videos")
+    # Checked even when the file existence check is off (the preprocess and train stages).
+    write_lines(jsonl, [record(path="../outside/x.mp4")])
+    with pytest.raises(SampleError, match="outside the media root"):
+        load_samples(jsonl, check_media=False)

@@ -343,3 +343,12 @@ def test_cli_writes_a_loadable_dataset(tmp_path: Path, capsys: pytest.CaptureFix
     assert not any("corrupt" in s.meta or s.id.startswith("real-") for s in every)
     assert all(json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines())
     assert tool.main(["--out", str(out), "--codecs", "av1", "--quiet"]) == 2
+
+
+def test_generated_files_pass_every_data_check(dataset: SyntheticDataset,
+                                               odd_dataset: SyntheticDataset) -> None:
+    # Schema, reward registry (type known, solution readable) and media root, media present.
+    from evr1.data.schema import check_files
+
+    for data in (dataset, odd_dataset):
+        check_files([data.train_jsonl, data.heldout_jsonl], check_media=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,192 @@ def test_checkpoint_model_loads_with_transformers(prepared, tmp_path):
     saved = torch.load(Path(result.checkpoint) / "trainer_state.pt", weights_only=True)
     assert saved["trainer"]["step"] == 1
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# --------------------------------------------------------------------------- replacing a step
+
+
+def _save(root: Path, step: int, marker: str) -> Path:
+    """A checkpoint of ``step`` whose model/ holds ``marker`` (no model: the file moves are
+    what is tested)."""
+    def write(folder: Path) -> None:
+        (folder / "model").mkdir()
+        (folder / "model" / "weights.txt").write_text(marker)
+
+    return ckpt.save_checkpoint(root, ckpt.TrainerState(step=step, data_position=step), write)
+
+
+def _complete(folder: Path) -> str:
+    """The marker of a complete checkpoint folder; fails on a half one."""
+    assert {p.name for p in folder.iterdir()} >= {"model", "trainer_state.pt", "meta.json"}
+    assert ckpt.load_trainer_state(folder).step == ckpt.checkpoint_step(folder)
+    return (folder / "model" / "weights.txt").read_text()
+
+
+def _fail_at(k: int, how):
+    """Replacements for the renames and deletes of the checkpoint module: the ``k``-th call
+    (1-based) runs ``how(kind, args)`` instead, kind "rename" or "delete"."""
+    import shutil as shutil_module
+
+    calls = [0]
+
+    def wrap(real, kind):
+        def op(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == k:
+                return how(kind, args)
+            return real(*args, **kwargs)
+        return op
+
+    return wrap(os.replace, "rename"), wrap(shutil_module.rmtree, "delete")
+
+
+def _die(kind, args) -> None:
+    # A kill: no exception handler, no finally. A delete dies half way through.
+    if kind == "delete":
+        (Path(args[0]) / "trainer_state.pt").unlink(missing_ok=True)
+    os._exit(9)
+
+
+def _killed_save(root: Path, k: int) -> bool:
+    """Save step 2 again ("new") in a forked child killed at its ``k``-th rename or delete;
+    True when the kill happened (False: the save finished first)."""
+    import multiprocessing
+
+    def child() -> None:
+        replace, rmtree = _fail_at(k, _die)
+        ckpt.os.replace, ckpt.shutil.rmtree = replace, rmtree  # this child only
+        _save(root, 2, "new")
+        os._exit(0)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    return proc.exitcode == 9
+
+
+def test_checkpoint_replaced_under_a_kill_at_every_point_is_old_or_new(tmp_path):
+    # Issue #24: re-saving a step deleted the old folder before renaming the new one in; a
+    # kill in between left no step-2, and one mid-delete a step-2 without trainer_state.pt.
+    outcomes = []
+    for k in range(1, 20):
+        root = tmp_path / f"kill-{k}" / "checkpoints"
+        _save(root, 1, "older")
+        _save(root, 2, "old")
+        if not _killed_save(root, k):
+            assert _complete(ckpt.latest_checkpoint(root)) == "new"  # no kill: replaced
+            break
+        ckpt.recover_interrupted_saves(root)  # what the trainer runs before resuming
+        latest = ckpt.latest_checkpoint(root)
+        assert latest is not None and latest.name == "step-00000002", k
+        outcomes.append(_complete(latest))
+        assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000002"]
+    # Kill points: the stale temporary's delete, the leftover aside's delete, old -> aside
+    # (the old one stays), new -> step-2 (the new one was complete: it is put in), the
+    # aside's delete, half done (the new one is in).
+    assert outcomes == ["old", "old", "old", "new", "new"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_checkpoint_replace_that_raises_leaves_a_complete_checkpoint(tmp_path, monkeypatch, k):
+    # An exception (disk full, a quota) at any rename or delete: the handler already leaves
+    # step 2 complete, old or new, without waiting for a resume.
+    root = tmp_path / "checkpoints"
+    _save(root, 2, "old")
+
+    def fail(kind, args):
+        raise OSError(28, "No space left on device")
+
+    replace, rmtree = _fail_at(k, fail)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+    try:
+        _save(root, 2, "new")
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert _complete(ckpt.step_dir(root, 2)) in ("old", "new")
+    ckpt.recover_interrupted_saves(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+
+
+def test_rewind_logs_moves_rows_past_the_resume_step(tmp_path):
+    from evr1.train.metrics import rewind_logs
+
+    rows = [{"step": 0, "kind": "heldout"}, {"step": 1, "kind": "train"},
+            {"step": 2, "kind": "train"},
+            {"step": 2, "kind": "checkpoint_eval", "logged_at_step": 3},
+            {"step": 3, "kind": "train"}, {"step": 3, "kind": "checkpoint_eval"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 4, "ki')  # a torn last line
+    (tmp_path / "completions.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
+    assert rewind_logs(tmp_path, 2, tmp_path / "archive") == 3
+    read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
+    assert read(tmp_path / "metrics.jsonl") == rows[:4]
+    assert read(tmp_path / "archive/metrics.jsonl") == rows[4:]
+    assert read(tmp_path / "completions.jsonl") == [{"step": 1}]
+    assert read(tmp_path / "archive/completions.jsonl") == [{"step": 3}]
+    assert rewind_logs(tmp_path, 2, tmp_path / "again") == 0 and not (tmp_path / "again").exists()
+    # A fresh start (step 0) redoes the step-0 evaluation too: nothing is kept.
+    assert rewind_logs(tmp_path, 0, tmp_path / "fresh") == 5
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_resume_from_an_older_checkpoint_leaves_the_later_branch(prepared, tmp_path):
+    common = ["train.steps=4", "train.save_every=1", "train.keep_last=0",
+              "train.offline.mode=always"]
+    Trainer(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == [f"step-0000000{i}" for i in
+                                                            range(1, 5)]
+    older = ckpt.step_dir(root, 2)
+    Trainer(small_config(prepared, f"run_dir={tmp_path}", *common, "train.steps=3",
+                         f"train.resume={older}")).run()
+    # Step 3 was written anew; the old step 3 and step 4 are kept, out of resume's way.
+    assert [p.name for p in ckpt.list_checkpoints(root)] == [
+        "step-00000001", "step-00000002", "step-00000003"]
+    (archive,) = root.glob("abandoned-*")
+    assert sorted(p.name for p in archive.iterdir()) == [
+        "completions.jsonl", "metrics.jsonl", "step-00000003", "step-00000004"]
+    train_steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text()
+                   .splitlines() if '"kind": "train"' in x]
+    assert train_steps == [1, 2, 3]  # step 3 once, from the new branch
+    assert [json.loads(x)["step"] for x in (archive / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "train"' in x] == [3, 4]
+    # resume: auto continues the new branch, never the abandoned step 4.
+    auto = Trainer(small_config(prepared, f"run_dir={tmp_path}", *common, "train.steps=3"))
+    auto.resume()
+    assert auto.state.step == 3 and len(list(root.glob("abandoned-*"))) == 1
+
+
+def test_requeued_job_resumes_its_own_progress(prepared, tmp_path, monkeypatch):
+    # A job started with train.resume=never (or a folder) and requeued by Slurm must not go
+    # back to step 0 and set its own checkpoints aside.
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=2", "train.save_every=2",
+                       "train.resume=never")
+    Trainer(cfg).run()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = Trainer(cfg)
+    again.resume()
+    assert again.state.step == 2 and not list((tmp_path / "checkpoints").glob("abandoned-*"))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the first run of a job: as configured
+    fresh = Trainer(cfg)
+    fresh.resume()
+    assert fresh.state.step == 0 and len(list((tmp_path / "checkpoints").glob("abandoned-*"))) == 1
+
+
+def test_resume_after_a_crash_logs_each_redone_step_once(prepared, tmp_path):
+    # Killed after step 4 was logged but before it was saved: auto-resume redoes 3 and 4.
+    import shutil
+
+    common = ["train.steps=4", "train.save_every=2", "train.keep_last=0",
+              "train.offline.mode=always"]
+    Trainer(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
+    shutil.rmtree(tmp_path / "checkpoints/step-00000004")
+    Trainer(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r["kind"] == "heldout"] == [0, 4]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from evr1.config import Config, ConfigError
 from evr1.data.dataset import sample_task
-from evr1.data.schema import Sample, load_samples, write_samples
+from evr1.data.schema import Sample, check_files, load_samples, write_samples
 from evr1.files import (
     atomic_write_bytes,
     atomic_write_figure,
@@ -163,21 +163,16 @@ def _marker_matches(files: CurateFiles, expected: dict[str, Any]) -> str | None:
 
 def load_input(cfg: Config) -> list[Sample]:
     return load_samples(input_jsonl(cfg), media_root=cfg.data.media_root or None,
-                        check_media=False)
+                        check_media=False, fallback_type=cfg.reward.fallback_type)
 
 
 def check_inputs(cfg: Config) -> list[Sample]:
-    """Fail before any job starts: the input loads, its problem types and the caps are known."""
-    from evr1.rewards import UnknownProblemType, canonical_type
-
+    """Fail before any job starts: every sample is one the rewards can score (a
+    ``DatasetError`` lists each problem: schema.check_files) and the caps are known."""
     if not input_jsonl(cfg).is_file():
         raise ConfigError(f"curate: input {input_jsonl(cfg)} does not exist")
+    check_files([input_jsonl(cfg)], cfg.data.media_root, fallback_type=cfg.reward.fallback_type)
     samples = load_input(cfg)
-    for sample in samples:
-        try:
-            canonical_type(sample.problem_type, cfg.reward.fallback_type or None)
-        except UnknownProblemType as exc:
-            raise ConfigError(f"{input_jsonl(cfg)}: sample {sample.id}: {exc}") from None
     canonical_caps(cfg)
     if any(s.data_type != "text" for s in samples) and \
             not (frames_dir(cfg) / "manifest.json").is_file():
@@ -506,7 +501,7 @@ def collect_curation(cfg: Config) -> CurateReport:
              "json": str(out / "report.json"), "markdown": str(out / "report.md"),
              "png": str(out / "pass_rates.png")}
     atomic_write_jsonl(out / "pass_rates.jsonl", [by_id[s.id] for s in samples])
-    write_samples(output_jsonl(cfg), kept)
+    write_samples(output_jsonl(cfg), kept, fallback_type=cfg.reward.fallback_type)
     report = build_report(cfg, samples, by_id, decision, offline, files)
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", markdown(report).encode())

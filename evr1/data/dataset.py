@@ -28,9 +28,15 @@ class PromptSet:
 
     @classmethod
     def load(cls, jsonl: str, reader: ShardReader | None, media_root: str = "",
-             include_tasks: list[str] | None = None, default_fps: float = 2.0) -> PromptSet:
-        """Samples of ``jsonl`` that have frames in the shards (or need none)."""
-        samples = load_samples(jsonl, media_root=media_root or None, check_media=False)
+             include_tasks: list[str] | None = None, default_fps: float = 2.0,
+             fallback_type: str = "") -> PromptSet:
+        """Samples of ``jsonl`` that have frames in the shards (or need none).
+
+        Every sample must be one the rewards can score (``reward.fallback_type`` admits unknown
+        types): a bad one is a ``SampleError`` here, not at the step that first draws it.
+        """
+        samples = load_samples(jsonl, media_root=media_root or None, check_media=False,
+                               fallback_type=fallback_type)
         if include_tasks:
             samples = [s for s in samples if sample_task(s) in include_tasks]
         kept = [s for s in samples if s.data_type == "text" or (reader and s.id in reader)]

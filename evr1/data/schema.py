@@ -10,10 +10,20 @@ A record names its problem, its verifiable solution and the media it is about::
 ``load_samples`` checks every line and stops at the first problem with a ``SampleError`` whose
 message says where it is (``file:line: sample <id>: field <name>: what is wrong``), so a bad
 dataset fails before a job array is submitted, not in the middle of one. ``validate_samples``
-runs the same checks but collects every problem (``python -m evr1.data.schema FILE...``).
+runs the same checks but collects every problem (``python -m evr1.data.schema FILE...``);
+``check_files`` does that for the launchers, before any work.
 
-Whether ``problem_type`` is a known reward is checked by ``evr1.rewards``, not here: this
-module only knows the record's shape.
+Checked here: the record's shape; that its ``problem_type`` is registered in ``evr1.rewards``
+and its solution and options have the shape that type reads (the registry asks the reward
+module, which owns that rule: ``evr1.rewards.check_solution``); that a relative media path
+stays inside the media root.
+
+Media paths: an absolute path (or ``~/...``) is the user's explicit choice and is used as it
+is. A relative path resolves against ``data.media_root`` (else the JSONL's folder) and must stay
+inside it once ``..`` and symlinks are resolved: a dataset (a downloaded JSONL, an unpacked
+archive with links in it) must not make the pipeline read ``../../etc/passwd``. A symlink
+inside the root that points elsewhere is refused too; point ``media_root`` at the real folder
+or write absolute paths.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from evr1.files import atomic_write_bytes
+from evr1.rewards import InvalidSolution, RewardInputError, UnknownProblemType, check_solution
 
 DATA_TYPES = ("video", "image", "text")
 REQUIRED_FIELDS = ("id", "problem_type", "problem", "solution", "data_type")
@@ -117,6 +128,10 @@ class Sample:
         meta = raw.get("meta")
         if meta is not None and not isinstance(meta, dict):
             raise fail("meta", f"must be a JSON object, got {_json_type(meta)}")
+        reward_kwargs = (meta or {}).get("reward_kwargs")
+        if reward_kwargs is not None and not isinstance(reward_kwargs, dict):
+            raise fail("meta.reward_kwargs", "must be a JSON object of reward options, got "
+                                             f"{_json_type(reward_kwargs)}")
         return cls(id=raw["id"], problem_type=raw["problem_type"], problem=raw["problem"],
                    options=raw.get("options"), solution=raw["solution"],
                    data_type=raw["data_type"], path=path, offline_output=offline,
@@ -205,7 +220,50 @@ def _check_path(value: Any, data_type: str, fail: _Fail) -> str | None:
     return value
 
 
+def check_reward(sample: Sample, fallback_type: str = "") -> None:
+    """Raise ``SampleError`` (field problem_type, solution or meta.reward_kwargs) unless the
+    reward registry can score ``sample``: the same options the trainer passes
+    (``evr1.train.groups.reward_item``: ``options`` and ``meta.reward_kwargs``)."""
+    kwargs = dict(sample.meta.get("reward_kwargs") or {})
+    if sample.options:
+        kwargs["options"] = sample.options
+    try:
+        check_solution(sample.problem_type, sample.solution, fallback_type=fallback_type,
+                       **kwargs)
+    except UnknownProblemType as exc:
+        raise SampleError(str(exc), sample_id=sample.id, field="problem_type") from exc
+    except InvalidSolution as exc:
+        raise SampleError(f"{exc} (problem type {sample.problem_type!r})",
+                          sample_id=sample.id, field="solution") from exc
+    except RewardInputError as exc:
+        raise SampleError(str(exc), sample_id=sample.id, field="meta.reward_kwargs") from exc
+
+
 # --------------------------------------------------------------------------- files
+
+
+def media_base(jsonl_path: str | os.PathLike[str],
+               media_root: str | os.PathLike[str] | None = None) -> str:
+    """The folder relative media paths resolve against: media_root, else the JSONL's folder."""
+    base = os.fspath(media_root) if media_root else os.path.dirname(os.fspath(jsonl_path))
+    return os.path.abspath(os.path.expanduser(base))
+
+
+def media_path_outside_root(path: str, jsonl_path: str | os.PathLike[str],
+                            media_root: str | os.PathLike[str] | None = None) -> str | None:
+    """Why a relative ``path`` may not be used (it leaves the media root once ``..`` and
+    symlinks are resolved), or None. Absolute paths are the user's choice: never refused."""
+    expanded = os.path.expanduser(path)
+    if os.path.isabs(expanded):
+        return None
+    base = media_base(jsonl_path, media_root)
+    root = os.path.realpath(base)
+    target = os.path.realpath(os.path.join(base, expanded))
+    if os.path.commonpath([root, target]) == root:
+        return None
+    return (f"relative media path {path!r} resolves to {target}, outside the media root "
+            f"{root} (relative paths may not leave it through '..' or symlinks; use an "
+            "absolute path to read from elsewhere)")
 
 
 def resolve_media_path(path: str, jsonl_path: str | os.PathLike[str],
@@ -217,8 +275,7 @@ def resolve_media_path(path: str, jsonl_path: str | os.PathLike[str],
     expanded = os.path.expanduser(path)
     if os.path.isabs(expanded):
         return os.path.normpath(expanded)
-    base = os.fspath(media_root) if media_root else os.path.dirname(os.fspath(jsonl_path))
-    return os.path.normpath(os.path.abspath(os.path.join(os.path.expanduser(base), expanded)))
+    return os.path.normpath(os.path.join(media_base(jsonl_path, media_root), expanded))
 
 
 def _media_problem(path: str) -> str | None:
@@ -229,8 +286,18 @@ def _media_problem(path: str) -> str | None:
     return None
 
 
-def _iter_checked(path: str | os.PathLike[str], media_root: str | os.PathLike[str] | None,
-                  check_media: bool) -> Iterator[Sample | SampleError]:
+@dataclass(frozen=True)
+class _Checks:
+    """What each line is checked for beyond its shape."""
+
+    media_root: str | os.PathLike[str] | None = None
+    check_media: bool = True  # the media file exists
+    check_rewards: bool = True  # the reward registry can score the sample
+    fallback_type: str = ""  # the type unknown problem types are scored as ("": an error)
+
+
+def _iter_checked(path: str | os.PathLike[str],
+                  checks: _Checks) -> Iterator[Sample | SampleError]:
     """Yield each line's Sample, or the SampleError that describes what is wrong with it."""
     file = os.fspath(path)
     try:
@@ -241,7 +308,7 @@ def _iter_checked(path: str | os.PathLike[str], media_root: str | os.PathLike[st
         return
     first_line: dict[str, int] = {}
     for number, raw_line in enumerate(lines, start=1):
-        result = _parse_line(raw_line, file, number, media_root, check_media)
+        result = _parse_line(raw_line, file, number, checks)
         if isinstance(result, Sample):
             if result.id in first_line:
                 result = SampleError(f"duplicate id (first seen at line {first_line[result.id]})",
@@ -253,8 +320,7 @@ def _iter_checked(path: str | os.PathLike[str], media_root: str | os.PathLike[st
 
 
 def _parse_line(raw_line: bytes, file: str, number: int,
-                media_root: str | os.PathLike[str] | None,
-                check_media: bool) -> Sample | SampleError | None:
+                checks: _Checks) -> Sample | SampleError | None:
     try:
         text = raw_line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -269,11 +335,15 @@ def _parse_line(raw_line: bytes, file: str, number: int,
                            file=file, line=number)
     try:
         sample = Sample.from_dict(raw)
+        if checks.check_rewards:
+            check_reward(sample, checks.fallback_type)
     except SampleError as exc:
         return exc.located(file, number)
     if sample.path is not None:
-        sample.path = resolve_media_path(sample.path, file, media_root)
-        problem = _media_problem(sample.path) if check_media else None
+        problem = media_path_outside_root(sample.path, file, checks.media_root)
+        sample.path = resolve_media_path(sample.path, file, checks.media_root)
+        if problem is None and checks.check_media:
+            problem = _media_problem(sample.path)
         if problem:
             return SampleError(problem, file=file, line=number, sample_id=sample.id,
                                field="path")
@@ -281,15 +351,19 @@ def _parse_line(raw_line: bytes, file: str, number: int,
 
 
 def load_samples(path: str | os.PathLike[str], media_root: str | os.PathLike[str] | None = None,
-                 check_media: bool = True) -> list[Sample]:
+                 check_media: bool = True, *, check_rewards: bool = True,
+                 fallback_type: str = "") -> list[Sample]:
     """Read and check a JSONL file; raise the first ``SampleError`` found.
 
     ``media_root`` may be empty or None: relative media paths then resolve against the
     JSONL's folder. With ``check_media`` every video/image file must exist (its content is
-    checked later, by the decoder).
+    checked later, by the decoder). With ``check_rewards`` every problem type must be known to
+    ``evr1.rewards`` (or ``fallback_type`` given, as ``reward.fallback_type``) and every
+    solution readable by its type.
     """
     samples = []
-    for item in _iter_checked(path, media_root, check_media):
+    for item in _iter_checked(path, _Checks(media_root, check_media, check_rewards,
+                                            fallback_type)):
         if isinstance(item, SampleError):
             raise item
         samples.append(item)
@@ -298,31 +372,60 @@ def load_samples(path: str | os.PathLike[str], media_root: str | os.PathLike[str
 
 def validate_samples(path: str | os.PathLike[str],
                      media_root: str | os.PathLike[str] | None = None,
-                     check_media: bool = True) -> list[SampleError]:
+                     check_media: bool = True, *, check_rewards: bool = True,
+                     fallback_type: str = "") -> list[SampleError]:
     """Every problem in a JSONL file (empty when it is valid); never raises SampleError."""
-    return [item for item in _iter_checked(path, media_root, check_media)
-            if isinstance(item, SampleError)]
+    checks = _Checks(media_root, check_media, check_rewards, fallback_type)
+    return [item for item in _iter_checked(path, checks) if isinstance(item, SampleError)]
 
 
-def write_samples(path: str | os.PathLike[str], samples: Iterable[Sample]) -> int:
+class DatasetError(ValueError):
+    """Sample files checked before a stage starts have problems; ``errors`` holds each one."""
+
+    SHOWN = 20
+
+    def __init__(self, errors: list[SampleError]) -> None:
+        self.errors = errors
+        lines = [str(e) for e in errors[:self.SHOWN]]
+        if len(errors) > self.SHOWN:
+            lines.append(f"... and {len(errors) - self.SHOWN} more (python -m evr1.data.schema "
+                         "FILE lists every one)")
+        super().__init__(f"{len(errors)} problem(s) in the sample files:\n" + "\n".join(lines))
+
+
+def check_files(files: Iterable[str | os.PathLike[str]],
+                media_root: str | os.PathLike[str] | None = None, *, check_media: bool = False,
+                fallback_type: str = "") -> None:
+    """Check whole sample files before a stage does any work (launchers call this): raise one
+    ``DatasetError`` listing every problem of every file. Media existence is off by default:
+    preprocessing records a missing file as a failure and goes on."""
+    errors = [e for f in files for e in validate_samples(
+        f, media_root or None, check_media, fallback_type=fallback_type)]
+    if errors:
+        raise DatasetError(errors)
+
+
+def write_samples(path: str | os.PathLike[str], samples: Iterable[Sample], *,
+                  fallback_type: str = "") -> int:
     """Write samples as JSONL atomically (temp file, fsync, rename); return how many.
 
-    Each sample is checked first and ids must be unique, so a file this writes always loads
-    back; on any error the previous file (if any) is left untouched.
+    Each sample is checked first (shape, and that the rewards can score it, with
+    ``fallback_type`` as ``load_samples`` takes it) and ids must be unique, so a file this
+    writes always loads back; on any error the previous file (if any) is left untouched.
     """
     target = Path(path)
-    lines = _checked_lines(samples, target)
+    lines = _checked_lines(samples, target, fallback_type)
     atomic_write_bytes(target, "".join(line + "\n" for line in lines).encode("utf-8"))
     return len(lines)
 
 
-def _checked_lines(samples: Iterable[Sample], target: Path) -> list[str]:
+def _checked_lines(samples: Iterable[Sample], target: Path, fallback_type: str) -> list[str]:
     lines: list[str] = []
     seen: set[str] = set()
     for index, sample in enumerate(samples):
         try:
             record = sample.to_dict()
-            Sample.from_dict(record)
+            check_reward(Sample.from_dict(record), fallback_type)
             line = json.dumps(record, ensure_ascii=False, allow_nan=False)
         except SampleError as exc:
             raise SampleError(f"cannot write sample #{index}: {exc.what}", file=target,
@@ -341,17 +444,21 @@ def _checked_lines(samples: Iterable[Sample], target: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m evr1.data.schema FILE... [--media-root DIR] [--no-check-media]``."""
+    """``python -m evr1.data.schema FILE... [--media-root DIR] [--no-check-media]
+    [--fallback-type TYPE]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Check sample JSONL files; list every problem.")
     parser.add_argument("files", nargs="+")
     parser.add_argument("--media-root", default=None)
     parser.add_argument("--no-check-media", action="store_true")
+    parser.add_argument("--fallback-type", default="",
+                        help="score unknown problem types as this type (reward.fallback_type)")
     args = parser.parse_args(argv)
     bad = 0
     for file in args.files:
-        errors = validate_samples(file, args.media_root, not args.no_check_media)
+        errors = validate_samples(file, args.media_root, not args.no_check_media,
+                                  fallback_type=args.fallback_type)
         for error in errors:
             print(error, file=sys.stderr)
         bad += len(errors)

@@ -13,11 +13,10 @@ import logging
 from dataclasses import dataclass, field
 
 from evr1.config import Config
-from evr1.data.schema import Sample, write_samples
+from evr1.data.schema import Sample, SampleError, check_reward, write_samples
 from evr1.eval.benchmarks import LoadContext, load_benchmark
 from evr1.eval.formats import FormatError, MediaResolver
 from evr1.eval.layout import BenchmarkRun, eval_dir, resolve_benchmarks
-from evr1.rewards import RewardInputError, score
 
 log = logging.getLogger("evr1.eval")
 
@@ -47,11 +46,10 @@ def check_solutions(samples: list[Sample], alias: str) -> None:
     """Every solution must be readable by its problem type: a dataset error found here is
     cheaper than zero scores found after the array ran."""
     for sample in samples:
-        kwargs = dict(sample.meta.get("reward_kwargs") or {})
         try:
-            score(sample.problem_type, "", sample.solution, options=sample.options, **kwargs)
-        except RewardInputError as exc:
-            raise FormatError(f"{alias}: question {sample.id}: {exc}") from exc
+            check_reward(sample)  # the registry's check: what the trainer's scoring reads
+        except SampleError as exc:
+            raise FormatError(f"{alias}: question {sample.id}: {exc.field}: {exc.what}") from exc
 
 
 def prepare_benchmark(cfg: Config, run: BenchmarkRun) -> PrepareSummary:

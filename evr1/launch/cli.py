@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from evr1.config import Config, ConfigError, load_config
+from evr1.data.schema import DatasetError
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -33,7 +34,8 @@ def run_launcher(description: str, add_arguments: Callable[[argparse.ArgumentPar
     ``add_arguments`` adds), set up logging, load the config and return ``run(cfg, args)``.
 
     A ConfigError, from loading or from ``run`` (settings that only conflict at run time),
-    exits with its message rather than a traceback.
+    and a DatasetError (sample files checked before a stage starts) exit with their message
+    rather than a traceback.
     """
     parser = base_parser(description)
     add_arguments(parser)
@@ -44,6 +46,8 @@ def run_launcher(description: str, add_arguments: Callable[[argparse.ArgumentPar
         return run(cfg, args)
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
+    except DatasetError as exc:
+        sys.exit(f"data error: {exc}")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

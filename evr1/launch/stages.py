@@ -19,6 +19,19 @@ from evr1.video.preprocess import TaskSummary, run_task
 from evr1.video.shards import ShardError, merge_manifests
 
 
+def check_data(cfg: Config, stage: str) -> None:
+    """Check every sample file ``stage`` ("preprocess" or "train") reads before it does any
+    work; raises ``evr1.data.schema.DatasetError`` listing every problem (file, line, sample,
+    field). Media files are not required to exist: preprocessing records a missing one as a
+    failure, and training reads frames from the shards."""
+    from evr1.data.schema import check_files
+    from evr1.video.preprocess import input_files
+
+    files = input_files(cfg) if stage == "preprocess" else \
+        [p for p in (cfg.data.train_jsonl, cfg.data.eval_jsonl) if p]
+    check_files(files, cfg.data.media_root, fallback_type=cfg.reward.fallback_type)
+
+
 def run_stage_array(cfg: Config, stage: str, task_fn: Callable[[Config, int], Any],
                     tasks: list[int], *, wait: bool, summarize: Callable[[list], None],
                     no_wait_hint: str, finish: Callable[[], int] | None = None,

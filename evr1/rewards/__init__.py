@@ -7,7 +7,9 @@
 
 ``score(problem_type, response, solution, **kwargs)`` never raises on a model output; an
 unknown problem type raises ``UnknownProblemType`` (unless a ``fallback_type`` is given) and an
-unusable solution raises ``InvalidSolution``. See docs/rewards.md for every type.
+unusable solution raises ``InvalidSolution``. ``check_solution(problem_type, solution, **kwargs)``
+raises the same errors without scoring anything (what ``evr1.data.schema`` runs on every sample
+it loads). See docs/rewards.md for every type.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .router import (
     BatchResult,
     canonical_type,
     check_items,
+    check_solution,
     problem_types,
     register,
     score,
@@ -41,6 +44,7 @@ __all__ = [
     "Verdict",
     "canonical_type",
     "check_items",
+    "check_solution",
     "problem_types",
     "register",
     "register_judge",

@@ -131,6 +131,12 @@ def solution_letter(solution: Any, options: Sequence[str]) -> str | None:
                           + (f" or option text among {len(options)} options" if options else ""))
 
 
+def check_multiple_choice(solution: Any, *, options: Any = None, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is a letter among the options (or an
+    option's text; without options, any text): what ``score_multiple_choice`` can read."""
+    solution_letter(solution, option_texts(options))
+
+
 def score_multiple_choice(answer: str, solution: Any, *, options: Any = None,
                           **_: Any) -> Verdict:
     opts = option_texts(options)
@@ -178,6 +184,11 @@ def solution_boolean(solution: Any) -> bool:
         if words in (["1"], ["0"]):
             return words == ["1"]
     raise InvalidSolution(f"boolean: solution {solution!r:.200} is not yes/no/true/false")
+
+
+def check_boolean(solution: Any, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is yes/no, true/false or 1/0."""
+    solution_boolean(solution)
 
 
 def score_boolean(answer: str, solution: Any, **_: Any) -> Verdict:

@@ -178,20 +178,32 @@ def _executes(reference: str, tests: Any, code_execution: bool, language: str | 
     return lines if code_execution and lines and lang == "python" else []
 
 
-def check_code_sample(solution: Any, *, tests: Any = None, code_execution: bool = False,
-                      timeout_s: Any = 5.0, language: str | None = None, sandbox: Any = None,
-                      **_: Any) -> None:
-    """Before training: raise if this sample cannot be scored here.
-
-    ``InvalidSolution`` for a reference or a test the scorer cannot use (a test that is not
-    a single assert), ``SandboxUnavailable`` when its tests need a sandbox this machine cannot
-    start (no bwrap, no user namespaces, no cgroups in "cgroup" mode).
-    """
+def check_code(solution: Any, *, tests: Any = None, code_execution: bool = False,
+               language: str | None = None, **_: Any) -> list[str]:
+    """The sample's own check (the reward registry's, so ``python -m evr1.data.schema`` runs
+    it): reference code in a language the scorer knows, and tests it can check (each a single
+    assert). Returns the test lines that will run in the sandbox (none: similarity only)."""
     if not isinstance(solution, str) or not solution.strip():
         raise InvalidSolution(f"code: solution {solution!r:.200} is not reference code")
-    lines = _executes(extract_code(solution), tests, code_execution, language)
+    reference = extract_code(solution)
+    lang = language or detect_language(reference)
+    if lang not in ("python", "html", "svg"):
+        raise RewardInputError(f"code: language must be python, html or svg, got {lang!r}")
+    lines = _executes(reference, tests, code_execution, lang)
     if lines:
         plan_tests(lines[:MAX_TESTS])
+    return lines
+
+
+def check_code_sample(solution: Any, *, timeout_s: Any = 5.0, sandbox: Any = None,
+                      **kwargs: Any) -> None:
+    """Before training: raise if this sample cannot be scored here.
+
+    ``InvalidSolution`` for a reference or a test the scorer cannot use (:func:`check_code`),
+    ``SandboxUnavailable`` when its tests need a sandbox this machine cannot start (no bwrap,
+    no user namespaces, no cgroups in "cgroup" mode).
+    """
+    if check_code(solution, **kwargs):
         require_sandbox(_limits(sandbox, timeout_s))
 
 

@@ -81,6 +81,11 @@ def solution_span(solution: Any, type_name: str = "temporal_grounding") -> tuple
     raise InvalidSolution(f"{type_name}: solution {solution!r} is not a span [start, end]")
 
 
+def check_temporal(solution: Any, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is a span ``[start, end]`` in order."""
+    solution_span(solution)
+
+
 def score_temporal(answer: str, solution: Any, **_: Any) -> Verdict:
     gold = solution_span(solution)
     span = read_span(answer)
@@ -177,6 +182,12 @@ def solution_box(solution: Any, frame: BoxFrame, type_name: str = "spatial_groun
     return frame.clip(box)
 
 
+def check_spatial(solution: Any, *, box_format: str = "normalized", image_size: Any = None,
+                  **_: Any) -> None:
+    """Raise unless ``solution`` is a box inside the declared frame (and the frame is valid)."""
+    solution_box(solution, BoxFrame(box_format, image_size))
+
+
 def score_spatial(answer: str, solution: Any, *, box_format: str = "normalized",
                   image_size: Any = None, **_: Any) -> Verdict:
     frame = BoxFrame(box_format, image_size)
@@ -251,6 +262,12 @@ def solution_tube(solution: Any, frame: BoxFrame) -> tuple[tuple[float, float], 
             return span, boxes
     raise InvalidSolution(f"{name}: solution must be {{\"span\": [s, e], \"boxes\": "
                           f"{{\"<second>\": [x1, y1, x2, y2], ...}}}}, got {solution!r:.200}")
+
+
+def check_spatial_temporal(solution: Any, *, box_format: str = "normalized",
+                           image_size: Any = None, **_: Any) -> None:
+    """Raise unless ``solution`` is ``{"span": [s, e], "boxes": {second: box}}`` in the frame."""
+    solution_tube(solution, BoxFrame(box_format, image_size))
 
 
 def score_spatial_temporal(answer: str, solution: Any, *, box_format: str = "normalized",

@@ -186,11 +186,25 @@ def _plain_number(text: str) -> Fraction | None:
     return -value if sign else value
 
 
-def score_math(answer: str, solution: Any, *, timeout_s: Any = 5.0, **_: Any) -> Verdict:
+def solution_expression(solution: Any) -> str:
+    """The reference as text: a non-empty string or a number, else ``InvalidSolution``.
+
+    Whether math-verify can parse it is only known in the worker (and may take long), so a
+    text that it cannot read is logged when scored, not refused here.
+    """
     if isinstance(solution, bool) or not isinstance(solution, (str, int, float)) \
             or not str(solution).strip():
         raise InvalidSolution(f"math: solution {solution!r:.200} is not an expression")
-    gold = str(solution)
+    return str(solution)
+
+
+def check_math(solution: Any, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is a non-empty text or a number."""
+    solution_expression(solution)
+
+
+def score_math(answer: str, solution: Any, *, timeout_s: Any = 5.0, **_: Any) -> Verdict:
+    gold = solution_expression(solution)
     pred = answer.strip()[-MAX_MATH_CHARS:]
     if not pred:
         return Verdict(0.0, parsed=False)

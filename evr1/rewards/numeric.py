@@ -106,6 +106,14 @@ def numbers_match(pred: float, gold: float, abs_tol: float | None, rel_tol: floa
     return abs(pred - gold) <= allowed + 1e-12 * max(1.0, abs(gold))
 
 
+def check_numerical(solution: Any, *, abs_tol: Any = None, rel_tol: Any = None,
+                    **_: Any) -> None:
+    """Raise unless ``solution`` is one finite number and the tolerances are numbers >= 0."""
+    solution_number(solution, "numerical")
+    _tolerance("abs_tol", abs_tol)
+    _tolerance("rel_tol", rel_tol)
+
+
 def score_numerical(answer: str, solution: Any, *, abs_tol: Any = None, rel_tol: Any = None,
                     **_: Any) -> Verdict:
     gold = solution_number(solution, "numerical")
@@ -131,6 +139,11 @@ def mean_relative_accuracy(pred: float, gold: float) -> float:
         return 1.0 if pred == 0 else 0.0
     rel_err = abs(pred - gold) / abs(gold)
     return sum(rel_err < e for e in _MRA_MAX_ERRORS) / len(_MRA_MAX_ERRORS)
+
+
+def check_regression(solution: Any, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is one finite number."""
+    solution_number(solution, "regression")
 
 
 def score_regression(answer: str, solution: Any, **_: Any) -> Verdict:

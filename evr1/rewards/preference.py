@@ -78,6 +78,14 @@ def solution_label(solution: Any) -> str:
     raise InvalidSolution(f"preference: solution {solution!r:.200} is not 1, 2 or tie")
 
 
+def check_preference(solution: Any, *, judge: str | None = None, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is 1, 2 or tie. With a ``judge`` the
+    solution is whatever that judge reads (and judges are registered by the process that
+    scores, so a data check cannot see them): nothing is checked."""
+    if judge is None:
+        solution_label(solution)
+
+
 def score_preference(answer: str, solution: Any, *, judge: str | None = None,
                      **kwargs: Any) -> Verdict:
     if judge is not None:

@@ -4,6 +4,12 @@ A problem type is a function ``fn(answer, solution, **kwargs) -> Verdict | float
 ``answer`` is the text found by ``evr1.rewards.format.find_answer``. It may raise
 ``InvalidSolution`` / ``RewardInputError`` for a bad sample; any other exception is a bug in
 the scorer, logged once and scored 0, because a model output must never stop training.
+
+A type may also register ``check(solution, **kwargs)``, which raises the same errors for a
+sample whose solution or options its scorer could not use, without any answer:
+``check_solution`` runs it, so datasets are checked when they are loaded
+(``evr1.data.schema``) instead of at the training step that first draws the bad sample.
+Each built-in check lives beside its scorer, in the module that reads that solution.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from .sandbox import SandboxLimits, SandboxUnavailable
 logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[..., "Verdict | float"]
+CheckFn = Callable[..., None]  # check(solution, **type options): raises for a bad sample
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class _Entry:
     aliases: tuple[str, ...]
     accepted: frozenset[str] | None  # keyword names fn takes; None when it takes **kwargs
     builtin: bool
+    check: CheckFn | None = None  # None: the type's solutions are not checked before scoring
 
 
 _TYPES: dict[str, _Entry] = {}
@@ -64,16 +72,20 @@ def _accepted_keywords(fn: ScoreFn) -> frozenset[str] | None:
 
 
 def register(name: str, fn: ScoreFn, aliases: Iterable[str] = (), *, replace: bool = False,
-             _builtin: bool = False) -> None:
+             check: CheckFn | None = None, _builtin: bool = False) -> None:
     """Add problem type ``name`` scored by ``fn(answer, solution, **kwargs)``.
 
     ``fn`` returns a ``Verdict`` (accuracy, whether the answer parsed as the type expects, what
     was extracted) or just an accuracy float (then "parsed" means "non-empty"). Keyword
     arguments ``fn`` does not declare are not passed to it. Use a module-level function if
-    ``score_batch`` should run it in worker processes.
+    ``score_batch`` should run it in worker processes. ``check(solution, **kwargs)``, when
+    given, raises ``InvalidSolution`` / ``RewardInputError`` for a sample ``fn`` could not
+    score (see ``check_solution``).
     """
     if not callable(fn):
         raise TypeError(f"scorer for problem type {name!r} must be callable")
+    if check is not None and not callable(check):
+        raise TypeError(f"solution check for problem type {name!r} must be callable")
     canonical = _normalise(name)
     names = [canonical, *(_normalise(a) for a in aliases)]
     for n in names:
@@ -83,7 +95,8 @@ def register(name: str, fn: ScoreFn, aliases: Iterable[str] = (), *, replace: bo
     if canonical in _TYPES and not replace:
         raise ValueError(f"problem type {canonical!r} is already registered "
                          "(pass replace=True to override)")
-    _TYPES[canonical] = _Entry(canonical, fn, tuple(names[1:]), _accepted_keywords(fn), _builtin)
+    _TYPES[canonical] = _Entry(canonical, fn, tuple(names[1:]), _accepted_keywords(fn), _builtin,
+                               check)
     for n in names:
         _ALIASES[n] = canonical
 
@@ -110,6 +123,27 @@ def canonical_type(problem_type: str, fallback_type: str | None = None) -> str:
         return fallback
     raise UnknownProblemType(f"unknown problem type {problem_type!r}; known types: "
                              f"{', '.join(_TYPES)} (or set a fallback_type)")
+
+
+def check_solution(problem_type: str, solution: Any, *, fallback_type: str = "",
+                   **kwargs: Any) -> str:
+    """Check that a sample can be scored: its type is known (or ``fallback_type`` names one)
+    and its solution and type options (``options``, ``box_format``...) are what that type
+    reads. Returns the canonical type name.
+
+    Raises ``UnknownProblemType``, ``InvalidSolution`` (the solution) or ``RewardInputError``
+    (an option). No answer is scored and nothing runs (no math worker, no sandbox). Types
+    registered without a ``check`` have only their name checked. Keyword arguments are passed
+    as ``score`` passes them: only those the check declares.
+    """
+    name = canonical_type(problem_type, fallback_type or None)
+    check = _TYPES[name].check
+    if check is not None:
+        accepted = _accepted_keywords(check)
+        if accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        check(solution, **kwargs)
+    return name
 
 
 # --------------------------------------------------------------------------- one response
@@ -386,30 +420,35 @@ def _score_in_pool(jobs: list[_Job], settings: _Settings, num_workers: int
 
 # --------------------------------------------------------------------------- built-in types
 
-_BUILTINS: list[tuple[str, ScoreFn, tuple[str, ...]]] = [
-    ("multiple_choice", choice.score_multiple_choice,
+# name, scorer, solution check, aliases
+_BUILTINS: list[tuple[str, ScoreFn, CheckFn, tuple[str, ...]]] = [
+    ("multiple_choice", choice.score_multiple_choice, choice.check_multiple_choice,
      ("multiple choice", "multiple-choice", "mcq", "mc", "choice", "multi_choice",
       "single_choice")),
-    ("numerical", numeric.score_numerical, ("numeric", "number", "counting")),
-    ("regression", numeric.score_regression, ("mra", "mean_relative_accuracy")),
-    ("temporal_grounding", grounding.score_temporal,
+    ("numerical", numeric.score_numerical, numeric.check_numerical,
+     ("numeric", "number", "counting")),
+    ("regression", numeric.score_regression, numeric.check_regression,
+     ("mra", "mean_relative_accuracy")),
+    ("temporal_grounding", grounding.score_temporal, grounding.check_temporal,
      ("temporal grounding", "tg", "temporal_localization", "tvg")),
-    ("spatial_grounding", grounding.score_spatial,
+    ("spatial_grounding", grounding.score_spatial, grounding.check_spatial,
      ("spatial grounding", "bbox", "box", "referring_grounding")),
     ("spatial_temporal_grounding", grounding.score_spatial_temporal,
+     grounding.check_spatial_temporal,
      ("spatial-temporal grounding", "spatiotemporal_grounding", "spatio_temporal_grounding",
       "stg")),
-    ("open_ended", text.score_open_ended,
+    ("open_ended", text.score_open_ended, text.check_open_ended,
      ("open-ended", "free-form", "free_form", "freeform", "open", "short_answer")),
-    ("math", math_type.score_math, ("mathematics", "symbolic")),
-    ("ocr", text.score_ocr, ("OCR", "text_recognition")),
-    ("boolean", choice.score_boolean, ("yes/no", "yes_no", "yesno", "bool", "true/false",
-                                       "true_false", "judgement")),
-    ("code", code.score_code, ("coding", "program", "svg", "html", "python")),
-    ("preference", preference.score_preference, ("pairwise", "critic", "pairwise_preference")),
+    ("math", math_type.score_math, math_type.check_math, ("mathematics", "symbolic")),
+    ("ocr", text.score_ocr, text.check_ocr, ("OCR", "text_recognition")),
+    ("boolean", choice.score_boolean, choice.check_boolean,
+     ("yes/no", "yes_no", "yesno", "bool", "true/false", "true_false", "judgement")),
+    ("code", code.score_code, code.check_code, ("coding", "program", "svg", "html", "python")),
+    ("preference", preference.score_preference, preference.check_preference,
+     ("pairwise", "critic", "pairwise_preference")),
 ]
 
-for _name, _fn, _aliases in _BUILTINS:
-    register(_name, _fn, _aliases, _builtin=True)
+for _name, _fn, _check, _aliases in _BUILTINS:
+    register(_name, _fn, _aliases, check=_check, _builtin=True)
 
-BUILTIN_TYPES: tuple[str, ...] = tuple(name for name, _, _ in _BUILTINS)
+BUILTIN_TYPES: tuple[str, ...] = tuple(name for name, _, _, _ in _BUILTINS)

@@ -79,6 +79,16 @@ def _reference_text(solution: Any, type_name: str) -> str:
     raise InvalidSolution(f"{type_name}: solution {solution!r:.200} is not a non-empty text")
 
 
+def check_open_ended(solution: Any, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is a non-empty text (or a number)."""
+    _reference_text(solution, "open_ended")
+
+
+def check_ocr(solution: Any, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is a non-empty text (or a number)."""
+    _reference_text(solution, "ocr")
+
+
 def score_open_ended(answer: str, solution: Any, **_: Any) -> Verdict:
     reference = _reference_text(solution, "open_ended")
     pred = normalise_answer(answer)

@@ -13,6 +13,17 @@ The folder appears under its final name only by an atomic rename after everythin
 fsynced, so ``latest`` never picks a half-written checkpoint; every ``.pt`` file loads with
 ``torch.load(weights_only=True)``.
 
+Saving a step that already has a checkpoint (a run restarted from an earlier step) replaces
+it in four moves: the new one is complete under ``.step-N.tmp``; the old one is renamed to
+``.step-N.old``; the new one is renamed to ``step-N``; the old one is deleted. A kill between
+any two of them leaves enough on disk for ``recover_interrupted_saves`` (run by the trainer
+before it resumes) to put a complete checkpoint, the new one or the old one, under
+``step-N``; a folder that lacks ``meta.json`` is never taken as one.
+
+Resuming from an earlier checkpoint than the newest (``train.resume=<folder>``, or ``never``)
+starts a new branch of the run: ``abandon_after`` moves the later checkpoints into
+``abandoned-<UTC time>/`` (kept, not deleted), so that ``resume: auto`` never returns to them.
+
 Pruning keeps the last ``keep_last`` checkpoints, the ``keep_best`` best by a score, and every
 checkpoint with a live lease: an evaluation job submitted for it (``evr1.train.async_eval``)
 takes a lease before it is queued and gives it back when it ends; a lease whose holder is gone
@@ -37,9 +48,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evr1.files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+_REPLACED = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint being replaced (see above)
 
 
 @dataclass
@@ -92,17 +106,96 @@ def save_checkpoint(root: Path, state: TrainerState,
             torch.save({"trainer": asdict(state), "rng": rng_state()}, tmp / "trainer_state.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": state.step}) + "\n")
             _fsync_tree(tmp)
-            if final.exists():  # the same step saved again (a re-run): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _install(tmp, final)
     except BaseException:
-        if writer:
+        if writer:  # leave the step as it was, or as it now is: a complete checkpoint
+            _recover_step(root, state.step)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     barrier()
     if writer and keep_last > 0:
         prune_checkpoints(root, keep_last, keep_best, scores)
     return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``, replacing a checkpoint already there
+    so that a kill at any instant leaves a complete one recoverable (module docstring)."""
+    if not final.exists():
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return
+    aside = _aside(final)
+    shutil.rmtree(aside, ignore_errors=True)  # a leftover that recovery would delete anyway
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(aside)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _recover_step(root: Path, step: int) -> None:
+    """Finish or undo an interrupted replacement of ``step``'s checkpoint."""
+    final, tmp = step_dir(root, step), root / f".step-{step:08d}.tmp"
+    aside = _aside(final)
+    if not aside.exists():
+        return
+    if not (final / "meta.json").exists():
+        # Killed between the two renames: the new folder was complete (fsynced, meta.json
+        # written last) before the old one was moved aside; else put the old one back.
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp if (tmp / "meta.json").exists() else aside, final)
+        fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_interrupted_saves(root: Path) -> None:
+    """After a kill inside ``save_checkpoint``: every step has its complete checkpoint (old
+    or new) under its name again, and temporary folders are gone. Run by the writer only,
+    before choosing a checkpoint to resume from (a reader must not race a live save)."""
+    if not root.exists():
+        return
+    for aside in root.glob(".step-*.old"):
+        m = _REPLACED.match(aside.name)
+        if m:
+            _recover_step(root, int(m.group(1)))
+    for tmp in root.glob(".step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def abandon_after(root: Path, step: int, keep: Path | None, archive: Path) -> list[Path]:
+    """Move the complete checkpoints of steps after ``step`` (and another folder of ``step``
+    itself than ``keep``) into ``archive`` (``new_abandoned_dir``, created when needed);
+    return the folders moved.
+
+    Called when a run resumes from an earlier checkpoint than its newest: the later ones
+    belong to a branch the run has left, and ``resume: auto`` would otherwise jump back to
+    them. They are moved, not deleted (move one back to return to it). Each move is one
+    rename; a kill midway leaves the rest in place for the next resume to move.
+    """
+    keep = keep.resolve() if keep is not None else None
+    later = [p for p in list_checkpoints(root) if checkpoint_step(p) > step or
+             (checkpoint_step(p) == step and p.resolve() != keep)]
+    if later:
+        archive.mkdir(parents=True, exist_ok=True)
+        for folder in later:
+            os.replace(folder, archive / folder.name)
+        fsync_dir(root)
+    return later
+
+
+def new_abandoned_dir(root: Path) -> Path:
+    """A fresh ``root/abandoned-<UTC time>`` path (not created); never matches ``step-*``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path, n = root / f"abandoned-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = root / f"abandoned-{stamp}-{n}"
+    return path
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -195,12 +288,6 @@ def load_trainer_state(folder: Path) -> TrainerState:
     saved = torch.load(folder / "trainer_state.pt", weights_only=True)
     set_rng_state(saved["rng"])
     return TrainerState(**saved["trainer"])
-
-
-def remove_stale_temporaries(root: Path) -> None:
-    if root.exists():
-        for tmp in root.glob(".step-*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rng_state(cuda_devices: Sequence[int] | None = None) -> dict:

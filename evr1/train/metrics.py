@@ -5,6 +5,10 @@ Checkpoint evaluations (``kind: checkpoint_eval``) arrive while training has mov
 ``step`` is the checkpoint's, ``logged_at_step`` the training step when they came in. In wandb
 they are plotted against their own axis ``checkpoint_eval/step`` (``define_metric``) and ride
 in the row of the current training step, one evaluation per row (wandb rows only go forward).
+
+A resumed run redoes the steps after its checkpoint: ``rewind_logs`` first moves the rows it
+will log again (and those of a branch left behind) out of ``metrics.jsonl`` and
+``completions.jsonl``, so each step has its rows once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from evr1.files import atomic_write_bytes
 
 log = logging.getLogger("evr1.train")
 
@@ -112,3 +118,41 @@ def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def rewind_logs(run_dir: Path, step: int, archive: Path) -> int:
+    """Keep only the rows of ``metrics.jsonl`` and ``completions.jsonl`` up to ``step`` (the
+    step a run resumes from; 0: a fresh start keeps none, the step-0 evaluation is redone);
+    the others are moved to the same file names under ``archive`` (created when needed).
+    Returns how many rows were moved.
+
+    Each file is rewritten atomically after its moved rows are safe in the archive, so a kill
+    leaves either the old file or the new one (at worst a row both there and archived). A
+    row that is not a JSON object with a numeric ``step`` (a torn last line) is dropped.
+    """
+    moved = 0
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        kept, gone = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            row = _row(line)
+            if row is None:
+                continue
+            (kept if step > 0 and row["step"] <= step else gone).append(
+                line if line.endswith("\n") else line + "\n")
+        if gone:
+            atomic_write_bytes(archive / name, "".join(gone).encode())
+            atomic_write_bytes(path, "".join(kept).encode())
+            moved += len(gone)
+    return moved
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("step"), (int, float))
+    return row if ok else None

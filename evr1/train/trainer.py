@@ -9,6 +9,7 @@ backend (``evr1.train.backends``) and checkpoints (``evr1.train.checkpoint``).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,7 @@ from evr1.train.groups import (
 )
 from evr1.train.grpo import compute_advantages, overlong_reward
 from evr1.train.heldout import evaluate_heldout
-from evr1.train.metrics import MetricsLogger
+from evr1.train.metrics import MetricsLogger, rewind_logs
 from evr1.train.plots import plot_runs
 from evr1.video.shards import ShardReader
 
@@ -102,6 +103,19 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        # Data first: a sample the rewards cannot score fails here, before any model is built.
+        reader = ShardReader(cfg.shard_dir)
+        self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
+                                        cfg.data.include_tasks, cfg.data.video.fps,
+                                        cfg.reward.fallback_type)
+        self.heldout = None
+        if cfg.data.eval_jsonl:
+            self.heldout = PromptSet.load(cfg.data.eval_jsonl, reader, cfg.data.media_root,
+                                          cfg.data.include_tasks, cfg.data.video.fps,
+                                          cfg.reward.fallback_type)
+        # Fail now, not at step N, on a sample no scorer can use or a missing code sandbox.
+        check_samples(self.train_set.samples + (self.heldout.samples if self.heldout else []),
+                      cfg.reward)
         model_dir = ensure_model(cfg)
         self.model_dir = model_dir
         self.processor = load_processor(model_dir)
@@ -113,16 +127,6 @@ class Trainer:
         # seed, so all ranks sample the same rollouts; rank 0 alone logs, evaluates and writes.
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.engine = make_engine(cfg, self.model, self.processor, model_dir)
-        reader = ShardReader(cfg.shard_dir)
-        self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
-                                        cfg.data.include_tasks, cfg.data.video.fps)
-        self.heldout = None
-        if cfg.data.eval_jsonl:
-            self.heldout = PromptSet.load(cfg.data.eval_jsonl, reader, cfg.data.media_root,
-                                          cfg.data.include_tasks, cfg.data.video.fps)
-        # Fail now, not at step N, on a sample no scorer can use or a missing code sandbox.
-        check_samples(self.train_set.samples + (self.heldout.samples if self.heldout else []),
-                      cfg.reward)
         self.sampler = PromptSampler(len(self.train_set), cfg.seed)
         self.state = ckpt.TrainerState()
         self.stop_id = stop_token_ids(self.processor.tokenizer)[0]
@@ -337,18 +341,38 @@ class Trainer:
                                    **self._keep_best())
 
     def resume(self) -> None:
-        ckpt.remove_stale_temporaries(self.cfg.checkpoint_dir)
+        """Continue from ``train.resume``'s checkpoint (none: step 0). What lies beyond it, the
+        checkpoints and log rows of a branch left behind (an earlier folder named, or
+        ``never``) or of steps about to be redone, is moved to ``checkpoints/abandoned-<time>/``
+        first, so ``resume: auto`` never returns to it and each step is logged once."""
+        root = self.cfg.checkpoint_dir
+        if self.is_main:
+            ckpt.recover_interrupted_saves(root)  # a kill inside save: old or new, complete
+        if dist.is_initialized():
+            dist.barrier()
         mode = self.cfg.train.resume
-        if mode == "never":
-            return
-        folder = ckpt.latest_checkpoint(self.cfg.checkpoint_dir) if mode == "auto" \
-            else Path(mode)
-        if folder is None:
-            return
-        if not (folder / "meta.json").exists():
-            raise FileNotFoundError(f"train.resume={mode}: {folder} is not a complete checkpoint")
-        self.backend.load(folder)
-        self.state = ckpt.load_trainer_state(folder)
-        self.sampler.position = self.state.data_position
-        log.info("resumed from %s (step %d)", folder, self.state.step)
+        if mode != "auto" and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            # A requeued job (preemption, time limit) continues its own progress: going back
+            # to the named folder (or to step 0) would set that progress aside every requeue.
+            log.info("requeued job: train.resume=%s applies to its first run; resuming from "
+                     "the newest checkpoint", mode)
+            mode = "auto"
+        folder = None if mode == "never" else \
+            ckpt.latest_checkpoint(root) if mode == "auto" else Path(mode)
+        if folder is not None:
+            if not (folder / "meta.json").exists():
+                raise FileNotFoundError(f"train.resume={mode}: {folder} is not a complete "
+                                        "checkpoint")
+            self.backend.load(folder)
+            self.state = ckpt.load_trainer_state(folder)
+            self.sampler.position = self.state.data_position
+            log.info("resumed from %s (step %d)", folder, self.state.step)
+        if self.is_main:
+            archive = ckpt.new_abandoned_dir(root)
+            moved = ckpt.abandon_after(root, self.state.step, folder, archive)
+            rows = rewind_logs(self.run_dir, self.state.step, archive)
+            if moved or rows:
+                log.warning("starting at step %d: moved %d later checkpoint(s) (%s) and %d "
+                            "log row(s) of later steps to %s", self.state.step, len(moved),
+                            ", ".join(p.name for p in moved) or "none", rows, archive)
 

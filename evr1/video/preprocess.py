@@ -69,7 +69,7 @@ def load_all_samples(cfg: Config) -> list[Sample]:
     seen: dict[str, str] = {}
     for path in input_files(cfg):
         for sample in load_samples(path, media_root=cfg.data.media_root or None,
-                                   check_media=False):
+                                   check_media=False, fallback_type=cfg.reward.fallback_type):
             if sample.id in seen:
                 raise ValueError(f"{path}: sample id {sample.id!r} also appears in "
                                  f"{seen[sample.id]}")

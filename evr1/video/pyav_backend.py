@@ -38,6 +38,9 @@ from evr1.video.decode import DecodeError, VideoInfo, check_file
 SEEK_GAP = 48
 
 RGB_CONVERSION = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
+# Scaling an oversized source down to the model's frame size in the same pass: area averaging
+# (each output pixel the mean of the source pixels it covers) does not alias at large factors.
+SCALED_CONVERSION = Interpolation.AREA | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
 
 # When only a demuxed packet count is available, a clip whose frames cover less than this share
 # of the duration its header declares is treated as cut short.
@@ -146,9 +149,11 @@ class _Clock:
         return self.start + round(index / self.fps / self.time_base)
 
 
-def decode_frames(path: str, indices: list[int], info: VideoInfo | None = None) -> np.ndarray:
+def decode_frames(path: str, indices: list[int], info: VideoInfo | None = None,
+                  size: tuple[int, int] | None = None) -> np.ndarray:
     """RGB uint8 ``[len(indices), H, W, 3]`` for the given source frame indices (any order,
-    repeats allowed)."""
+    repeats allowed). With ``size`` (H, W) each frame is scaled to it while it is converted,
+    so no full-size RGB frame is ever held (for sources over ``data.max_source_pixels``)."""
     if not indices:
         raise ValueError("no frame indices to decode")
     with open_container(path) as container:
@@ -159,7 +164,7 @@ def decode_frames(path: str, indices: list[int], info: VideoInfo | None = None) 
         wanted = sorted(set(indices))
         frames = _Frames(container, path)
         try:
-            found = dict(_SparseDecoder(frames).decode(wanted))
+            found = dict(_SparseDecoder(frames, size).decode(wanted))
         finally:
             frames.close()
     missing = [i for i in wanted if i not in found]
@@ -172,8 +177,9 @@ def decode_frames(path: str, indices: list[int], info: VideoInfo | None = None) 
 class _SparseDecoder:
     """Walks a stream once, front to back, seeking over long gaps between wanted frames."""
 
-    def __init__(self, frames: _Frames) -> None:
+    def __init__(self, frames: _Frames, size: tuple[int, int] | None = None) -> None:
         self.frames = frames
+        self.size = size  # (H, W) to scale each converted frame to; None: the source size
         stream = frames.stream
         self.clock = _Clock(stream.start_time or 0, stream.time_base,
                             stream_fps(stream, frames.path))
@@ -197,7 +203,7 @@ class _SparseDecoder:
                 continue  # a restart, or a frame needed only as a reference: no RGB conversion
             # index > target only where the stream has a timestamp gap (dropped frames): the
             # next frame shown is the right stand-in for the missing ones.
-            rgb = frame.reformat(format="rgb24", interpolation=RGB_CONVERSION).to_ndarray()
+            rgb = self.to_rgb(frame)
             while target is not None and target <= index:
                 yield target, rgb
                 target = next(pending, None)
@@ -205,6 +211,13 @@ class _SparseDecoder:
                 return  # stop right after the last wanted frame
             if self.can_seek and target - self.position > max(SEEK_GAP, self.gop):
                 self.seek(target)
+
+    def to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.size is None:
+            return frame.reformat(format="rgb24", interpolation=RGB_CONVERSION).to_ndarray()
+        height, width = self.size
+        return frame.reformat(width=width, height=height, format="rgb24",
+                              interpolation=SCALED_CONVERSION).to_ndarray()
 
     def locate(self, frame: av.VideoFrame, target: int) -> int | None:
         """Index of ``frame``; None when decoding had to restart from the beginning."""
