@@ -29,6 +29,17 @@ def _prompts() -> list[Prompt]:
                    rng.integers(0, 256, (1, 56, 56, 3), dtype=np.uint8))]
 
 
+def _top_p_kept(probs: torch.Tensor, top_p: float) -> list[int]:
+    """The most probable ids whose mass first reaches top_p, one at a time."""
+    keep, mass = [], 0.0
+    for j in torch.argsort(probs, descending=True).tolist():
+        keep.append(j)
+        mass += float(probs[j])
+        if mass >= top_p:
+            break
+    return keep
+
+
 def _naive_logprobs(raw: torch.Tensor, tokens: torch.Tensor, temperature: float, top_p: float,
                     banned: list[int]) -> torch.Tensor:
     """log-prob of ``tokens`` under softmax(raw / T) with the banned ids removed and only the
@@ -38,12 +49,7 @@ def _naive_logprobs(raw: torch.Tensor, tokens: torch.Tensor, temperature: float,
         x = x / temperature
         x[banned] = float("-inf")
         probs = torch.softmax(x, -1)
-        keep, mass = [], 0.0
-        for j in torch.argsort(probs, descending=True).tolist():
-            keep.append(j)
-            mass += float(probs[j])
-            if mass >= top_p:
-                break
+        keep = _top_p_kept(probs, top_p)
         kept = torch.full_like(x, float("-inf"))
         kept[keep] = x[keep]
         out.append(torch.log_softmax(kept, -1)[token])
@@ -120,12 +126,7 @@ def _kept_log_mass(raw: torch.Tensor, temperature: float, top_p: float,
     full = torch.log_softmax(x, -1)
     x[banned] = float("-inf")
     probs = torch.softmax(x, -1)
-    keep, mass = [], 0.0
-    for j in torch.argsort(probs, descending=True).tolist():
-        keep.append(j)
-        mass += float(probs[j])
-        if mass >= top_p:
-            break
+    keep = _top_p_kept(probs, top_p)
     return torch.logsumexp(full[keep], -1)
 
 

@@ -178,18 +178,24 @@ def _executes(reference: str, tests: Any, code_execution: bool, language: str | 
     return lines if code_execution and lines and lang == "python" else []
 
 
-def check_code(solution: Any, *, tests: Any = None, code_execution: bool = False,
-               language: str | None = None, **_: Any) -> list[str]:
-    """The sample's own check (the reward registry's, so ``python -m evr1.data.schema`` runs
-    it): reference code in a language the scorer knows, and tests it can check (each a single
-    assert). Returns the test lines that will run in the sandbox (none: similarity only)."""
+def _reference(solution: Any, tests: Any, code_execution: bool,
+               language: str | None) -> tuple[str, str, list[str]]:
+    """The reference code, its language and the test lines that will run in the sandbox."""
     if not isinstance(solution, str) or not solution.strip():
         raise InvalidSolution(f"code: solution {solution!r:.200} is not reference code")
     reference = extract_code(solution)
     lang = language or detect_language(reference)
     if lang not in ("python", "html", "svg"):
         raise RewardInputError(f"code: language must be python, html or svg, got {lang!r}")
-    lines = _executes(reference, tests, code_execution, lang)
+    return reference, lang, _executes(reference, tests, code_execution, lang)
+
+
+def check_code(solution: Any, *, tests: Any = None, code_execution: bool = False,
+               language: str | None = None, **_: Any) -> list[str]:
+    """The sample's own check (the reward registry's, so ``python -m evr1.data.schema`` runs
+    it): reference code in a language the scorer knows, and tests it can check (each a single
+    assert). Returns the test lines that will run in the sandbox (none: similarity only)."""
+    lines = _reference(solution, tests, code_execution, language)[2]
     if lines:
         plan_tests(lines[:MAX_TESTS])
     return lines
@@ -210,17 +216,11 @@ def check_code_sample(solution: Any, *, timeout_s: Any = 5.0, sandbox: Any = Non
 def score_code(answer: str, solution: Any, *, tests: Any = None, code_execution: bool = False,
                timeout_s: Any = 5.0, language: str | None = None, sandbox: Any = None,
                **_: Any) -> Verdict:
-    if not isinstance(solution, str) or not solution.strip():
-        raise InvalidSolution(f"code: solution {solution!r:.200} is not reference code")
-    reference = extract_code(solution)
-    lang = language or detect_language(reference)
-    if lang not in ("python", "html", "svg"):
-        raise RewardInputError(f"code: language must be python, html or svg, got {lang!r}")
+    reference, lang, lines = _reference(solution, tests, code_execution, language)
     code = extract_code(answer)
     if not code:
         return Verdict(0.0, parsed=False)
     score, parsed = similarity(code, reference, lang)
-    lines = _executes(reference, tests, code_execution, lang)
     if lines:
         score = run_tests(code, lines, _limits(sandbox, timeout_s)).fraction
     return Verdict(score, parsed=parsed, extracted=code[:200])
