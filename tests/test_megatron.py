@@ -545,3 +545,50 @@ def test_parallel_sizes_must_divide_the_model() -> None:
     with pytest.raises(ValueError, match="num_hidden_layers=3.*pipeline_parallel=2"):
         spec.check_parallel(1, 2)
 
+
+
+# What each CPU shim patches still fails without it (so the shim is still needed with the
+# installed megatron-core) and runs on the host with it. A fresh process: the shims are
+# process-wide. The fourth (distributed checkpointing) is run A's checkpoint above.
+_SHIM_CHECK = """
+import torch
+from megatron.core import utils
+from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
+from megatron.core.tensor_parallel import random
+from evr1.train.backends.megatron import cpu_shims
+
+def tracker():
+    t = random.CudaRNGStatesTracker()
+    t.states_["model-parallel-rng"] = torch.get_rng_state()  # add() would need CUDA
+    return t
+
+calls = {
+    "memory buffer": lambda: utils.GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x"),
+    "rng fork": lambda: tracker().fork().__enter__(),
+    "mrope": lambda: rope.MultimodalRotaryEmbedding(kv_channels=16, rotary_percent=1.0).inv_freq,
+}
+for name, call in calls.items():
+    try:
+        call()
+    except RuntimeError:
+        continue
+    raise SystemExit(f"{name}: runs on CPU without its shim; remove the shim")
+cpu_shims.install()
+assert calls["memory buffer"]().device.type == "cpu"
+calls["rng fork"]()
+assert calls["mrope"]().device.type == "cpu"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shims are for CPU-only machines")
+def test_cpu_shims_are_needed_and_work() -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", _SHIM_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
