@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest_slurm import slurm_cluster  # noqa: F401  (the local Slurm cluster fixture)
 
 from evr1.config import Config, load_config
@@ -34,6 +36,40 @@ def small_config(root: Path, *overrides: str) -> Config:
         "rollout.n=4", "rollout.max_new_tokens=8", "train.prompts_per_step=2",
         "train.micro_batch_size=3", "train.eval_samples=2", "train.wandb_mode=disabled",
         *overrides])
+
+
+# Float32 results of one computation done in two summation orders (one batching or another,
+# another BLAS kernel, another machine) differ by rounding. Each of the N terms summed into an
+# element adds an error of at most eps/2 of the running sum, with random sign: the total grows
+# like sqrt(N) * eps * (size of the terms). The tiny models' shared-prefix and plain gradients
+# differ by up to 1.3 of that unit (largest element of the tensor as the size of the terms);
+# the bugs planted to check the bound (positions off by one, a response attending to prompt
+# padding, a detached KV cache, a row reading a neighbour's prompt, one token's gradient
+# dropped) by 1e3 to 1e6 of it. ROUNDING_SLACK leaves room for other kernels and machines.
+ROUNDING_SLACK = 30.0
+
+
+def rounding_bound(terms: int, scale: float) -> float:
+    """How far float32 rounding can move a sum of ``terms`` numbers of size ``scale``."""
+    return ROUNDING_SLACK * torch.finfo(torch.float32).eps * math.sqrt(terms) * scale
+
+
+def assert_equal_up_to_rounding(got: torch.Tensor, want: torch.Tensor, terms: int,
+                                what: str = "", scale: float | None = None) -> None:
+    """``got`` and ``want`` compute the same float32 quantity in different summation orders.
+
+    ``terms``: how many numbers are summed into one element (for a weight gradient, the token
+    positions of the batch). ``scale``: the size of those numbers; by default the largest
+    element of ``want``, so an element that is a small sum of large cancelling terms (an
+    embedding row of a frequent token) is not held to a bound relative to itself.
+    """
+    assert got.shape == want.shape, f"{what}: shapes {tuple(got.shape)} != {tuple(want.shape)}"
+    want64, got64 = want.double(), got.double()
+    size = float(want64.abs().max()) if scale is None else scale
+    bound = rounding_bound(terms, size)
+    diff = float((got64 - want64).abs().max()) if want.numel() else 0.0
+    assert diff <= bound, (f"{what}: differs by {diff:.3g}, more than float32 rounding of "
+                           f"{terms} terms of size {size:.3g} explains ({bound:.3g})")
 
 
 @pytest.fixture(scope="session")

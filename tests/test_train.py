@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import assert_equal_up_to_rounding, rounding_bound, small_config
 
 from evr1.config import ConfigError, OfflineConfig, load_config
 from evr1.data.synthetic import make_synthetic
@@ -368,11 +368,13 @@ def test_shared_vision_matches_per_response_vision(prepared, tmp_path):
 
     shared, shared_grads = logp_and_grads(batch)
     plain, plain_grads = logp_and_grads(replace(batch, owners=[]))  # no sharing: the reference
-    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-6)
+    # Equal up to float32 rounding of sums over the batch's token positions (see conftest).
+    terms = batch.model_inputs["input_ids"].numel()
+    assert_equal_up_to_rounding(shared, plain, terms, "log-probs")
     assert shared_grads.keys() == plain_grads.keys()
     assert any("visual" in k for k in shared_grads)
     for name in plain_grads:
-        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5)
+        assert_equal_up_to_rounding(shared_grads[name], plain_grads[name], terms, name)
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -446,18 +448,21 @@ def _check_shared_prefix(backend, processor, prompts, stop, pad_id):
         plain, plain_grads = logp_and_grads(batch, False)
         mask = batch.mask
         assert shared.shape == plain.shape == mask.shape
-        assert (shared - plain)[mask].abs().max() < 1e-5
+        # The two paths sum in another order (a KV cache shared by rows, gradients summed over
+        # rows before the prompt's backward): equal up to float32 rounding of the sums over the
+        # batch's token positions. In float64 they agree to 2e-14 on the Qwen3-VL model.
+        terms = batch.model_inputs["input_ids"].numel()
+        assert_equal_up_to_rounding(shared[mask], plain[mask], terms, "log-probs")
         assert shared_grads.keys() == plain_grads.keys()
         for name, grad in plain_grads.items():
-            torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            assert_equal_up_to_rounding(shared_grads[name], grad, terms, name)
         if batch is batches[0]:  # video and image rows: the vision tower is compared too
             assert any("visual" in k for k in shared_grads)
 
 
 def test_shared_prefix_train_step_matches_plain(prepared, tmp_path):
     """One optimiser step of both paths (with the KL term's reference forward and the
-    entropy term) moves the weights alike."""
+    entropy term) computes the same gradient and moves the weights alike."""
     result = {}
     for shared in (True, False):
         trainer = Trainer(small_config(
@@ -466,20 +471,46 @@ def test_shared_prefix_train_step_matches_plain(prepared, tmp_path):
             "train.freeze_vision_tower=false",
             "train.grpo.entropy_coef=0.01", "train.grpo.kl_coef=0.01",
             f"train.shared_prefix={str(shared).lower()}"))
-        start = weights(trainer)
+        backend, start = trainer.backend, weights(trainer)
+        positions = []  # token positions of the step's micro-batches: the terms of a gradient
+        update = backend.train_step
+
+        def counting(batches, grpo, update=update, positions=positions):
+            positions.append(sum(b.model_inputs["input_ids"].numel() for b in batches))
+            return update(batches, grpo)
+
+        backend.train_step = counting
         metrics = trainer.train_step()
-        result[shared] = start, weights(trainer), metrics
-    lr = trainer.cfg.train.lr
-    (start, fast, fast_metrics), (_, plain, plain_metrics) = result[True], result[False]
+        # After Adam's first step its first moment is (1 - beta1) * the (clipped) gradient.
+        beta1 = trainer.cfg.train.betas[0]
+        grads = {n: backend.optimizer.state[p]["exp_avg"] / (1 - beta1)
+                 for n, p in trainer.model.named_parameters() if p in backend.optimizer.state}
+        result[shared] = start, weights(trainer), metrics, grads, positions[0]
+    (start, fast, fast_metrics, fast_grads, terms), (_, plain, plain_metrics, plain_grads, _) = \
+        result[True], result[False]
+    lr = plain_metrics["lr"]
     assert fast_metrics["train_tokens"] == plain_metrics["train_tokens"]
-    for key in ("loss", "grad_norm", "entropy_mean", "kl_mean"):
-        assert fast_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-4, abs=1e-6), key
+    # Loss and entropy are means of per-token terms of size ~1 (unit-std advantages, clipped
+    # ratios, entropies of a small vocabulary); the KL term is exactly 0 at the first step
+    # (the reference model is the policy).
+    for key in ("loss", "entropy_mean", "kl_mean"):
+        assert abs(fast_metrics[key] - plain_metrics[key]) <= rounding_bound(
+            terms, max(1.0, abs(plain_metrics[key]))), key
+    assert fast_metrics["grad_norm"] == pytest.approx(
+        plain_metrics["grad_norm"], rel=rounding_bound(terms, 1.0))
+    assert fast_grads.keys() == plain_grads.keys() and len(plain_grads) > 0
+    for name, grad in plain_grads.items():
+        assert_equal_up_to_rounding(fast_grads[name], grad, terms, name)
     assert max(float((fast[k] - start[k]).abs().max()) for k in start) > 0.5 * lr
-    # Adam's first step moves every weight by about lr * g / (|g| + eps): for the rare element
-    # whose gradient is ~eps, float rounding of g moves its update by a few percent of lr.
-    for name in plain:
-        torch.testing.assert_close(fast[name], plain[name], rtol=0, atol=0.05 * lr,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    # Adam's first step moves a weight by lr * g / (|g| + eps) (plus the same weight decay):
+    # about lr * sign(g). Where rounding may flip g's sign (|g| within the rounding bound of
+    # the gradients) the two updates can differ by up to 2 lr; everywhere else by
+    # lr * eps / |g|, far below 1% of lr, plus a rounding of the weight itself.
+    for name, grad in plain_grads.items():
+        resolved = grad.abs() > 2 * rounding_bound(terms, float(grad.abs().max()))
+        diff = (fast[name] - plain[name]).abs()
+        assert float(torch.where(resolved, diff, 0).max()) <= 0.01 * lr, name
+        assert float(diff.max()) <= 2.01 * lr, name
 
 
 @pytest.mark.slow

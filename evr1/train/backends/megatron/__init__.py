@@ -1,7 +1,7 @@
 """Training backend ``megatron``: megatron-core tensor/pipeline parallelism for Qwen2.5-VL and
 Qwen3-VL (dense).
 
-Needs ``megatron-core`` (``pip install "megatron-core==0.16.1"``). Import
+Needs ``megatron-core`` 0.16.1 to 0.19 (a dependency of evr1; tested: constraints.txt). Import
 :class:`MegatronBackend` from here; the submodules split the work:
 
 * :mod:`.model`: the decoder as a ``GPTModel`` (config and layer spec from the HF config)
@@ -32,7 +32,7 @@ def __getattr__(name: str) -> Any:
         if importlib.util.find_spec("megatron") is None or \
                 importlib.util.find_spec("megatron.core") is None:
             raise ImportError("train.backend=megatron needs megatron-core: pip install "
-                              "'megatron-core==0.16.1'")
+                              "'megatron-core>=0.16.1,<0.20'")
         from evr1.train.backends.megatron.backend import MegatronBackend
 
         return MegatronBackend

@@ -1,6 +1,7 @@
 """The only patches evr1 applies to megatron-core, and only when CUDA is absent.
 
-megatron-core 0.16 assumes a GPU in four places that a CPU run under gloo reaches; everything
+megatron-core (0.16.1 and 0.19.2 tested; tests/test_megatron.py checks that the first three
+are still needed) assumes a GPU in four places that a CPU run under gloo reaches; everything
 else runs unchanged with ``use_cpu_initialization=True``:
 
 1. ``GlobalMemoryBuffer.get_tensor`` (scratch space of the local attention's ``baddbmm``)

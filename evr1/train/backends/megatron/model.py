@@ -3,7 +3,7 @@
 Qwen2.5-VL's decoder is a Qwen2 decoder: RMSNorm (pre-norm), grouped-query attention with a
 bias on Q, K and V only, SwiGLU MLP without biases, untied (7B+) or tied (3B) embeddings, and
 multimodal RoPE whose rotary frequencies are split into (temporal, height, width) sections.
-megatron-core 0.16 builds all of it: ``position_embedding_type="mrope"`` with
+megatron-core (0.16 to 0.19) builds all of it: ``position_embedding_type="mrope"`` with
 ``mrope_section`` computes the same cos/sin layout as transformers (sections taken from the
 T/H/W position rows in turn, then duplicated for the two rotary halves).
 
@@ -14,7 +14,7 @@ Qwen3-VL (dense) differs in four places, three of them built here:
 * ``head_dim`` is explicit (not ``hidden_size / heads``): it is ``kv_channels``;
 * the M-RoPE sections are *interleaved* (frequency j takes its position from the T, H or W
   row by ``j % 3`` while the H and W sections last, from T after them; see
-  :class:`InterleavedMRoPE`), which megatron-core 0.16 does not
+  :class:`InterleavedMRoPE`), which megatron-core (0.16 to 0.19) does not
   compute (its ``rotary_interleaved`` is a different thing: the GPT-J pairing of channels):
   :func:`build_gpt` swaps in a module that does, with megatron's call signature;
 * deepstack (vision features added to the hidden states after the first few decoder layers)
