@@ -58,6 +58,19 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     return resolved
 
 
+def resolve_device(device: str, where: str = "device") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; an explicit ``cuda`` (or
+    ``cuda:N``) without a visible GPU is an error naming ``where`` (the config field), raised
+    before anything is loaded, rather than a fall-back that would run a GPU recipe on CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"{where}={device} but torch sees no CUDA device "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                             f"use {where}=auto or cpu")
+    return device
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
                device: str | torch.device = "cpu", *,
                attn_implementation: str | None = None) -> torch.nn.Module:
