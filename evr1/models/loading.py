@@ -8,6 +8,7 @@ job spends its time importing and allocating, with a message that says what was 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,12 @@ def resolve_device(device: str, where: str = "device") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"{where}={device} but torch sees no CUDA device "
-                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
-                             f"use {where}=auto or cpu")
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+        raise ModelLoadError(
+            f"{where}={device} but torch sees no CUDA device (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda})"
+            + ("; CUDA_VISIBLE_DEVICES is empty: a job started without GPUs (set "
+               "launch.gpus_per_node)" if hidden else "") + f"; or use {where}=auto or cpu")
     return device
 
 
