@@ -1,6 +1,6 @@
 """What the tensor cache buys on a GPU: GRPO steps with frames from shards vs decoded on the fly.
 
-    python benchmarks/cache_gpu.py --out runs/cache_gpu.md     # one GPU, ~4 min on an H200
+    python benchmarks/cache_gpu.py --out runs/cache_gpu.md     # one GPU (H200: a few minutes)
     python benchmarks/cache_gpu.py --tiny                      # the same steps on CPU, ~1 min
 
 The regime of the seed's headline ("decode once into a tensor cache: 1.47x faster steps,
@@ -50,7 +50,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,12 +230,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_series(trainer: Trainer, prompts: TimedPrompts, name: str, warmup: int, steps: int,
-               device: str) -> Series:
+def run_series(trainer: Trainer, prompts: TimedPrompts, name: str, warmup: int,
+               steps: int | Callable[[float], int], device: str) -> Series:
+    """``warmup`` untimed steps, then ``steps`` timed ones (or ``steps(first step s)``)."""
     trainer.train_set = prompts
     trainer.sampler.position = 0  # every series trains on the same prompts
     series = Series(name)
-    for k in range(warmup + steps):
+    k, total = 0, warmup + (steps if isinstance(steps, int) else 1)
+    while k < total:
         synchronize(device)
         before = prompts.seconds
         start = time.perf_counter()
@@ -247,7 +249,44 @@ def run_series(trainer: Trainer, prompts: TimedPrompts, name: str, warmup: int, 
         else:
             series.timings.append(StepTiming(step_s, prompts.seconds - before,
                                              m["time_rollout"], m["time_reward"]))
+        if k == 0 and not isinstance(steps, int):
+            total = warmup + steps(step_s)
+        k += 1
     return series
+
+
+def steps_within(args: argparse.Namespace, start: float, series: int) -> Callable[[float], int]:
+    """Timed steps per series such that ``series`` series fit in what is left of
+    ``--time-budget`` (counted from ``start``), judged by the first step's time (a warm-up
+    step is slower than the rest, so this errs short); ``--steps`` at most, 1 at least."""
+
+    def count(first_step_s: float) -> int:
+        if not args.time_budget:
+            return args.steps
+        left = args.time_budget - (time.perf_counter() - start) + first_step_s
+        per_series = left / series / max(first_step_s, 1e-3)
+        return max(1, min(args.steps, int(per_series) - args.warmup))
+
+    return count
+
+
+def vision_forward_s(trainer: Trainer, base: PromptSet, device: str, repeats: int = 2) -> float:
+    """Seconds of one vision-tower forward on the first prompt's frames (the last of
+    ``repeats``, so not the first call's set-up)."""
+    from evr1.models.inputs import encode
+
+    prompt = base.prompt(0)
+    inputs = encode(trainer.processor, [prompt.problem], [prompt.frames], ["video"],
+                    [prompt.fps]).to(trainer.model.device)
+    with torch.no_grad():
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            trainer.model.model.get_video_features(inputs["pixel_values_videos"],
+                                                   inputs["video_grid_thw"])
+            synchronize(device)
+            seconds = time.perf_counter() - start
+    return seconds
 
 
 def shard_read_rate(base: PromptSet) -> dict[str, float]:
@@ -350,11 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke sizes: tiny model and budget, 2 short clips, 1+1 steps")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--clips", type=int, default=6)
     p.add_argument("--clip-seconds", type=float, default=64.0)
     p.add_argument("--clip-size", default="1280x720", help="WIDTHxHEIGHT of the encoded clips")
     p.add_argument("--clip-fps", type=int, default=30)
-    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--n", type=int, default=4, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="timed steps per series")
@@ -362,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (decode path)")
     p.add_argument("--inline", action="store_true", help="also time decoding inside the step")
     p.add_argument("--train-vision", action="store_true", help="train the vision tower too")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="S",
+                   help="fewer timed steps (at least 1) if --steps would not fit in S seconds")
     p.add_argument("--workdir", type=Path, help="keep clips, shards and model here")
     p.add_argument("--out", type=Path, help="Markdown report (+ .json beside it)")
     args = p.parse_args(argv)
@@ -472,7 +513,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
 
     frame_bytes = base.prompt(0).frames[0].nbytes
     read = shard_read_rate(base)
-    one = decode_rate(base.samples[:max(1, min(4, len(base.samples)))], cfg.data, 1)
+    one = decode_rate(base.samples[:2], cfg.data, 1)
     many = decode_rate(base.samples, cfg.data, args.workers)
     report.add("| frames from | GB/s | frames/s | prompts/s |\n|---|---:|---:|---:|")
     report.add(f"| shards (h5py, page cache) | {read['GB_per_s']:.2f} | "
@@ -484,22 +525,28 @@ def run(args: argparse.Namespace, root: Path) -> int:
     report.add(f"\nDecoding one prompt's clip takes {one['s_per_prompt_one_process']:.2f} s "
                f"of one core.\n", shard_read=read, decode_one=one, decode_workers=many)
 
+    vision_s = vision_forward_s(trainer, base, device)
+    report.add(f"The vision tower's forward on one prompt's frames takes {vision_s:.2f} s "
+               f"({cfg.model.attn_implementation}: without flash-attention, transformers runs "
+               "Qwen2.5-VL's window attention one window at a time).\n", vision_forward_s=vision_s)
+    series_count = 2 + int(args.inline)
     shards = run_series(trainer, TimedPrompts(base, "shards", cfg.data), "shards",
-                        args.warmup, args.steps, device)
+                        args.warmup, steps_within(args, start, series_count), device)
+    steps = len(shards.timings)
     all_series = [shards]
     report.add("\n".join(series_rows(all_series, shards)), shards=asdict(shards))
-    batches = step_batches(len(base), cfg.seed, args.prompts, args.warmup + args.steps)
+    batches = step_batches(len(base), cfg.seed, args.prompts, args.warmup + steps)
     loader = torch.utils.data.DataLoader(DecodedVideos(base.samples, cfg.data),
                                          batch_sampler=batches, num_workers=args.workers,
                                          collate_fn=as_list)
     batches_iter = iter(loader)
     all_series.append(run_series(trainer, TimedPrompts(base, "loader", cfg.data, batches_iter),
-                                 f"loader ({args.workers} workers)", args.warmup, args.steps,
+                                 f"loader ({args.workers} workers)", args.warmup, steps,
                                  device))
     del batches_iter, loader  # stops the workers before the next series
     if args.inline:
         all_series.append(run_series(trainer, TimedPrompts(base, "inline", cfg.data),
-                                     "decode in the step", args.warmup, args.steps, device))
+                                     "decode in the step", args.warmup, steps, device))
     report.add("\n".join(series_rows(all_series, shards)), replace_last=True,
                series={s.name: asdict(s) for s in all_series})
     decode_cpu = one["s_per_prompt_one_process"] * args.prompts
