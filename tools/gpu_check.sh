@@ -13,7 +13,7 @@
 #
 # Every part runs under `timeout` and writes its log under $OUT (the folder the device tool
 # brings back; at most 8 files), plus $OUT/report.md: machine, versions, each part's exit
-# status and time, and the results. Worst case ~7.7 min (the timeouts below: 80 + 160 + 220 s,
+# status and time, and the results. Worst case ~7.7 min (the timeouts below: 100 + 150 + 220 s,
 # and the wheels' install), which leaves a 15-minute device budget room for a partial rerun.
 # Nothing is written into the repository: runs go to a temporary folder.
 set -uo pipefail
@@ -31,6 +31,11 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+
+case $CHECK in
+    pipeline) ;;
+    *) echo "unknown check $CHECK (known: pipeline)" >&2; exit 2 ;;
+esac
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/runs/gpu_check}
@@ -53,6 +58,8 @@ fi
 SCALE=1
 [ "$CPU" = 1 ] && SCALE=4
 
+FAILED=""
+
 wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
 # part NAME TIMEOUT_S LOG COMMAND...: run, record status and seconds in the report.
@@ -66,6 +73,7 @@ part() {
     local note=""
     [ $rc = 124 ] || [ $rc = 137 ] && note=" (TIMED OUT)"
     echo "   exit $rc$note after $((SECONDS - start)) s; log: $(basename "$log")" | tee -a "$REPORT"
+    [ $rc = 0 ] || FAILED="$FAILED $name"
     return $rc
 }
 
@@ -96,7 +104,7 @@ check_pipeline() {
     local device=cuda
     [ "$CPU" = 1 ] && device=cpu
     if wanted test; then
-        EVR1_GPU_TEST_DEVICE=$device part test 80 "$OUT/test.log" \
+        EVR1_GPU_TEST_DEVICE=$device part test 100 "$OUT/test.log" \
             "$PY" -m pytest "$REPO/tests/test_gpu.py" -m gpu -q -rs -p no:cacheprovider
         { echo '```'; tail -3 "$OUT/test.log"; echo '```'; } >>"$REPORT"
     fi
@@ -106,7 +114,7 @@ check_pipeline() {
         [ "$CPU" = 1 ] && extra=(model.device=cpu eval.device=cpu curate.device=cpu
                                  launch.gpus_per_node=0 train.steps=4 train.save_every=2
                                  synthetic.num_videos=6 train.eval_samples=8)
-        (cd "$WORK" && part pipeline 160 "$OUT/pipeline.log" "$PY" \
+        (cd "$WORK" && part pipeline 150 "$OUT/pipeline.log" "$PY" \
             "$REPO/launchers/pipeline.py" --config "$REPO/configs/demo_gpu.yaml" "${extra[@]}")
         {
             echo '```'
@@ -143,8 +151,11 @@ EOF
 environment
 case $CHECK in
     pipeline) check_pipeline ;;
-    *) echo "unknown check $CHECK (known: pipeline)" >&2; exit 2 ;;
 esac
 rm -rf "$WORK"
 echo "report: $REPORT"
 cat "$REPORT"
+if [ -n "$FAILED" ]; then
+    echo "FAILED:$FAILED" | tee -a "$REPORT"
+    exit 1
+fi
