@@ -6,7 +6,8 @@
 #     tools/gpu_check.sh pipeline --cpu              # here: the same steps, tiny, on CPU
 #     tools/gpu_check.sh pipeline --only bench       # a rerun of some parts (test,pipeline,bench)
 #
-# Checks (one per issue that needs the GPU; add a `check_NAME` function and a case below):
+# Checks (one per issue that needs the GPU; add a `check_NAME` function and its name to both
+# `case` statements below):
 #   pipeline  tests/test_gpu.py (steps, checkpoint, exact resume, eval on CUDA), the whole
 #             pipeline with configs/demo_gpu.yaml (preprocess -> train -> eval -> collect), and
 #             benchmarks/cache_gpu.py (frames from shards vs decoded on the fly).
