@@ -21,7 +21,8 @@ removes. Everything is made in a temporary folder (``--workdir`` keeps it):
    processes side by side.
 5. GRPO steps (``Trainer.train_step``: hf rollouts, hf backend) on the same prompts, in series:
    ``shards`` (what evr1 does), ``loader`` (decoded on the fly by a torch DataLoader with
-   ``--workers`` workers and the default prefetching, each worker building whole step batches:
+   ``--workers`` workers (started by forkserver) and the default prefetching, each worker
+   building whole step batches:
    the fair baseline, as a user would write it) and, with ``--inline``, decoding inside the
    step (no workers). Each series gets ``--warmup`` untimed steps, then ``--steps`` timed ones;
    the loader's workers start with its series, so its warm-up step also waits for the first
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import statistics
@@ -313,11 +315,17 @@ def decode_rate(samples: list[Sample], data_cfg: DataConfig, workers: int) -> di
             "s_per_prompt_one_process": statistics.mean(cpu)}
 
 
+# Worker processes start from a fresh interpreter (forkserver, Python 3.14's default), not a
+# fork of this one: a child forked after this process ran OpenMP (torch's resize) or FFmpeg
+# threads can hang (seen here), and CUDA is initialised in it by then.
+WORKER_START = "forkserver"
+
+
 def one_thread_pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes with one torch thread each, as DataLoader workers are: a forked child
-    that resizes with the parent's OpenMP pool hangs (GNU OpenMP is not fork-safe), and one
-    thread per process is what makes the per-core figures per core."""
-    return ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    """Worker processes with one torch thread each, as DataLoader workers are: one thread per
+    process is what makes the per-core figures per core."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(WORKER_START),
+                               initializer=torch.set_num_threads, initargs=(1,))
 
 
 def _warm_up(data_cfg: DataConfig) -> None:
@@ -538,7 +546,8 @@ def run(args: argparse.Namespace, root: Path) -> int:
     batches = step_batches(len(base), cfg.seed, args.prompts, args.warmup + steps)
     loader = torch.utils.data.DataLoader(DecodedVideos(base.samples, cfg.data),
                                          batch_sampler=batches, num_workers=args.workers,
-                                         collate_fn=as_list)
+                                         collate_fn=as_list,
+                                         multiprocessing_context=WORKER_START)
     batches_iter = iter(loader)
     all_series.append(run_series(trainer, TimedPrompts(base, "loader", cfg.data, batches_iter),
                                  f"loader ({args.workers} workers)", args.warmup, steps,

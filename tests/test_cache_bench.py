@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cache_gpu", ROOT / "benchmarks/cache_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cache_gpu"] = module  # worker processes unpickle its functions by this name
-    spec.loader.exec_module(module)
-    return module
+    # Importable by name: its worker processes (forkserver) unpickle its functions so.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        yield importlib.import_module("cache_gpu")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_clips_are_looped_to_the_asked_length_and_size(bench, tmp_path):
