@@ -12,7 +12,8 @@ setup(
         # (README, "Installs are pinned").
         "torch>=2.5",
         "torchvision>=0.20",
-        "transformers>=5.0,<6",
+        # 5.24: the training forward passes `cache=` and `mm_encoder_outputs` (5.17 has neither)
+        "transformers>=5.24,<6",
         "accelerate",
         "safetensors",
         "tokenizers",

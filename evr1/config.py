@@ -194,8 +194,16 @@ class ModelConfig:
     tiny: bool = False  # build a random-init tiny model when `path` does not exist yet
     family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Where the trainer's model (and so the hf rollouts, which share it) lives: auto = cuda
+    # when torch sees a GPU, else cpu; an explicit cuda without a GPU is an error at start.
+    device: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"model.device={self.device!r} is not one of auto, cpu, cuda, "
+                              "cuda:N")
 
 
 @dataclass
@@ -658,6 +666,7 @@ class Config:
     def validate(self) -> Config:
         self.data.validate()
         self.preprocess.validate()
+        self.model.validate()
         self.reward.validate()
         self.rollout.validate()
         self.train.validate()

@@ -172,6 +172,29 @@ def test_auto_falls_back_to_pyav_when_dali_fails(videos, monkeypatch):
         decode_frames(videos["vp9"], [0, 5], "dali", dali_device="cpu")
 
 
+@pytest.fixture
+def without_dali(monkeypatch):
+    """DALI absent, as the import system reports it (None in sys.modules: ImportError)."""
+    import sys
+
+    for cached in (dali_backend.installed, dali_backend.cuda_device_count):
+        cached.cache_clear()
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    yield
+    monkeypatch.undo()
+    for cached in (dali_backend.installed, dali_backend.cuda_device_count):
+        cached.cache_clear()
+
+
+def test_without_dali_auto_takes_pyav_and_explicit_dali_says_why(videos, without_dali):
+    assert not dali_backend.installed()
+    assert choose_backend("vp9") == ("pyav", None)
+    frames, used = decode_frames(videos["vp9"], [0, 5], "auto")
+    assert used == "pyav" and frames.shape == (2, HEIGHT, WIDTH, 3)
+    with pytest.raises(DecodeError, match="DALI is not installed.*backend='pyav'"):
+        decode_frames(videos["vp9"], [0], "dali", dali_device="cpu")
+
+
 def test_explicit_dali_cpu_refuses_h264_with_a_way_out(videos):
     with pytest.raises(DecodeError, match="cannot decode h264.*backend='pyav'"):
         decode_frames(videos["h264"], [0], "dali", dali_device="cpu")

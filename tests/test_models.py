@@ -214,3 +214,29 @@ def test_cli_builds_a_folder_from_jsonl(tmp_path: Path, capsys) -> None:
                       "--size", "num_layers=1"]) == 0
     assert "'<answer>B</answer>' = 3 tokens" in capsys.readouterr().out
     assert load_model(tmp_path / "m").config.text_config.num_hidden_layers == 1
+
+
+def test_realistic_shape_has_the_released_dimensions() -> None:
+    """The qwen2_5_vl_1b preset: Qwen2.5-VL's vision tower and Qwen2.5-0.5B's language model,
+    counted on the meta device (no memory). Reference counts, by hand from the dimensions:
+    vision 32 blocks x (qkv 1280x3840+3840, proj 1280^2+1280, MLP 3x1280x3420+2x3420+1280,
+    2 RMSNorm 2x1280) + patch embed 3x2x14x14x1280 + merger (ln 1280, 5120^2+5120, 5120x896+896)
+    = 662.8M; LM 24 x (q 896^2+896, kv 2x(896x128+128), o 896^2, MLP 3x896x4864, 2x896 norms)
+    + embed 151936x896 (tied) + final norm 896 = 494.0M."""
+    from evr1.models.tiny import _build_model, _sizes, _vision_config
+    from evr1.models.tokenizer import train_tokenizer
+
+    sizes = _sizes("qwen2_5_vl", {}, "qwen2_5_vl_1b")
+    assert _vision_config("qwen2_5_vl", sizes)["fullatt_block_indexes"] == [7, 15, 23, 31]
+    with torch.device("meta"):
+        model = _build_model("qwen2_5_vl", sizes, train_tokenizer(["What colour?"], 300), 0)
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    language = sum(p.numel() for p in model.model.language_model.parameters())
+    block = 1280 * 3840 + 3840 + 1280 ** 2 + 1280 + 3 * 1280 * 3420 + 2 * 3420 + 1280 + 2 * 1280
+    merger = 1280 + 5120 ** 2 + 5120 + 5120 * 896 + 896
+    assert vision == 32 * block + 3 * 2 * 14 * 14 * 1280 + merger
+    layer = 896 ** 2 + 896 + 2 * (896 * 128 + 128) + 896 ** 2 + 3 * 896 * 4864 + 2 * 896
+    assert language == 24 * layer + 151_936 * 896 + 896
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # tied
+    with pytest.raises(ValueError, match="unknown model shape 'huge'"):
+        _sizes("qwen2_5_vl", {}, "huge")

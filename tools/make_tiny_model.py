@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from evr1.models.tiny import FAMILIES, TinySizes, build_tiny_model, corpus_from_jsonl
+from evr1.models.tiny import FAMILIES, SHAPES, TinySizes, build_tiny_model, corpus_from_jsonl
 
 
 def _parse_size(item: str) -> tuple[str, Any]:
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="sample JSONL files whose text trains the tokenizer")
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", choices=SHAPES, default="tiny",
+                        help="a named shape (qwen2_5_vl_1b: ~1.2B, realistic, for GPU timings)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the saved weights")
     parser.add_argument("--size", action="append", type=_parse_size, default=[],
                         metavar="KEY=VALUE",
                         help=f"override a size ({', '.join(TinySizes.__dataclass_fields__)})")
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = corpus_from_jsonl(args.corpus)
     try:
         out = build_tiny_model(args.out, corpus, family=args.family, seed=args.seed,
-                               **dict(args.size))
+                               shape=args.shape, dtype=args.dtype, **dict(args.size))
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     print(f"tokenizer corpus: {len(corpus)} texts from {len(args.corpus)} file(s)")

@@ -209,11 +209,11 @@ def make_engine(cfg: Config, model_path: Path) -> Any:
         from evr1.rollout.vllm import make_vllm_engine
 
         return make_vllm_engine(model_path, cfg.rollout, seed=cfg.curate.seed)
-    from evr1.eval.runner import resolve_device
-    from evr1.models.loading import load_model, load_processor
+    from evr1.models.loading import load_model, load_processor, resolve_device
     from evr1.rollout.hf import HFRolloutEngine
 
-    model = load_model(model_path, cfg.model.dtype, resolve_device(cfg.curate.device),
+    device = resolve_device(cfg.curate.device, "curate.device")
+    model = load_model(model_path, cfg.model.dtype, device,
                        attn_implementation=cfg.model.attn_implementation)
     return HFRolloutEngine(model, load_processor(model_path))
 

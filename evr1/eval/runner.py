@@ -169,23 +169,16 @@ def cpu_threads(cfg: Config, num_tasks: int) -> int:
     return max(1, available // side_by_side)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def make_engine(cfg: Config, model_path: Path) -> Any:
     if cfg.eval.engine == "vllm":
         from evr1.rollout.vllm import make_vllm_engine
 
         return make_vllm_engine(model_path, cfg.rollout, seed=cfg.eval.seed)
-    from evr1.models.loading import load_model, load_processor
+    from evr1.models.loading import load_model, load_processor, resolve_device
     from evr1.rollout.hf import HFRolloutEngine
 
-    model = load_model(model_path, cfg.model.dtype, resolve_device(cfg.eval.device),
+    device = resolve_device(cfg.eval.device, "eval.device")
+    model = load_model(model_path, cfg.model.dtype, device,
                        attn_implementation=cfg.model.attn_implementation)
     return HFRolloutEngine(model, load_processor(model_path))
 

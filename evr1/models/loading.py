@@ -8,6 +8,7 @@ job spends its time importing and allocating, with a message that says what was 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,22 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     if not isinstance(resolved, torch.dtype):
         raise ModelLoadError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16', 'float32' or 'auto'")
     return resolved
+
+
+def resolve_device(device: str, where: str = "device") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; an explicit ``cuda`` (or
+    ``cuda:N``) without a visible GPU is an error naming ``where`` (the config field), raised
+    before anything is loaded, rather than a fall-back that would run a GPU recipe on CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+        raise ModelLoadError(
+            f"{where}={device} but torch sees no CUDA device (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda})"
+            + ("; CUDA_VISIBLE_DEVICES is empty: a job started without GPUs (set "
+               "launch.gpus_per_node)" if hidden else "") + f"; or use {where}=auto or cpu")
+    return device
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto",

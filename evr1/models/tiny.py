@@ -53,6 +53,9 @@ class TinySizes:
     max_position_embeddings: int = 8192
     tokenizer_vocab: int = 4096  # cap on the learned BPE vocabulary
     vocab_multiple: int = 1  # round the embedding rows up (e.g. 64 for tensor-parallel splits)
+    # At least this many embedding rows (the real 151,936: the output layer's cost and the
+    # log-prob work over a real vocabulary); ids past the tokenizer's decode to nothing.
+    vocab_size: int | None = None
     deepstack_levels: int = 1  # Qwen3-VL: the last n vision blocks feed decoder layers 0..n-1
     tie_embeddings: bool = False  # output matrix = embedding (Qwen2.5-VL-3B, Qwen3-VL-2B/4B)
     # Qwen3-VL stores head_dim; heads x head_dim may differ from hidden_size (Qwen3-VL-4B).
@@ -78,13 +81,29 @@ class TinySizes:
                              f"between 1 and vision_depth {self.vision_depth}")
 
 
-def _sizes(family: str, overrides: dict[str, Any]) -> TinySizes:
+# Named shapes for build_tiny_model(shape=...). "tiny" is the CPU default. "qwen2_5_vl_1b" is
+# random-init at a realistic size (~1.2B parameters), for GPU timings: the vision tower of the
+# released Qwen2.5-VL (depth 32, hidden 1280, 16 heads, MLP 3420, patch 14, window attention
+# with full attention in blocks 7/15/23/31) and the language model of Qwen2.5-0.5B (hidden 896,
+# 24 layers, 14 heads, 2 KV heads, MLP 4864, tied embeddings, vocabulary 151,936).
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "qwen2_5_vl_1b": dict(
+        hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+        vision_depth=32, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
+        max_position_embeddings=128_000, vocab_size=151_936, tie_embeddings=True),
+}
+
+
+def _sizes(family: str, overrides: dict[str, Any], shape: str = "tiny") -> TinySizes:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose one of {', '.join(SHAPES)}")
     known = {f.name for f in dataclasses.fields(TinySizes)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown tiny-model size {unknown[0]!r}; "
                         f"valid: {', '.join(sorted(known))}")
-    sizes = TinySizes(**overrides)
+    sizes = TinySizes(**{**SHAPES[shape], **overrides})
     if family != "qwen3_vl" and sizes.attention_head_dim is not None:
         raise ValueError("tiny model: attention_head_dim is a Qwen3-VL setting (Qwen2.5-VL "
                          "derives head_dim from hidden_size / num_heads)")
@@ -138,8 +157,11 @@ def _vision_config(family: str, s: TinySizes) -> dict[str, Any]:
         spatial_merge_size=s.merge_size, temporal_patch_size=s.temporal_patch_size,
         out_hidden_size=s.hidden_size)
     if family == "qwen2_5_vl":
-        # Window attention everywhere except the last block, as in the real model.
-        cfg.update(window_size=112, fullatt_block_indexes=[s.vision_depth - 1],
+        # Window attention except in every 8th block (7, 15, 23, 31 at the real depth 32), and
+        # at least in the last one, as in the real model.
+        cfg.update(window_size=112,
+                   fullatt_block_indexes=list(range(7, s.vision_depth, 8)) or
+                   [s.vision_depth - 1],
                    tokens_per_second=2)
     else:
         # A 16x16 learned position grid (interpolated to any frame size).
@@ -152,7 +174,8 @@ def _build_model(family: str, s: TinySizes, tokenizer: Any, seed: int) -> torch.
     import transformers
 
     ids = _token_ids(tokenizer)
-    vocab = -(-len(tokenizer) // s.vocab_multiple) * s.vocab_multiple
+    vocab = max(len(tokenizer), s.vocab_size or 0)
+    vocab = -(-vocab // s.vocab_multiple) * s.vocab_multiple
     config_cls, model_cls = {
         "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
         "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
@@ -198,20 +221,25 @@ def _build_processor(family: str, s: TinySizes, tokenizer: Any) -> Any:
 
 
 def build_tiny_model(out_dir: str | Path, corpus: list[str], family: Family = "qwen2_5_vl",
-                     seed: int = 0, **sizes: Any) -> Path:
+                     seed: int = 0, *, shape: str = "tiny", dtype: str = "float32",
+                     device: str = "cpu", **sizes: Any) -> Path:
     """Train a tokenizer on ``corpus``, build a random-init tiny Qwen-VL model of ``family``
     and save model + tokenizer + processor into ``out_dir``. Returns the folder.
 
-    ``sizes`` override fields of :class:`TinySizes` (e.g. ``hidden_size=64``).
+    ``shape`` names one of :data:`SHAPES`; ``sizes`` override fields of :class:`TinySizes`
+    (e.g. ``hidden_size=64``). ``dtype`` is the saved weights' dtype; ``device`` where the
+    random init runs (``cuda`` initialises a 1B model in a second instead of a minute).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny-model family {family!r}; "
                          f"choose one of {', '.join(FAMILIES)}")
-    s = _sizes(family, sizes)
+    s = _sizes(family, sizes, shape)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(corpus, vocab_size=s.tokenizer_vocab)
-    model = _build_model(family, s, tokenizer, seed)
+    with torch.device(device):
+        model = _build_model(family, s, tokenizer, seed)
+    model = model.to(getattr(torch, dtype))
     processor = _build_processor(family, s, tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)  # also writes the tokenizer and the chat template

@@ -23,7 +23,7 @@ from evr1.config import Config, dump_config
 from evr1.data.dataset import PromptSampler, PromptSet
 from evr1.launch.preemption import PreemptionWatcher
 from evr1.models.inputs import stop_token_ids
-from evr1.models.loading import load_model, load_processor
+from evr1.models.loading import load_model, load_processor, resolve_device
 from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
 from evr1.rollout.base import SamplingParams
 from evr1.rollout.hf import HFRolloutEngine
@@ -119,7 +119,7 @@ class Trainer:
         model_dir = ensure_model(cfg)
         self.model_dir = model_dir
         self.processor = load_processor(model_dir)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(cfg.model.device, "model.device")
         self.model = load_model(model_dir, cfg.model.dtype, device,
                                 attn_implementation=cfg.model.attn_implementation)
         self.backend = make_backend(cfg, self.model, model_dir)

@@ -49,8 +49,21 @@ def cuda_device_count() -> int:
         return 0
 
 
+@functools.lru_cache(maxsize=1)
+def installed() -> bool:
+    """Whether DALI imports here. A setup.py install has it; a machine with its own image (the
+    GPU test machine, where DALI's ~800 MB do not travel) may not."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def can_decode(codec: str, device: str) -> bool:
     """Whether DALI on ``device`` ("cpu" or "gpu") decodes ``codec`` (an FFmpeg codec name)."""
+    if not installed():
+        return False  # backend "auto" then takes PyAV
     if device == "gpu":
         return cuda_device_count() > 0 and codec in GPU_CODECS
     return codec in CPU_CODECS
@@ -120,6 +133,9 @@ def decode_frames(path: str, indices: list[int], codec: str, device: str) -> np.
     """RGB uint8 ``[len(indices), H, W, 3]`` decoded by DALI on ``device`` ("cpu" | "gpu")."""
     if device not in ("cpu", "gpu"):
         raise ValueError(f"DALI device must be 'cpu' or 'gpu', got {device!r}")
+    if not installed():
+        raise DecodeError(path, "NVIDIA DALI is not installed (pip install "
+                                "nvidia-dali-cuda120); use backend='pyav' or 'auto'")
     if device == "gpu" and cuda_device_count() == 0:
         raise DecodeError(path, "DALI GPU decoding needs CUDA, and no GPU is visible; use "
                                 "dali_device='cpu' or backend='pyav'")

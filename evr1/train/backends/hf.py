@@ -159,7 +159,9 @@ class HFBackend:
         # optimizer keeps pointing at the same parameters.
         saved = type(self.model).from_pretrained(folder / "model", dtype=self.model.dtype)
         self.model.load_state_dict(saved.state_dict())
-        opt = torch.load(folder / "optimizer.pt", weights_only=True)
+        # map_location: a checkpoint written on a GPU also resumes on a CPU-only machine;
+        # load_state_dict moves the moments to the parameters' device either way.
+        opt = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
 
