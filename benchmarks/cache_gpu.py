@@ -44,14 +44,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import multiprocessing
 import os
 import platform
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -60,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from train_step import quiet  # benchmarks/ is on sys.path when a script here runs
 
 from evr1.config import Config, DataConfig, load_config
 from evr1.data.dataset import PromptSampler, PromptSet
@@ -582,17 +581,6 @@ def config(args: argparse.Namespace, root: Path, train_jsonl: Path, device: str)
         f"train.freeze_vision_tower={str(not args.train_vision).lower()}",
         "train.lr=1.0e-6", "train.offline.mode=never", "train.resume=never",
         "train.wandb_mode=disabled", "train.log_completions=0"])
-
-
-def quiet() -> None:
-    """Library progress bars and warnings would bury the tables."""
-    import transformers
-
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("evr1").setLevel(logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 if __name__ == "__main__":
