@@ -37,8 +37,8 @@ from evr1.data.synthetic import make_synthetic
 from evr1.eval.layout import eval_dir, eval_tasks, pin_models
 from evr1.eval.prepare import prepare_all
 from evr1.eval.runner import DecodedFrames, ShardFrames, run_eval_task
-from evr1.launch import stages
-from evr1.train.trainer import ensure_model
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -341,7 +341,7 @@ class MegatronConfig:
 
 @dataclass
 class AsyncEvalConfig:
-    """Benchmark evaluation of checkpoints while training goes on (``evr1.train.async_eval``).
+    """Benchmark evaluation of checkpoints while training goes on (``evr1.eval.while_training``).
 
     When a checkpoint is written the trainer submits an eval array for it plus a collect job
     that waits on it (Slurm ``afterok``), or starts a local background job without Slurm, and

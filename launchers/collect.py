@@ -19,9 +19,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from evr1.cli.launcher import base_parser, load_from_args, setup_logging
 from evr1.config import ConfigError
-from evr1.launch import stages
-from evr1.launch.cli import base_parser, load_from_args, setup_logging
+from evr1.pipeline import stages
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evr1.launch import stages
-from evr1.launch.cli import run_launcher
+from evr1.cli.launcher import run_launcher
+from evr1.pipeline import stages
 
 
 def main(argv: list[str] | None = None) -> int:

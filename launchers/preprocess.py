@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from evr1.cli.launcher import run_launcher
 from evr1.config import Config, dump_config
-from evr1.launch import stages
-from evr1.launch.cli import run_launcher
+from evr1.pipeline import stages
 from evr1.video.preprocess import run_task
 
 

@@ -20,8 +20,8 @@ from evr1.data import curate
 from evr1.data.schema import load_samples, write_samples
 from evr1.data.synthetic import make_synthetic
 from evr1.files import atomic_write_json, atomic_write_jsonl, read_jsonl
-from evr1.launch import stages
-from evr1.train.trainer import ensure_model
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ["launch.cluster=local", "launch.max_retries=0"]

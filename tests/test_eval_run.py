@@ -23,8 +23,8 @@ from test_eval_scoring import _FakeJudge
 from evr1.config import load_config
 from evr1.data.schema import load_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
-from evr1.train.trainer import ensure_model
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -113,7 +113,7 @@ def test_latest_is_pinned_for_the_collector(tmp_path):
 
 def test_chained_submission_counts_tasks_before_the_checkpoint_exists(tmp_path, monkeypatch):
     from evr1.eval.layout import pinned_file
-    from evr1.launch import stages
+    from evr1.pipeline import stages
 
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text('{"id": "t1", "problem_type": "boolean", "problem": "Is 2 > 1?", '

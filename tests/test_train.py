@@ -12,7 +12,7 @@ from conftest import assert_equal_up_to_rounding, rounding_bound, small_config
 
 from evr1.config import ConfigError, OfflineConfig, load_config
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
+from evr1.pipeline import stages
 from evr1.train import checkpoint as ckpt
 from evr1.train.groups import groups_to_mix, offline_response_ids
 from evr1.train.trainer import Trainer
@@ -592,7 +592,7 @@ def _uniform_scores(samples, texts, cfg):
 def test_step_without_signal_still_advances_the_lr_schedule(prepared, tmp_path, monkeypatch):
     """Every group dropped: no optimiser step, but the scheduler follows the step counter."""
     from evr1.train import trainer as trainer_module
-    from evr1.train.backends.hf import lr_lambda
+    from evr1.train.backends.base import lr_lambda
 
     monkeypatch.setattr(trainer_module, "score_responses", _uniform_scores)
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",

@@ -214,9 +214,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 def bar_chart(results: dict[str, Any], path: Path) -> None:
     """Grouped bars: one group per benchmark, one bar per model, the official score hatched."""
+    # heavy import, needed only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy import, needed only when a figure is drawn
     import matplotlib.pyplot as plt
 
     models, benches = results["models"], results["benchmarks"]

@@ -101,6 +101,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
+        # heavy import, only for parquet annotation files
         import pyarrow.parquet as pq
     except ImportError as exc:  # pragma: no cover - pyarrow is a dependency
         raise FormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from exc

@@ -17,12 +17,13 @@ and in every array task gives the same task list, so no coordinator is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from evr1.config import Config, ConfigError
+from evr1.config import Config, ConfigError, EvalBenchmarkConfig
 from evr1.eval.benchmarks import Benchmark, get_benchmark
 from evr1.files import atomic_write_json
 from evr1.train.checkpoint import latest_checkpoint
@@ -73,7 +74,6 @@ def resolve_benchmarks(cfg: Config) -> list[BenchmarkRun]:
     out_dir = eval_dir(cfg)
     entries = cfg.eval.benchmarks
     if not entries:
-        from evr1.config import EvalBenchmarkConfig
         entries = [EvalBenchmarkConfig(name="synthetic")]
     runs = []
     for i, entry in enumerate(entries):
@@ -155,8 +155,6 @@ def pin_models(cfg: Config, record: bool = False) -> Config:
     """The config with ``latest`` replaced by the folder it means now, so that every array
     task evaluates the same checkpoint even if training writes a newer one meanwhile; with
     ``record`` the choice is saved for the collector."""
-    import dataclasses
-
     specs = cfg.eval.models or [LATEST]
     paths = [str(m.path) for m in resolve_models(cfg)]
     if record:

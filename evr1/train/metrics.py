@@ -104,6 +104,7 @@ class MetricsLogger:
 
 def _start_wandb(run_dir: Path, mode: str, project: str, config: dict[str, Any] | None):
     try:
+        # optional dependency: only with train.wandb_mode != disabled
         import wandb
     except ImportError:
         log.warning("wandb is not installed: metrics go to %s only", run_dir / "metrics.jsonl")

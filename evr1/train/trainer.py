@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,12 @@ import torch.distributed as dist
 
 from evr1.config import Config, dump_config
 from evr1.data.dataset import PromptSampler, PromptSet
-from evr1.launch.preemption import PreemptionWatcher
 from evr1.models.inputs import stop_token_ids
-from evr1.models.loading import load_model, load_processor, resolve_device
-from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
+from evr1.models.loading import ensure_model, load_model, load_processor, resolve_device
 from evr1.rollout.base import SamplingParams
-from evr1.rollout.hf import HFRolloutEngine
 from evr1.train import checkpoint as ckpt
-from evr1.train.async_eval import AsyncEvaluator
-from evr1.train.backends.hf import HFBackend
 from evr1.train.batch import make_policy_batches
+from evr1.train.build import make_backend, make_engine
 from evr1.train.groups import (
     Collected,
     GroupBatch,
@@ -43,6 +40,7 @@ from evr1.train.groups import (
 )
 from evr1.train.grpo import compute_advantages, overlong_reward
 from evr1.train.heldout import evaluate_heldout
+from evr1.train.hooks import CheckpointHook, CheckpointHookFactory, NoStopSignals, StopSignals
 from evr1.train.metrics import MetricsLogger, rewind_logs
 from evr1.train.plots import plot_runs
 from evr1.video.shards import ShardReader
@@ -63,45 +61,21 @@ class TrainResult:
     checkpoint: str = ""
 
 
-def ensure_model(cfg: Config) -> Path:
-    """The model folder; with ``model.tiny`` a random-init tiny model is built once."""
-    path = cfg.model_path
-    if (path / "config.json").exists():
-        return path
-    if not cfg.model.tiny:
-        raise FileNotFoundError(f"model.path {path} has no config.json (set model.tiny=true "
-                                "to build a tiny random-init model there)")
-    corpus = corpus_from_jsonl([p for p in (cfg.data.train_jsonl, cfg.data.eval_jsonl) if p])
-    log.info("building a tiny %s model in %s", cfg.model.family, path)
-    return build_tiny_model(path, corpus, family=cfg.model.family, seed=cfg.seed)
-
-
-def make_backend(cfg: Config, model: torch.nn.Module, model_dir: Path):
-    """The configured training backend; ``megatron`` needs torch.distributed (torchrun, srun)."""
-    if cfg.train.backend == "megatron":
-        from evr1.train.backends.megatron.backend import MegatronBackend
-
-        return MegatronBackend(model_dir, cfg.train, cfg.rollout.temperature,
-                               dtype=cfg.model.dtype, seed=cfg.seed)
-    return HFBackend(model, cfg.train, cfg.rollout.temperature)
-
-
 def _no_op() -> None:
     pass
 
 
-def make_engine(cfg: Config, model: torch.nn.Module, processor, model_dir: Path):
-    """The configured rollout engine; ``hf`` shares the trainer's model object."""
-    if cfg.rollout.engine == "vllm":
-        from evr1.rollout.vllm import make_vllm_engine  # only where vLLM is installed
-
-        return make_vllm_engine(model_dir, cfg.rollout, cfg.seed)
-    return HFRolloutEngine(model, processor)
-
-
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
+    """The loop over one run's steps. Given (besides the config, from which it builds its
+    backend and rollout engine through ``evr1.train.build``): ``checkpoint_hook``, called with
+    the metrics logger to make the hook told about each checkpoint (eval-while-training), and
+    ``stop_signals``, the context that asks to stop after a step (Slurm preemption). Both
+    default to nothing; ``evr1.pipeline.training.build_trainer`` gives the configured ones."""
+
+    def __init__(self, cfg: Config, *, checkpoint_hook: CheckpointHookFactory | None = None,
+                 stop_signals: Callable[[], StopSignals] = NoStopSignals) -> None:
         self.cfg = cfg
+        self.stop_signals = stop_signals
         self.run_dir = Path(cfg.run_dir)
         # Data first: a sample the rewards cannot score fails here, before any model is built.
         reader = ShardReader(cfg.shard_dir)
@@ -134,8 +108,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
                                      asdict(cfg), enabled=self.is_main)
         # Benchmark eval of checkpoints as background/Slurm jobs (rank 0 submits and collects).
-        self.async_eval = AsyncEvaluator(cfg, self.metrics) \
-            if cfg.train.async_eval.enabled and self.is_main else None
+        self.checkpoint_hook: CheckpointHook | None = checkpoint_hook(self.metrics) \
+            if checkpoint_hook is not None and self.is_main else None
         # Seeded last: the sampling stream must not depend on what set-up did (building the
         # tiny model draws random numbers; loading it does not).
         torch.manual_seed(cfg.seed)
@@ -154,7 +128,7 @@ class Trainer:
         if stop_after > 0:
             last = min(last, self.state.step + stop_after)
         stopped = False
-        with PreemptionWatcher() as preemption:  # Slurm's SIGUSR1/SIGTERM: see preemption.py
+        with self.stop_signals() as preemption:  # Slurm's SIGUSR1/SIGTERM (pipeline/preemption.py)
             while self.state.step < last and not stopped:
                 metrics = self.train_step()
                 completions = metrics.pop("completions")  # texts: completions.jsonl, not metrics
@@ -162,8 +136,8 @@ class Trainer:
                 if self.state.step % self.cfg.train.log_every == 0:
                     self.metrics.log(self.state.step, metrics)
                     self.metrics.log_completions(self.state.step, completions)
-                if self.async_eval:
-                    self.async_eval.poll()  # logs finished checkpoint evals; never waits
+                if self.checkpoint_hook:
+                    self.checkpoint_hook.poll()  # logs finished checkpoint evals; never waits
                 every = self.cfg.train.eval_every
                 if every and self.state.step % every == 0 and \
                         self.state.step < self.cfg.train.steps:
@@ -172,12 +146,12 @@ class Trainer:
                 if stopped or self.state.step % self.cfg.train.save_every == 0 or \
                         self.state.step == last:
                     result.checkpoint = str(self.save())
-                    if self.async_eval and self.async_eval.wants(self.state.step):
-                        self.async_eval.submit(self.state.step, Path(result.checkpoint))
+                    if self.checkpoint_hook:
+                        self.checkpoint_hook.on_save(self.state.step, Path(result.checkpoint))
         result.steps = self.state.step
-        if self.async_eval:
+        if self.checkpoint_hook:
             done = self.state.step >= self.cfg.train.steps
-            self.async_eval.finish(self.state.step, Path(result.checkpoint) if done and
+            self.checkpoint_hook.finish(self.state.step, Path(result.checkpoint) if done and
                                    result.checkpoint else None, wait=done)
             self.prune()  # now that the scores are in
         if self.state.step >= self.cfg.train.steps:
@@ -330,10 +304,10 @@ class Trainer:
                                     **self._keep_best())
 
     def _keep_best(self) -> dict[str, Any]:
-        if not self.async_eval:
+        if not self.checkpoint_hook:
             return {}
         return {"keep_best": self.cfg.train.async_eval.keep_best,
-                "scores": self.async_eval.scores}
+                "scores": self.checkpoint_hook.scores}
 
     def prune(self) -> None:
         if self.is_main:
