@@ -242,7 +242,7 @@ def run_series(trainer: Trainer, prompts: TimedPrompts, name: str, warmup: int,
         synchronize(device)
         before = prompts.seconds
         start = time.perf_counter()
-        m = trainer.train_step()
+        m = trainer.train_step().metrics
         synchronize(device)
         step_s = time.perf_counter() - start
         if k < warmup:

@@ -192,7 +192,7 @@ def cycled(samples: list[Sample], count: int) -> list[Sample]:
 
 def timed_evr1_step(trainer: Trainer) -> Timing:
     start = time.perf_counter()
-    m = trainer.train_step()
+    m = trainer.train_step().metrics
     return Timing(time.perf_counter() - start, m["time_rollout"], m["time_reward"],
                   int(m.get("train_tokens", 0)))
 

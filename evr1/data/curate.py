@@ -81,7 +81,7 @@ def bucket(pass_rate: float) -> str:
 
 
 def curate_dir(cfg: Config) -> Path:
-    return cfg.path(cfg.curate.out_dir or f"{cfg.run_dir}/curate")
+    return cfg.curate_dir
 
 
 def input_jsonl(cfg: Config) -> Path:

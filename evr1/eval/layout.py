@@ -33,7 +33,7 @@ LATEST = "latest"
 
 
 def eval_dir(cfg: Config) -> Path:
-    return cfg.path(cfg.eval.out_dir or f"{cfg.run_dir}/eval")
+    return cfg.eval_dir
 
 
 @dataclass(frozen=True)

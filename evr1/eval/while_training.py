@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from evr1 import runs
 from evr1.config import AsyncEvalConfig, Config, EvalBenchmarkConfig, dump_config
 from evr1.eval.layout import eval_dir
 from evr1.eval.leaderboard import read_entry
@@ -61,7 +62,7 @@ SLURM_POLL_S = 10.0  # squeue at most this often while Slurm jobs are outstandin
 
 
 def steps_dir(cfg: Config) -> Path:
-    return eval_dir(cfg) / "steps"
+    return runs.checkpoint_evals_dir(eval_dir(cfg))
 
 
 def job_label(step: int, full: bool) -> str:
@@ -175,7 +176,7 @@ class AsyncEvaluator:
         for stale in ("status.json", "results.json"):  # a re-run of the same step
             (out_dir / stale).unlink(missing_ok=True)
         sub = checkpoint_eval_config(self.cfg, checkpoint, out_dir, full)
-        dump_config(sub, out_dir / "config.yaml")
+        dump_config(sub, out_dir / runs.CONFIG)
         request = {"step": step, "label": label, "suite": "full" if full else "quick",
                    "checkpoint": str(checkpoint), "backend": self.cluster,
                    "benchmarks": [b.alias for b in sub.eval.benchmarks],

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from evr1 import runs
 from evr1.config import Config, ConfigError, load_config
 from evr1.data import curate
 from evr1.data.schema import check_files, load_samples
@@ -340,9 +341,9 @@ def collect_curation(cfg: Config) -> int:
 def checkpoint_evals_dir(run_dir: Path) -> Path:
     """Where a training run's checkpoint evaluations are (train.async_eval): the eval folder
     its saved config.yaml names, else <run_dir>/eval, plus ``steps``."""
-    saved = run_dir / "config.yaml"
+    saved = run_dir / runs.CONFIG
     if saved.is_file():
         cfg = load_config(saved)
-        if cfg.eval.out_dir:
-            return cfg.path(cfg.eval.out_dir) / "steps"
-    return run_dir / "eval" / "steps"
+        if cfg.eval.out_dir:  # else the folder given, wherever the run has moved since
+            return runs.checkpoint_evals_dir(cfg.eval_dir)
+    return runs.checkpoint_evals_dir(runs.eval_dir(str(run_dir)))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from evr1 import runs
 from evr1.config import Config, dump_config
 from evr1.data.dataset import PromptSampler, PromptSet
 from evr1.models.inputs import stop_token_ids
@@ -30,7 +31,7 @@ from evr1.train.batch import make_policy_batches
 from evr1.train.build import make_backend, make_engine
 from evr1.train.groups import (
     Collected,
-    GroupBatch,
+    Groups,
     check_samples,
     collect_groups,
     fill_policy_batches,
@@ -51,6 +52,15 @@ log = logging.getLogger("evr1.train")
 _PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json",
                     "chat_template.jinja", "preprocessor_config.json",
                     "video_preprocessor_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class StepResult:
+    """What one training step returns: its metrics (metrics.jsonl) and the sampled texts of
+    its first groups (completions.jsonl)."""
+
+    metrics: dict[str, Any]
+    completions: list[dict[str, Any]]
 
 
 @dataclass
@@ -120,7 +130,7 @@ class Trainer:
     def run(self, stop_after: int = 0) -> TrainResult:
         """Train to ``train.steps`` (or ``stop_after`` more steps), resuming if configured."""
         self.resume()
-        dump_config(self.cfg, self.run_dir / "config.yaml")
+        dump_config(self.cfg, self.run_dir / runs.CONFIG)
         result = TrainResult(steps=self.state.step)
         if self.state.step == 0:
             result.before = self.evaluate()
@@ -130,12 +140,11 @@ class Trainer:
         stopped = False
         with self.stop_signals() as preemption:  # Slurm's SIGUSR1/SIGTERM (pipeline/preemption.py)
             while self.state.step < last and not stopped:
-                metrics = self.train_step()
-                completions = metrics.pop("completions")  # texts: completions.jsonl, not metrics
+                step = self.train_step()
                 self.state.step += 1
                 if self.state.step % self.cfg.train.log_every == 0:
-                    self.metrics.log(self.state.step, metrics)
-                    self.metrics.log_completions(self.state.step, completions)
+                    self.metrics.log(self.state.step, step.metrics)
+                    self.metrics.log_completions(self.state.step, step.completions)
                 if self.checkpoint_hook:
                     self.checkpoint_hook.poll()  # logs finished checkpoint evals; never waits
                 every = self.cfg.train.eval_every
@@ -158,17 +167,17 @@ class Trainer:
             result.after = self.evaluate()
             task = self.cfg.data.include_tasks[0] if self.cfg.data.include_tasks else ""
             if self.is_main:
-                plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / "learning_curve.png",
+                plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / runs.LEARNING_CURVE,
                           task)
         self.metrics.close()
         if stopped and self.state.step < self.cfg.train.steps:
             preemption.stop(self.state.step)  # under Slurm: requeues, raises JobRequeued
         return result
 
-    def train_step(self) -> dict[str, Any]:
-        """One GRPO step; returns its metrics plus ``completions``, the records of the first
+    def train_step(self) -> StepResult:
+        """One GRPO step: its metrics, and ``completions``, the records of the first
         ``train.log_completions`` groups (sampled texts, rewards, advantages)."""
-        cfg, n = self.cfg, self.cfg.rollout.n
+        cfg = self.cfg
         t0 = time.perf_counter()
         collected = collect_groups(self._draw_groups, cfg.train.prompts_per_step,
                                    filter_no_signal=cfg.train.filter_no_signal,
@@ -176,15 +185,16 @@ class Trainer:
                                    max_rounds=cfg.train.max_sampling_rounds)
         self.state.data_position = self.sampler.position
         group = collected.train
-        advantages = compute_advantages(group.scores.overall.view(-1, n),
+        advantages = compute_advantages(group.grouped(group.scores.overall),
                                         estimator=cfg.train.grpo.estimator,
                                         eps=cfg.train.grpo.eps).view(-1)
         # train.overlong=mask: truncated responses stay in their group's baseline, not the loss
         rows = [r for r in range(len(group.responses))
                 if not (cfg.train.overlong == "mask" and group.truncated[r])]
         if rows:
-            batches = make_policy_batches(self.processor, group.prompts, n, group.responses, rows,
-                                          cfg.train.micro_batch_size, self.pad_id)
+            batches = make_policy_batches(self.processor, group.prompts, group.n,
+                                          group.responses, rows, cfg.train.micro_batch_size,
+                                          self.pad_id)
             fill_policy_batches(batches, group, advantages)
             self.engine.sleep()  # colocated engines free their memory for the update
             update = self.backend.train_step(batches, cfg.train.grpo)
@@ -193,68 +203,59 @@ class Trainer:
         else:  # nothing to train on: the lr schedule still follows the step counter
             update = self.backend.skip_update()
         times = dict(collected.drawn.times, time_step=time.perf_counter() - t0)
-        metrics = self._step_metrics(collected, len(rows), update, times)
-        metrics["completions"] = self._completion_records(group, advantages)
-        return metrics
+        return StepResult(self._step_metrics(collected, len(rows), update, times),
+                          self._completion_records(group, advantages))
 
-    def _draw_groups(self) -> GroupBatch:
+    def _draw_groups(self) -> Groups:
         """Sample ``prompts_per_step`` new prompts' groups, score them, mix in the offline
         answers, shape the reward of long responses (``train.overlong=shaping``)."""
-        cfg, n = self.cfg, self.cfg.rollout.n
+        cfg = self.cfg
         t0 = time.perf_counter()
         indices = self.sampler.next(cfg.train.prompts_per_step)
         prompts = [self.train_set.prompt(i) for i in indices]
         samples = [self.train_set.samples[i] for i in indices]
         rollouts = self.engine.generate(prompts, SamplingParams(
-            n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             max_new_tokens=cfg.rollout.max_new_tokens))
         t_rollout = time.perf_counter() - t0
 
-        responses, texts = list(rollouts.response_ids), list(rollouts.texts)
-        row_samples = [s for s in samples for _ in range(n)]
-        scores = score_responses(row_samples, texts, cfg.reward)
-        offline_rows = self._mix_offline(samples, scores.accuracy.view(-1, n), responses, texts)
-        if offline_rows:
-            mixed = score_responses([row_samples[r] for r in offline_rows],
-                                    [texts[r] for r in offline_rows], cfg.reward)
-            for k, r in enumerate(offline_rows):
-                for name in ("overall", "accuracy", "format"):
-                    getattr(scores, name)[r] = getattr(mixed, name)[k]
-        offline = torch.zeros(len(responses), dtype=torch.bool)
-        offline[offline_rows] = True
-        truncated = torch.tensor(rollouts.truncated or [False] * len(responses)) & ~offline
-        logprobs = None if rollouts.logprobs is None else \
-            [[] if offline[r] else list(lp) for r, lp in enumerate(rollouts.logprobs)]
+        groups = Groups.from_rollouts(samples, prompts, rollouts)
+        groups.scores = score_responses(groups.row_samples(), groups.texts, cfg.reward)
+        self._mix_offline(groups)
         if cfg.train.overlong == "shaping":
-            scores.overall += overlong_reward(torch.tensor([len(r) for r in responses]),
-                                              cfg.rollout.max_new_tokens,
-                                              cfg.train.overlong_buffer,
-                                              cfg.train.overlong_penalty)
-        t_reward = time.perf_counter() - t0 - t_rollout
-        return GroupBatch(n, samples, prompts, responses, texts, scores, offline, truncated,
-                          logprobs, {"time_rollout": t_rollout, "time_reward": t_reward})
+            groups.scores.overall += overlong_reward(
+                torch.tensor([len(r) for r in groups.responses]), cfg.rollout.max_new_tokens,
+                cfg.train.overlong_buffer, cfg.train.overlong_penalty)
+        groups.times = {"time_rollout": t_rollout,
+                        "time_reward": time.perf_counter() - t0 - t_rollout}
+        return groups
 
-    def _mix_offline(self, samples, accuracy, responses, texts) -> list[int]:
-        """Put expert trajectories in the last slot of the chosen groups; returns those rows."""
-        n = self.cfg.rollout.n
+    def _mix_offline(self, groups: Groups) -> None:
+        """Put expert trajectories in the last slot of the chosen groups and score them."""
+        samples = groups.samples
         has_offline = torch.tensor([s.offline_output is not None for s in samples])
-        chosen = groups_to_mix(accuracy, has_offline, self.cfg.train.offline)
-        rows = []
-        for g in torch.nonzero(chosen).flatten().tolist():
-            row = g * n + n - 1
-            responses[row] = offline_response_ids(self.processor.tokenizer,
-                                                  samples[g].offline_output, self.stop_id)
-            texts[row] = samples[g].offline_output
-            rows.append(row)
-        return rows
+        chosen = groups_to_mix(groups.grouped(groups.scores.accuracy), has_offline,
+                               self.cfg.train.offline)
+        rows = [groups.put_offline(g, offline_response_ids(self.processor.tokenizer,
+                                                           samples[g].offline_output,
+                                                           self.stop_id),
+                                   samples[g].offline_output)
+                for g in torch.nonzero(chosen).flatten().tolist()]
+        if not rows:
+            return
+        row_samples = groups.row_samples()
+        mixed = score_responses([row_samples[r] for r in rows], [groups.texts[r] for r in rows],
+                                self.cfg.reward)
+        for k, r in enumerate(rows):
+            for name in ("overall", "accuracy", "format"):
+                getattr(groups.scores, name)[r] = getattr(mixed, name)[k]
 
-    def _completion_records(self, group: GroupBatch, advantages) -> list[dict[str, Any]]:
+    def _completion_records(self, group: Groups, advantages) -> list[dict[str, Any]]:
         """The first ``train.log_completions`` trained groups of the step, for
         completions.jsonl."""
-        n = self.cfg.rollout.n
         records = []
         for g, sample in enumerate(group.samples[:self.cfg.train.log_completions]):
-            rows = range(g * n, (g + 1) * n)
+            rows = group.rows(g)
             records.append({
                 "sample_id": sample.id, "solution": sample.solution,
                 "responses": [group.texts[r] for r in rows],
@@ -265,7 +266,7 @@ class Trainer:
 
     def _step_metrics(self, collected: Collected, trained_rows, update, times) -> dict[str, Any]:
         """Reward metrics over every group drawn this step; the update's over those trained."""
-        n, drawn = self.cfg.rollout.n, collected.drawn
+        drawn = collected.drawn
         scores, offline = drawn.scores, drawn.offline
         lengths = torch.tensor([len(r) for r in drawn.responses], dtype=torch.float32)
         out: dict[str, Any] = {
@@ -281,7 +282,7 @@ class Trainer:
         by_type: dict[str, list[float]] = {}
         for g, sample in enumerate(drawn.samples):
             by_type.setdefault(sample.problem_type, []).extend(
-                scores.overall[g * n:(g + 1) * n].tolist())
+                drawn.grouped(scores.overall)[g].tolist())
         out.update({f"reward/{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})
         out["tokens_per_s"] = update.get("train_tokens", 0) / max(times["time_step"], 1e-9)
         return out
