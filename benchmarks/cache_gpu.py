@@ -69,7 +69,7 @@ from evr1.pipeline.stages import merge_or_report
 from evr1.rollout.base import Prompt
 from evr1.train.trainer import Trainer
 from evr1.video.decode import load_visual
-from evr1.video.preprocess import run_task
+from evr1.video.preprocess import preprocess_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -453,7 +453,7 @@ def prepare(args: argparse.Namespace, root: Path, device: str) -> Setup:
     start = time.perf_counter()
     tasks = cfg.preprocess.num_tasks
     with one_thread_pool(max(1, min(tasks, os.cpu_count() or 1))) as pool:
-        summaries = list(pool.map(run_task, [cfg] * tasks, range(tasks)))
+        summaries = list(pool.map(preprocess_shard, [cfg] * tasks, range(tasks)))
     if merge_or_report(cfg.shard_dir, tasks) != 0 or sum(s.failures for s in summaries):
         raise RuntimeError(f"preprocessing failed; see {cfg.shard_dir / 'failures.jsonl'}")
     seconds["preprocess"] = time.perf_counter() - start

@@ -335,7 +335,7 @@ class MegatronConfig:
     pipeline_parallel: int = 1
     sequence_packing: bool = True
     # Checkpoints also hold a megatron-core distributed checkpoint (`megatron/`: each rank
-    # writes its own weight and AdamW shards, resharded on load to another TP/PP layout); false
+    # writes its own weight and AdamW shards, resharded on load to another TP/PP split); false
     # gathers the AdamW moments onto rank 0 under HF names instead. The HF model folder is
     # written either way, and resume reads whichever the checkpoint has.
     dist_checkpoint: bool = True

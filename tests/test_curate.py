@@ -202,14 +202,14 @@ def test_killed_task_rerun_completes_only_the_missing_shard(run_config, monkeypa
 
     monkeypatch.setattr(curate, "curate_batch", dies_in_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        curate.run_curate_task(cfg, 1)
+        curate.curate_shard(cfg, 1)
     monkeypatch.setattr(curate, "curate_batch", real)
     assert shard1.partial.exists() and not shard1.records.exists()
     assert launch(run_config, "--collect") == 1
     assert "MISSING: curate shard 1 of 2" in capsys.readouterr().out
     # The re-run: shard 0 is skipped untouched; shard 1 resumes after its first batch and
     # ends with the records the uninterrupted run wrote.
-    results = [curate.run_curate_task(cfg, i) for i in range(2)]
+    results = [curate.curate_shard(cfg, i) for i in range(2)]
     assert [r.skipped for r in results] == [True, False]
     assert results[1].resumed_batches == 1
     assert shard0.records.stat().st_mtime_ns == mtime0

@@ -332,7 +332,7 @@ def _append_line(handle: Any, obj: dict[str, Any]) -> None:
     os.fsync(handle.fileno())
 
 
-def run_curate_task(cfg: Config, index: int) -> CurateTaskResult:
+def curate_shard(cfg: Config, index: int) -> CurateTaskResult:
     """Array task ``index`` of ``curate.num_shards``: pass rates of its share; safe to re-run."""
     n = cfg.curate.num_shards
     if not 0 <= index < n:

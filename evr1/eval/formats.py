@@ -154,7 +154,7 @@ class Record:
             return default
         present = ", ".join(sorted(k for k in self.raw if not k.startswith("_"))) or "none"
         raise FormatError(f"{self.where}: {self.benchmark}: no field {' / '.join(names)} "
-                          f"(fields present: {present}); see docs/benchmarks.md for the "
+                          f"(fields present: {present}); see docs/eval_benchmarks.md for the "
                           "format this loader reads")
 
     def text(self, *names: str, default: Any = ...) -> str:

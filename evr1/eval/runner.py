@@ -32,7 +32,7 @@ from tqdm import tqdm
 from evr1.config import Config
 from evr1.data.dataset import sampled_fps
 from evr1.data.schema import Sample, load_samples
-from evr1.eval.layout import EvalTask, ShardFiles, eval_tasks
+from evr1.eval.plan import EvalTask, ShardFiles, eval_tasks
 from evr1.eval.scoring import ERROR, MEDIA_FAILED, score_response
 from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256, read_jsonl
 from evr1.models.loading import load_model, load_processor, resolve_device
@@ -248,7 +248,7 @@ def evaluate_samples(engine: Any, frames: ShardFrames | DecodedFrames, samples: 
 # --------------------------------------------------------------------------- the task
 
 
-def run_eval_task(cfg: Config, index: int) -> TaskResult:
+def evaluate_shard(cfg: Config, index: int) -> TaskResult:
     """Array task ``index`` of ``eval_tasks(cfg)``; safe to re-run."""
     tasks = eval_tasks(cfg)
     if not 0 <= index < len(tasks):

@@ -47,8 +47,8 @@ from typing import Any, Protocol
 
 from evr1 import runs
 from evr1.config import AsyncEvalConfig, Config, EvalBenchmarkConfig, dump_config
-from evr1.eval.layout import eval_dir
 from evr1.eval.leaderboard import read_entry
+from evr1.eval.plan import eval_dir
 from evr1.files import atomic_write_json
 from evr1.leases import release_lease, take_lease
 from evr1.train.metrics import MetricsLogger, read_metrics

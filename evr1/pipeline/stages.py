@@ -20,13 +20,13 @@ from evr1.data import curate
 from evr1.data.schema import check_files, load_samples
 from evr1.eval.collect import collect
 from evr1.eval.formats import FormatError
-from evr1.eval.layout import eval_tasks, pin_models, pinned_file, resolve_benchmarks, task_count
+from evr1.eval.plan import eval_tasks, pin_models, pinned_file, resolve_benchmarks, task_count
 from evr1.eval.prepare import prepare_all
-from evr1.eval.runner import run_eval_task
+from evr1.eval.runner import evaluate_shard
 from evr1.files import read_jsonl
 from evr1.models.loading import ensure_model
 from evr1.pipeline.executor import run_array, submit_array, submit_job
-from evr1.video.preprocess import TaskSummary, input_files, run_task
+from evr1.video.preprocess import TaskSummary, input_files, preprocess_shard
 from evr1.video.shards import FAILURES, MANIFEST, ShardError, merge_manifests
 
 
@@ -70,7 +70,7 @@ def run_stage_array(cfg: Config, stage: str, task_fn: Callable[[Config, int], An
 def preprocess_array(cfg: Config, wait: bool = True) -> int:
     """Decode every media file once into shards: one array task per shard."""
     return run_stage_array(
-        cfg, "preprocess", run_task, list(range(cfg.preprocess.num_tasks)), wait=wait,
+        cfg, "preprocess", preprocess_shard, list(range(cfg.preprocess.num_tasks)), wait=wait,
         summarize=print_preprocess_summary,
         no_wait_hint="tasks merge the manifest themselves when the last one finishes; re-run "
                      "this command to redo any failed task (finished tasks are skipped)",
@@ -84,15 +84,15 @@ def submit_preprocess(cfg: Config, after: Sequence[str] = ()) -> list[str]:
     The last task to finish merges the manifest, so a job that depends on this array
     (``afterok``) finds ``manifest.json`` complete.
     """
-    jobs = submit_array(functools.partial(run_task, cfg), list(range(cfg.preprocess.num_tasks)),
-                        cfg.launch, cfg.submitit_dir / "preprocess", name="evr1-preprocess",
-                        after=after)
+    jobs = submit_array(functools.partial(preprocess_shard, cfg),
+                        list(range(cfg.preprocess.num_tasks)), cfg.launch,
+                        cfg.submitit_dir / "preprocess", name="evr1-preprocess", after=after)
     return [job.job_id for job in jobs]
 
 
 def preprocess_sequential(cfg: Config) -> int:
     """All tasks one after another in this process (debugging, tiny inputs)."""
-    print_preprocess_summary([run_task(cfg, t) for t in range(cfg.preprocess.num_tasks)])
+    print_preprocess_summary([preprocess_shard(cfg, t) for t in range(cfg.preprocess.num_tasks)])
     return merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks)
 
 
@@ -205,12 +205,12 @@ def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     tasks = eval_tasks(cfg)
     print(f"eval: {len(tasks)} task(s): " + ", ".join(t.name for t in tasks))
     if not submit:
-        results = [run_eval_task(cfg, t.index) for t in tasks]
+        results = [evaluate_shard(cfg, t.index) for t in tasks]
         print_eval_summary(results)
         return 0
     # No collect here: collecting (judging, scoring) is its own command, launchers/collect.py.
     return run_stage_array(
-        cfg, "eval", run_eval_task, [t.index for t in tasks], wait=wait,
+        cfg, "eval", evaluate_shard, [t.index for t in tasks], wait=wait,
         summarize=print_eval_summary,
         no_wait_hint="when the array is done: python launchers/collect.py --config C "
                      "(re-running this command redoes only unfinished shards)",
@@ -264,7 +264,7 @@ def submit_eval(cfg: Config, after: Sequence[str] = ()) -> list[str]:
     if status:
         raise RuntimeError("eval: preparing the benchmarks failed (see above)")
     pinned_file(cfg).unlink(missing_ok=True)  # the collector resolves `latest` like the tasks
-    jobs = submit_array(functools.partial(run_eval_task, cfg), list(range(task_count(cfg))),
+    jobs = submit_array(functools.partial(evaluate_shard, cfg), list(range(task_count(cfg))),
                         cfg.launch, cfg.submitit_dir / "eval", name="evr1-eval", after=after)
     return [job.job_id for job in jobs]
 
@@ -307,10 +307,10 @@ def run_curation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     cfg = prepare_curation(cfg)
     tasks = list(range(cfg.curate.num_shards))
     if not submit:
-        print_curate_summary([curate.run_curate_task(cfg, t) for t in tasks])
+        print_curate_summary([curate.curate_shard(cfg, t) for t in tasks])
         return collect_curation(cfg)
     return run_stage_array(
-        cfg, "curate", curate.run_curate_task, tasks, wait=wait, summarize=print_curate_summary,
+        cfg, "curate", curate.curate_shard, tasks, wait=wait, summarize=print_curate_summary,
         no_wait_hint="when the array is done: python launchers/curate.py --config C --collect "
                      "(re-running --array redoes only unfinished shards)",
         finish=lambda: collect_curation(cfg))

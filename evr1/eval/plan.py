@@ -1,4 +1,4 @@
-"""Where evaluation reads and writes, and the list of array tasks.
+"""The eval plan: where evaluation reads and writes, and the list of array tasks.
 
     <eval.out_dir>/                            default <run_dir>/eval
       prepared/<alias>.jsonl                   the benchmark's questions as evr1 samples
@@ -91,7 +91,7 @@ def resolve_benchmarks(cfg: Config) -> list[BenchmarkRun]:
         if not annotation:
             what = ("data.eval_jsonl (or the entry's annotation) to an evr1 JSONL"
                     if bench.name == "synthetic" else
-                    "annotation to the benchmark's official file (see docs/benchmarks.md)")
+                    "annotation to the benchmark's official file (see docs/eval_benchmarks.md)")
             raise ConfigError(f"eval.benchmarks[{i}] ({alias}): set {what}")
         annotation_path = cfg.path(annotation)
         default_root = (cfg.data.media_root if bench.name == "synthetic" else "") or str(
