@@ -198,3 +198,19 @@ def test_the_checker_finds_a_violation(tmp_path):
         "pipeline)",
         "evr1/train/_layer_probe.py:5: function-local import of json (move it to the top of "
         "the file; only optional heavy dependencies are imported where they are used)"]
+
+
+def test_no_slurm_inside_train():
+    """The training layer runs anywhere: Slurm commands and submitit live in evr1/pipeline/
+    (and evr1/leases.py's one squeue); the trainer is given what it needs (evr1.train.hooks)."""
+    slurm = {"squeue", "scontrol", "sbatch", "srun", "scancel", "sacct"}
+    problems = []
+    for path in sorted((ROOT / "evr1" / "train").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in slurm:
+                problems.append(f"{rel}:{node.lineno}: runs {node.value}")
+            if isinstance(node, ast.Import | ast.ImportFrom) and any(
+                    t.split(".")[0] == "submitit" for t in imported_modules(node, "")):
+                problems.append(f"{rel}:{node.lineno}: imports submitit")
+    assert not problems, "\n".join(problems)
