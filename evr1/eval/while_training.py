@@ -229,6 +229,10 @@ class AsyncEvaluator:
             job.proc = subprocess.Popen(self.jobs.local_command(job.out_dir), stdout=out,
                                         stderr=subprocess.STDOUT, env=env,
                                         stdin=subprocess.DEVNULL)
+        # Running from the moment it is started: the job's own imports take a while on a busy
+        # machine, and the job keeps this started_at when it writes its status.
+        write_status(job.out_dir, "running", started_at=time.time(), pid=job.proc.pid,
+                     host=socket.gethostname())
         take_lease(Path(read_json(job.out_dir / "request.json")["checkpoint"]),
                         f"eval-{job.label}", pid=job.proc.pid)
         self.running.append(job)

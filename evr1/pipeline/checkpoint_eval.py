@@ -75,8 +75,8 @@ def run_checkpoint_eval(out_dir: str) -> int:
     """A local background job: every eval task of one checkpoint here, then the collector."""
     folder = Path(out_dir)
     request = read_json(folder / "request.json")
-    write_status(folder, "running", started_at=time.time(), pid=os.getpid(),
-                 host=socket.gethostname())
+    started = read_json(folder / "status.json").get("started_at") or time.time()  # by the trainer
+    write_status(folder, "running", started_at=started, pid=os.getpid(), host=socket.gethostname())
     try:
         if run_evaluation(load_config(folder / "config.yaml"), submit=False):
             sys.stdout.flush()  # what it printed is the reason: job.log is our stdout
