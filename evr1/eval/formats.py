@@ -223,6 +223,14 @@ def split_inline_options(text: str) -> tuple[str, list[str]]:
     return stem_text, options
 
 
+_ANSWER_TAG = re.compile(r"</?answer>", re.IGNORECASE)
+
+
+def strip_tags(value: Any) -> Any:
+    """A reference answer without ``<answer>`` tags (converted layouts keep them)."""
+    return _ANSWER_TAG.sub("", value).strip() if isinstance(value, str) else value
+
+
 def letter_of(answer: Any, options: Sequence[str]) -> str | None:
     """The letter an answer names: "B", "(B)", "B. red", an index, or an option's text."""
     if isinstance(answer, bool):
