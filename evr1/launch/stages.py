@@ -193,18 +193,20 @@ def print_training_summary(result: dict) -> None:
 
 
 def eval_prepare(cfg: Config) -> int:
-    """Every configured benchmark's official annotation -> an evr1 JSONL (cheap, idempotent)."""
-    from evr1.eval.formats import FormatError
+    """Every configured benchmark's official annotation -> an evr1 JSONL (cheap, idempotent).
+
+    A benchmark that fails is named and skipped; the others are prepared; the status is 1."""
     from evr1.eval.prepare import prepare_all
 
-    try:
-        summaries = prepare_all(cfg)
-    except (FormatError, ValueError) as exc:
-        print(f"prepare: {exc}")
-        return 1
-    for summary in summaries:
+    report = prepare_all(cfg)
+    for summary in report.prepared:
         print(f"prepared {summary.line()}")
-    return 0
+    for failure in report.failed:
+        print(f"prepare FAILED: {failure.line()}")
+    if report.failed:
+        print(f"prepare: {len(report.failed)} of {len(report.prepared) + len(report.failed)} "
+              "benchmark(s) failed: " + ", ".join(f.alias for f in report.failed))
+    return 1 if report.failed else 0
 
 
 def eval_preprocess(cfg: Config, wait: bool = True) -> int:

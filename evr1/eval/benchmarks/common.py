@@ -14,17 +14,36 @@ from typing import Any
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import LoadContext
-from evr1.eval.formats import Record, as_options, read_records, strip_tags
+from evr1.eval.formats import (
+    TABLES_HERE,
+    Layouts,
+    Record,
+    as_options,
+    config_name,
+    find_annotation_files,
+    read_records,
+    strip_tags,
+)
+
+# Where a benchmark without a layout of its own keeps its files: the folder itself, else the
+# Hugging Face default config (data/<split>-*.parquet).
+DEFAULT_LAYOUTS: Layouts = (TABLES_HERE, ("data/test-*.parquet", "data/validation-*.parquet"))
 
 
-def records(ctx: LoadContext, suffixes: Sequence[str] | None = None) -> Iterator[Record]:
-    rows = read_records(ctx.annotation, suffixes) if suffixes else read_records(ctx.annotation)
-    for raw in rows:
-        yield Record(raw, ctx.name)
+def records(ctx: LoadContext, layouts: Layouts = DEFAULT_LAYOUTS) -> Iterator[Record]:
+    """Every record of the annotation file, or of the files of the folder's published layout."""
+    for file in find_annotation_files(ctx.annotation, layouts):
+        for raw in read_records(file):
+            yield Record(raw, ctx.name)
 
 
 def file_stem(rec: Record) -> str:
     return Path(str(rec.raw.get("_file", ""))).stem
+
+
+def file_config(rec: Record) -> str:
+    """The task / track a record's file stands for (its HF config folder, else its stem)."""
+    return config_name(Path(str(rec.raw.get("_file", ""))))
 
 
 def is_converted(raw: dict[str, Any]) -> bool:

@@ -5,16 +5,19 @@ VCR-Bench, VideoReasonBench, LongVideo-Reason, VideoMathQA, ODV-Bench.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, Loader, MetricSpec
 from evr1.eval.benchmarks.common import (
+    DEFAULT_LAYOUTS,
     converted_sample,
     is_converted,
     records,
 )
 from evr1.eval.formats import (
+    Layouts,
     Record,
     as_options,
     letter_of,
@@ -33,7 +36,9 @@ def generic_choice_or_open(ctx: LoadContext, rec: Record, sid: Any, meta: dict[s
                            ) -> Sample:
     """A record with a question, an answer and, for multiple choice, options (list or map)."""
     video = rec.text(*video_names)
-    path = ctx.media.find(*under(folders, with_suffixes(video)))
+    names = with_suffixes(video)
+    # Releases keep videos in folders their records do not always name: by file name as well.
+    path = ctx.media.find(*under(folders, names), search=[Path(n).name for n in names])
     question = rec.text("question", "problem", "Question")
     raw_options = rec.get("options", "choices", "candidates", "Options", default=None)
     options = as_options(raw_options)
@@ -50,9 +55,9 @@ def generic_choice_or_open(ctx: LoadContext, rec: Record, sid: Any, meta: dict[s
 
 def _generic_loader(category_names: Sequence[str], video_names: Sequence[str],
                     id_names: Sequence[str] = ("id", "question_id", "qid", "uid"),
-                    meta_key: str = "task") -> Loader:
+                    meta_key: str = "task", layouts: Layouts = DEFAULT_LAYOUTS) -> Loader:
     def load(ctx: LoadContext) -> Iterator[Sample]:
-        for rec in records(ctx):
+        for rec in records(ctx, layouts):
             if is_converted(rec.raw):
                 yield converted_sample(ctx, rec, category_names)
                 continue
@@ -61,6 +66,11 @@ def _generic_loader(category_names: Sequence[str], video_names: Sequence[str],
             yield generic_choice_or_open(ctx, rec, sid, meta, video_names)
     return load
 
+
+# The hub's release: config folders mcq/ and mbin/ (multi-binary, not read) of test-*.parquet,
+# the default config in data/.
+VIDEOMATHQA_LAYOUTS = (("mcq/test-*.parquet",), ("data/test-*.parquet",),
+                       ("*.json", "*.jsonl", "*.parquet"))
 
 VCRBENCH = Benchmark(
     name="vcrbench", title="VCR-Bench", formats="JSON / JSONL",
@@ -93,9 +103,12 @@ VIDEOMATHQA = Benchmark(
     name="videomathqa", title="VideoMathQA", formats="JSON / JSONL / parquet",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/MBZUAI/VideoMathQA",
-    layout="annotation: the MCQ question file; video_root: the folder of <video_id>.mp4",
+    layout="annotation: the downloaded dataset folder (mcq/test-*.parquet, else "
+           "data/test-*.parquet) or the MCQ file; video_root: the folder of <videoID>.mp4 (a "
+           "video elsewhere under it is found by its file name)",
     load=_generic_loader(("category", "question_type", "task"),
-                         ("video_id", "videoID", "video", "video_path")),
+                         ("video_id", "videoID", "video", "video_path"),
+                         layouts=VIDEOMATHQA_LAYOUTS),
     notes="Multiple-choice setting; the multi-binary setting is not implemented.")
 
 ODVBENCH = Benchmark(

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from evr1.eval.benchmarks.common import (
 from evr1.eval.formats import (
     FormatError,
     Record,
+    find_annotation_files,
+    read_records,
     under,
     with_suffixes,
 )
@@ -40,7 +43,12 @@ def _charades_txt(path: Path) -> Iterator[dict[str, Any]]:
         if not sep or len(parts) != 3:
             raise FormatError(f"{path}:{n + 1}: expected '<video> <start> <end>##<sentence>', "
                               f"got {line[:80]!r}")
-        yield {"video": parts[0], "timestamp": [float(parts[1]), float(parts[2])],
+        try:
+            span = [float(parts[1]), float(parts[2])]
+        except ValueError:
+            raise FormatError(f"{path}:{n + 1}: start and end must be numbers, got "
+                              f"{parts[1]!r} {parts[2]!r}") from None
+        yield {"video": parts[0], "timestamp": span,
                "sentence": sentence.strip(), "_file": str(path), "_row": n}
 
 
@@ -57,18 +65,35 @@ def _charades_json(rec: Record) -> Iterator[dict[str, Any]]:
         yield raw
 
 
+# The official release (TALL): charades_sta_test.txt beside charades_sta_train.txt; the hub's
+# copy (lmms-lab/charades_sta): test-*.parquet.
+CHARADES_LAYOUTS = (("charades_sta_test.txt",), ("*test*.txt",),
+                    ("test-*.parquet", "data/test-*.parquet", "*/test-*.parquet"),
+                    ("*.json", "*.jsonl"))
+
+
+def _charades_rows(ctx: LoadContext) -> Iterator[dict[str, Any]]:
+    for file in find_annotation_files(ctx.annotation, CHARADES_LAYOUTS):
+        if file.suffix.lower() == ".txt":
+            yield from _charades_txt(file)
+        else:
+            for raw in read_records(file):
+                yield from _charades_json(Record(raw, ctx.name))
+
+
 def load_charades_sta(ctx: LoadContext) -> Iterator[Sample]:
-    if ctx.annotation.suffix.lower() == ".txt":
-        rows: Iterable[dict[str, Any]] = _charades_txt(ctx.annotation)
-    else:
-        rows = (row for rec in records(ctx) for row in _charades_json(rec))
-    for row in rows:
+    for row in _charades_rows(ctx):
         rec = Record(row, ctx.name)
         if is_converted(row):
             yield converted_sample(ctx, rec)
             continue
         video = rec.text("video", "vid", "video_id")
         span = rec.get("timestamp", "timestamps", "span")
+        if isinstance(span, str) and span.lstrip().startswith("["):
+            try:
+                span = json.loads(span)
+            except json.JSONDecodeError:
+                pass  # reported as not [start, end] below
         if isinstance(span, list) and span and isinstance(span[0], list):
             span = span[0]
         if not isinstance(span, list) or len(span) != 2:
@@ -91,7 +116,9 @@ CHARADES_STA = Benchmark(
     problem_types=("temporal_grounding",),
     metric=MetricSpec("grounding", thresholds=(0.3, 0.5, 0.7)), precision="precise",
     source="github.com/jiyanggao/TALL (charades_sta_test.txt); videos from Charades",
-    layout="annotation: charades_sta_test.txt; video_root: Charades_v1_480/",
+    layout="annotation: the folder holding charades_sta_test.txt (the train file is not read), "
+           "the file, or lmms-lab's test-*.parquet; video_root: Charades_v1_480/ or the folder "
+           "holding it (default: the annotation folder)",
     load=load_charades_sta, template=CHARADES_TEMPLATE,
     notes="Main score mIoU; R@1 at IoU 0.3 / 0.5 / 0.7 as sub-scores.")
 
@@ -126,8 +153,13 @@ def _hcstvg_tube(rec: Record) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"span": [st_time, ed_time], "boxes": by_second}, kwargs
 
 
+# HC-STVG: anno_v2/val_v2.json (v2) or test.json (v1) beside the training annotations.
+STVG_LAYOUTS = (("*val*.json", "*test*.json"), ("anno*/*val*.json", "anno*/*test*.json"),
+                ("*.json", "*.jsonl"))
+
+
 def load_stvg(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, STVG_LAYOUTS):
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec)
             continue
@@ -149,7 +181,8 @@ STVG = Benchmark(
     problem_types=("spatial_temporal_grounding",), metric=MetricSpec("stvg"),
     precision="documented", source="HC-STVG v1/v2 (github.com/tzhhhh123/HC-STVG); "
                                    "EasyVideoR1's ST-Align subset (converted layout)",
-    layout="annotation: the test annotation JSON; video_root: its video folder",
+    layout="annotation: the test annotation JSON or its folder (val/test files are read, not "
+           "train); video_root: its video folder",
     load=load_stvg,
     notes="Boxes are compared per whole second (the official metrics are per frame): m_tIoU, "
           "m_vIoU and vIoU@0.3/0.5 with vIoU = sum of box IoU over shared seconds / seconds in "

@@ -58,8 +58,14 @@ _INLINE_OPTIONS = re.compile(r"\n?Options:\s*(.*)$", re.DOTALL)
 _OPTION_ITEM = re.compile(r"([A-F]):\s*(.*?)(?=,\s*[A-F]:\s|$)", re.DOTALL)
 
 
+# The hub's release (Lin-Chen/MMStar): mmstar.parquet, or its val split in the hub's shards;
+# VLMEvalKit: MMStar.tsv.
+MMSTAR_LAYOUTS = (("mmstar.parquet", "MMStar.tsv"), ("val-*.parquet", "*/val-*.parquet"),
+                  ("*.parquet", "*.tsv"))
+
+
 def load_mmstar(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, MMSTAR_LAYOUTS):
         index = rec.text("index", "id")
         question = rec.text("question")
         if "A" in rec.raw and "B" in rec.raw:  # VLMEvalKit TSV: options in columns A, B, ...
@@ -86,7 +92,8 @@ MMSTAR = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("accuracy", breakdowns=("category", "l2_category")), precision="precise",
     source="huggingface.co/datasets/Lin-Chen/MMStar; VLMEvalKit MMStar.tsv",
-    layout="annotation: MMStar.tsv or mmstar.parquet; images are embedded (written to "
+    layout="annotation: the downloaded folder, MMStar.tsv or mmstar.parquet; images are "
+           "embedded (written to "
            "<eval.out_dir>/prepared/media/ by --prepare)",
     load=load_mmstar,
     notes="Images use the data.image budget; the same loader reads other VLMEvalKit "

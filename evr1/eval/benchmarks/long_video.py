@@ -26,14 +26,22 @@ from evr1.eval.prompts import Template
 # --------------------------------------------------------------------------- LVBench
 
 
+# The official release: video_info.meta.jsonl (one line per video, its questions under "qa");
+# lmms-lab's hub copy: one parquet row per question (uid, question, answer, key, video_path).
+LVBENCH_LAYOUTS = (("video_info.meta.jsonl", "data/video_info.meta.jsonl"),
+                   ("data/train-*.parquet", "data/test-*.parquet"),
+                   ("*.jsonl", "*.parquet", "*.json"))
+
+
 def load_lvbench(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, LVBENCH_LAYOUTS):
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec)
             continue
         key = rec.text("key")
         path = ctx.media.find(*under(("", "videos", "all_videos", "video"), with_suffixes(key)))
-        for n, qa in enumerate(rec.get("qa")):
+        questions = rec.get("qa") if "qa" in rec.raw or "question" not in rec.raw else [rec.raw]
+        for n, qa in enumerate(questions):
             sub = Record({**qa, "_file": rec.raw["_file"], "_row": rec.raw["_row"]}, ctx.name)
             stem, options = split_inline_options(sub.text("question"))
             qtype = sub.get("question_type", default=[])
@@ -44,11 +52,13 @@ def load_lvbench(ctx: LoadContext) -> Iterator[Sample]:
 
 
 LVBENCH = Benchmark(
-    name="lvbench", title="LVBench", formats="JSONL (video_info.meta.jsonl)",
+    name="lvbench", title="LVBench",
+    formats="JSONL (video_info.meta.jsonl, questions under qa) or parquet (one row per question)",
     problem_types=("multiple_choice",),
     metric=MetricSpec("accuracy", breakdowns=("question_type",)), precision="precise",
     source="huggingface.co/datasets/THUDM/LVBench (github.com/THUDM/LVBench)",
-    layout="annotation: data/video_info.meta.jsonl; video_root: the folder of <key>.mp4",
+    layout="annotation: the downloaded folder (video_info.meta.jsonl, data/video_info.meta.jsonl "
+           "or data/train-*.parquet) or the file; video_root: the folder of <key>.mp4",
     load=load_lvbench,
     notes="A question can have several question types; it counts in each.")
 
@@ -56,10 +66,20 @@ LVBENCH = Benchmark(
 # --------------------------------------------------------------------------- LongVideoBench
 
 
+# The hub's release: lvb_val.json (answers) beside lvb_test_wo_gt.json (none), videos/ and
+# subtitles/; its parquet copy is validation-*.parquet.
+LONGVIDEOBENCH_LAYOUTS = (("lvb_val.json",), ("validation-*.parquet",),
+                          ("data/validation-*.parquet", "*/validation-*.parquet"),
+                          ("*.json", "*.parquet"))
+
+
 def load_longvideobench(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, LONGVIDEOBENCH_LAYOUTS):
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec)
+            continue
+        if rec.raw.get("correct_choice") is None:
+            ctx.skipped["no public answer (test split)"] += 1
             continue
         if "candidates" in rec.raw:
             texts = [str(c) for c in rec.get("candidates")]
@@ -82,8 +102,9 @@ LONGVIDEOBENCH = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("accuracy", breakdowns=("duration_group", "question_category")),
     precision="precise", source="huggingface.co/datasets/longvideobench/LongVideoBench",
-    layout="annotation: lvb_val.json or validation-00000-of-00001.parquet; video_root: the "
-           "folder holding videos/",
+    layout="annotation: the downloaded dataset folder (lvb_val.json is read, not "
+           "lvb_test_wo_gt.json), lvb_val.json or validation-00000-of-00001.parquet; video_root: "
+           "the folder holding videos/ (default: the annotation folder)",
     load=load_longvideobench, notes="Without interleaved subtitles.")
 
 
@@ -92,8 +113,12 @@ LONGVIDEOBENCH = Benchmark(
 MLVU_TEMPLATE = Template(post_choice="Only give the best option.\nBest option: (")
 
 
+# The hub's release: MLVU/json/<n>_<task>.json and MLVU/video/<n>_<task>/.
+MLVU_LAYOUTS = (("json/*.json",), ("MLVU/json/*.json",), ("*.json",))
+
+
 def load_mlvu(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, MLVU_LAYOUTS):
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec)
             continue
@@ -103,7 +128,9 @@ def load_mlvu(ctx: LoadContext) -> Iterator[Sample]:
         # Basenames repeat across the task folders (363 in the dev set): the task folder (the
         # JSON's stem, with or without its number) comes before a flat layout.
         bare = re.sub(r"^\d+_", "", stem)
-        path = ctx.media.find(*under((stem, f"video/{stem}", bare, f"video/{bare}", ""), [video]))
+        folders = (stem, f"video/{stem}", f"MLVU/video/{stem}", bare, f"video/{bare}",
+                   f"MLVU/video/{bare}", f"../video/{stem}", "")
+        path = ctx.media.find(*under(folders, [video]))
         sid = f"{stem}-{rec.raw['_row']}"
         meta = {"task": task, "duration": rec.get("duration", default=None)}
         if "candidates" in rec.raw:
@@ -124,7 +151,9 @@ MLVU = Benchmark(
     metric=MetricSpec("category_mean", category="task", main_types=("multiple_choice",),
                       breakdowns=("task",)),
     precision="precise", source="huggingface.co/datasets/MLVU/MVLU",
-    layout="annotation: MLVU/json/; video_root: MLVU/video/ (holding <n>_<task>/ folders)",
+    layout="annotation: the downloaded dataset folder (holding MLVU/json/), MLVU/ or "
+           "MLVU/json/; video_root: MLVU/video/ (holding <n>_<task>/ folders) or a folder above "
+           "it (default: the annotation folder)",
     load=load_mlvu, template=MLVU_TEMPLATE,
     notes="Main score is M-Avg (mean over the multiple-choice tasks); the generation tasks are "
           "open-ended (judge) and reported per task.")

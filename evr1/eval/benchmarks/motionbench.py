@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
@@ -22,13 +23,22 @@ from evr1.eval.formats import (
 # --------------------------------------------------------------------------- MotionBench
 
 
+# The hub's release: video_info.meta.jsonl (dev answers; test answers are "NA") beside the
+# extracted video folders.
+MOTIONBENCH_LAYOUTS = (("video_info.meta.jsonl",),
+                       ("MotionBench/video_info.meta.jsonl", "*/video_info.meta.jsonl"),
+                       ("*.jsonl",))
+
+
 def load_motionbench(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, MOTIONBENCH_LAYOUTS):
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec)
             continue
         video = rec.text("video_path", "video", "key")
-        path = ctx.media.find(*under(("", "videos", "MotionBench"), with_suffixes(video)))
+        names = with_suffixes(video)
+        path = ctx.media.find(*under(("", "videos", "MotionBench"), names),
+                              search=[Path(n).name for n in names])
         for n, qa in enumerate(rec.get("qa")):
             sub = Record({**qa, "_file": rec.raw["_file"], "_row": rec.raw["_row"]}, ctx.name)
             answer = sub.text("answer", default="NA")
@@ -46,7 +56,9 @@ MOTIONBENCH = Benchmark(
     name="motionbench", title="MotionBench", formats="JSONL (video_info.meta.jsonl layout)",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/THUDM/MotionBench",
-    layout="annotation: the dev-split JSONL; video_root: the folder of its video_path entries",
+    layout="annotation: the downloaded dataset folder (video_info.meta.jsonl) or the JSONL; "
+           "video_root: the folder its video_path entries start from (a video elsewhere under "
+           "it is found by its file name)",
     load=load_motionbench,
     notes="Items without a public answer (the test split) are skipped and counted; categories "
           "(MR, LM, CM, MO, AO, RC) from question_type.")

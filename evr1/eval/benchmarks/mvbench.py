@@ -53,8 +53,12 @@ MVBENCH_TEMPLATE = Template(
     options_header="Options:", option_style="paren", post_choice="Only give the best option.")
 
 
+# The hub's release: json/<task>.json beside video/ (the task files alone when pointed at json/).
+MVBENCH_LAYOUTS = (("json/*.json",), ("*.json",))
+
+
 def load_mvbench(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx, (".json",)):
+    for rec in records(ctx, MVBENCH_LAYOUTS):
         task = str(rec.raw.get("task") or file_stem(rec))
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec)
@@ -75,7 +79,8 @@ MVBENCH = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("category_mean", category="task", breakdowns=("task",)),
     precision="precise", source="huggingface.co/datasets/OpenGVLab/MVBench",
-    layout="annotation: the json/ folder (or one task file); video_root: the video/ folder "
+    layout="annotation: the downloaded dataset folder (holding json/ and video/), the json/ "
+           "folder or one task file; video_root: the dataset folder or its video/ folder "
            "(holding star/, clevrer/, perception/, ...)",
     load=load_mvbench, template=MVBENCH_TEMPLATE,
     notes="Whole videos are used: the start/end bounds of the STAR/STA tasks are kept in meta "

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
 from evr1.eval.benchmarks.common import (
+    DEFAULT_LAYOUTS,
     converted_sample,
     is_converted,
     records,
@@ -25,8 +27,12 @@ OVO_GROUPS = {"backward": ("EPM", "ASI", "HLD"),
               "forward": ("REC", "SSR", "CRR")}
 
 
+# The hub's release: ovo_bench_new.json beside src_videos/ (and chunked_videos/ once cut).
+OVOBENCH_LAYOUTS = (("ovo_bench_new.json",), ("*.json",))
+
+
 def load_ovobench(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, OVOBENCH_LAYOUTS):
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec, ("ovo_task",))
             continue
@@ -49,7 +55,8 @@ OVOBENCH = Benchmark(
     formats="JSON (ovo_bench_new.json)", problem_types=("multiple_choice",),
     metric=MetricSpec("group_mean", category="task", groups=OVO_GROUPS, breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/JoeLeelyf/OVO-Bench",
-    layout="annotation: ovo_bench_new.json; video_root: the folder holding chunked_videos/ "
+    layout="annotation: the downloaded dataset folder or ovo_bench_new.json; video_root: the "
+           "folder holding chunked_videos/ "
            "(clips cut at each question's real-time stamp by the benchmark's script)",
     load=load_ovobench,
     notes="Backward and real-time tasks; forward active-responding tasks (REC, SSR, CRR) need "
@@ -59,8 +66,14 @@ OVOBENCH = Benchmark(
 # --------------------------------------------------------------------------- LiveSports-3K QA
 
 
+# The hub's release keeps the QA and the captioning (CC) parts apart: the QA files only.
+LIVESPORTS_LAYOUTS = (("*QA*.json", "*QA*.jsonl", "*QA*.csv", "*QA*.parquet", "*qa*.json",
+                       "*qa*.jsonl", "*qa*.csv", "*qa*.parquet"),
+                      ("*QA*/test-*.parquet", "*qa*/test-*.parquet"), *DEFAULT_LAYOUTS)
+
+
 def load_livesports(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, LIVESPORTS_LAYOUTS):
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec, ("q_type_livesports",))
             continue
@@ -69,7 +82,9 @@ def load_livesports(ctx: LoadContext) -> Iterator[Sample]:
         end = rec.get("end", "end_time", default=None)
         names = [f"{video}_{begin}_{end}.mp4"] if begin is not None and end is not None else []
         names += [rec.text("video_path", default="")] + with_suffixes(video)
-        path = ctx.media.find(*under(("", "clips", "videos"), [n for n in names if n]))
+        names = [n for n in names if n]
+        path = ctx.media.find(*under(("", "clips", "videos"), names),
+                              search=[Path(n).name for n in names])
         sid = rec.text("question_id", "id", default=f"{video}-{rec.raw['_row']}")
         meta = {"task": rec.text("q_type", "question_type", "type", default=""),
                 "ocr": rec.get("ocr", default=None)}
@@ -81,7 +96,8 @@ LIVESPORTS3K_QA = Benchmark(
     name="livesports3k_qa", title="LiveSports-3K QA", formats="JSON / JSONL / parquet",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/stdKonjac/LiveSports-3K",
-    layout="annotation: the QA file; video_root: the folder of clips "
+    layout="annotation: the downloaded folder (its QA file is read, not the captioning one) or "
+           "the QA file; video_root: the folder of clips "
            "<video_id>_<begin>_<end>.mp4",
     load=load_livesports,
     notes="Clips are cut from the long videos beforehand (question types who/when/what).")

@@ -33,8 +33,14 @@ VSI_TEMPLATE = Template(pre="These are frames of a video.\n", options_header="Op
                         post_other="Please answer the question using a single word or phrase.")
 
 
+# The hub's release: test-00000-of-00001.parquet beside arkitscenes/, scannet/, scannetpp/
+# (other splits there, such as a debiased subset, are not read from the folder).
+VSIBENCH_LAYOUTS = (("test-*.parquet",), ("data/test-*.parquet",),
+                    ("*.parquet", "*.json", "*.jsonl"))
+
+
 def load_vsibench(ctx: LoadContext) -> Iterator[Sample]:
-    for rec in records(ctx):
+    for rec in records(ctx, VSIBENCH_LAYOUTS):
         if is_converted(rec.raw):
             yield converted_sample(ctx, rec)
             continue
@@ -65,8 +71,9 @@ VSIBENCH = Benchmark(
                                                       "object_rel_direction_hard")},
                       breakdowns=("question_type", "dataset")),
     precision="precise", source="huggingface.co/datasets/nyu-visionx/VSI-Bench",
-    layout="annotation: test-00000-of-00001.parquet; video_root: the folder holding "
-           "arkitscenes/, scannet/, scannetpp/",
+    layout="annotation: the downloaded dataset folder or test-00000-of-00001.parquet; "
+           "video_root: the folder holding arkitscenes/, scannet/, scannetpp/ (default: the "
+           "annotation folder)",
     load=load_vsibench, template=VSI_TEMPLATE,
     notes="Multiple-choice types: exact letter; numeric types: MRA over thresholds "
           "0.50..0.95 (<= as in the official code); overall = mean over the question types "
