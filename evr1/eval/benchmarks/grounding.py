@@ -164,7 +164,9 @@ def load_stvg(ctx: LoadContext) -> Iterator[Sample]:
             yield converted_sample(ctx, rec)
             continue
         video = rec.text("_key", "video", "vid", "video_name")
-        path = ctx.media.find(*under(("", "videos", "video"), with_suffixes(video)))
+        names = with_suffixes(video)
+        path = ctx.media.find(*under(("", "videos", "video", "v2_video"), names),
+                              search=[Path(n).name for n in names])
         sentence = rec.text("English", "caption", "sentence", "query")
         solution, kwargs = _hcstvg_tube(rec)
         question = (f'Find when and where this happens in the video: "{sentence.strip()}". '
