@@ -11,6 +11,7 @@ own answer (100) and a wrong one (0).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -543,8 +544,9 @@ def test_a_folder_without_the_layout_names_what_it_looked_for(tmp_path):
 def test_prepare_reports_a_failing_benchmark_and_prepares_the_others(tmp_path, capsys):
     """--prepare: the broken benchmark is named, the others are written, the exit status is 1,
     and the broken one's older prepared file is removed (nothing reads stale questions)."""
-    from launchers.eval import main
-
+    spec = importlib.util.spec_from_file_location("eval_launcher", ROOT / "launchers/eval.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
     ok = tmp_path / "dl/vsibench"
     ok.mkdir(parents=True)
     vsibench(ok)
@@ -561,7 +563,7 @@ def test_prepare_reports_a_failing_benchmark_and_prepares_the_others(tmp_path, c
     stale = tmp_path / "run/eval/prepared/mmvu.jsonl"
     stale.parent.mkdir(parents=True)
     stale.write_text('{"id": "old"}\n')
-    assert main(["--config", str(config), "--prepare"]) == 1
+    assert launcher.main(["--config", str(config), "--prepare"]) == 1
     out = capsys.readouterr().out
     assert "prepared vsibench (vsibench): 2 questions" in out
     assert "prepare FAILED: mmvu (mmvu): " in out and "answer 'Z'" in out

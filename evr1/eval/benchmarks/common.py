@@ -1,4 +1,5 @@
-"""Helpers every loader shares: reading records, and the "converted" layout.
+"""Helpers every loader shares: reading records from a download folder's published layout,
+and the "converted" layout.
 
 Loaders also accept the "converted" layout that EasyVideoR1 ships for these benchmarks (records
 with ``problem``, ``problem_type``, ``options``, ``solution``, ``path``), since many users have

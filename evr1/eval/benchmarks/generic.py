@@ -10,12 +10,7 @@ from typing import Any
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, Loader, MetricSpec
-from evr1.eval.benchmarks.common import (
-    DEFAULT_LAYOUTS,
-    converted_sample,
-    is_converted,
-    records,
-)
+from evr1.eval.benchmarks.common import DEFAULT_LAYOUTS, converted_sample, is_converted, records
 from evr1.eval.formats import (
     Layouts,
     Record,

@@ -1,5 +1,4 @@
-"""Temporal and spatio-temporal grounding: Charades-STA and HC-STVG-style files.
-"""
+"""Temporal and spatio-temporal grounding: Charades-STA and HC-STVG-style files."""
 
 from __future__ import annotations
 
@@ -10,11 +9,7 @@ from typing import Any
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    converted_sample,
-    is_converted,
-    records,
-)
+from evr1.eval.benchmarks.common import converted_sample, is_converted, records
 from evr1.eval.formats import (
     FormatError,
     Record,

@@ -1,5 +1,4 @@
-"""Image benchmarks for joint image-video models: MMStar (and VLMEvalKit TSVs like it).
-"""
+"""Image benchmarks for joint image-video models: MMStar (and VLMEvalKit TSVs like it)."""
 
 from __future__ import annotations
 
@@ -10,13 +9,8 @@ from typing import Any
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    records,
-)
-from evr1.eval.formats import (
-    LETTERS,
-    Record,
-)
+from evr1.eval.benchmarks.common import records
+from evr1.eval.formats import LETTERS, Record
 
 # --------------------------------------------------------------------------- MMStar (images)
 

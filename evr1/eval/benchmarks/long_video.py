@@ -1,5 +1,4 @@
-"""Long-video benchmarks: LVBench, LongVideoBench, MLVU.
-"""
+"""Long-video benchmarks: LVBench, LongVideoBench, MLVU."""
 
 from __future__ import annotations
 
@@ -8,19 +7,8 @@ from collections.abc import Iterator
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    converted_sample,
-    file_stem,
-    is_converted,
-    records,
-)
-from evr1.eval.formats import (
-    Record,
-    lettered,
-    split_inline_options,
-    under,
-    with_suffixes,
-)
+from evr1.eval.benchmarks.common import converted_sample, file_stem, is_converted, records
+from evr1.eval.formats import Record, lettered, split_inline_options, under, with_suffixes
 from evr1.eval.prompts import Template
 
 # --------------------------------------------------------------------------- LVBench

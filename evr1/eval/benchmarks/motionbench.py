@@ -1,5 +1,4 @@
-"""MotionBench (THUDM): one record per video with its questions under ``qa``.
-"""
+"""MotionBench (THUDM): one record per video with its questions under ``qa``."""
 
 from __future__ import annotations
 
@@ -8,17 +7,8 @@ from pathlib import Path
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    converted_sample,
-    is_converted,
-    records,
-)
-from evr1.eval.formats import (
-    Record,
-    split_inline_options,
-    under,
-    with_suffixes,
-)
+from evr1.eval.benchmarks.common import converted_sample, is_converted, records
+from evr1.eval.formats import Record, split_inline_options, under, with_suffixes
 
 # --------------------------------------------------------------------------- MotionBench
 

@@ -1,5 +1,4 @@
-"""MVBench: one JSON file per task, videos from a dozen source datasets.
-"""
+"""MVBench: one JSON file per task, videos from a dozen source datasets."""
 
 from __future__ import annotations
 
@@ -7,16 +6,8 @@ from collections.abc import Iterator
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    converted_sample,
-    file_stem,
-    is_converted,
-    records,
-)
-from evr1.eval.formats import (
-    lettered,
-    under,
-)
+from evr1.eval.benchmarks.common import converted_sample, file_stem, is_converted, records
+from evr1.eval.formats import lettered, under
 from evr1.eval.prompts import Template
 
 # --------------------------------------------------------------------------- MVBench

@@ -1,5 +1,4 @@
-"""Video reasoning benchmarks with their own layouts: Video-Holmes, MINERVA, MMVU, Video-MMMU.
-"""
+"""Video reasoning benchmarks with their own layouts: Video-Holmes, MINERVA, MMVU, Video-MMMU."""
 
 from __future__ import annotations
 
@@ -9,19 +8,8 @@ from pathlib import Path
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    converted_sample,
-    file_config,
-    is_converted,
-    records,
-)
-from evr1.eval.formats import (
-    Record,
-    as_options,
-    lettered,
-    under,
-    with_suffixes,
-)
+from evr1.eval.benchmarks.common import converted_sample, file_config, is_converted, records
+from evr1.eval.formats import Record, as_options, lettered, under, with_suffixes
 from evr1.rewards.numeric import last_number
 
 # --------------------------------------------------------------------------- Video-Holmes

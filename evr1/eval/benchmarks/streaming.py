@@ -1,5 +1,4 @@
-"""Streaming / live benchmarks: OVO-Bench (backward + real-time) and LiveSports-3K QA.
-"""
+"""Streaming / live benchmarks: OVO-Bench (backward + real-time) and LiveSports-3K QA."""
 
 from __future__ import annotations
 
@@ -8,17 +7,8 @@ from pathlib import Path
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    DEFAULT_LAYOUTS,
-    converted_sample,
-    is_converted,
-    records,
-)
-from evr1.eval.formats import (
-    as_options,
-    under,
-    with_suffixes,
-)
+from evr1.eval.benchmarks.common import DEFAULT_LAYOUTS, converted_sample, is_converted, records
+from evr1.eval.formats import as_options, under, with_suffixes
 
 # --------------------------------------------------------------------------- OVO-Bench
 

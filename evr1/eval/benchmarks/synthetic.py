@@ -1,5 +1,4 @@
-"""evr1's own sample JSONL (the synthetic held-out set) as a benchmark.
-"""
+"""evr1's own sample JSONL (the synthetic held-out set) as a benchmark."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""TempCompass: four task types (multi-choice, yes/no, caption matching, captioning).
-"""
+"""TempCompass: four task types (multi-choice, yes/no, caption matching, captioning)."""
 
 from __future__ import annotations
 
@@ -8,16 +7,8 @@ from typing import Any
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    file_config,
-    records,
-)
-from evr1.eval.formats import (
-    Record,
-    split_inline_options,
-    under,
-    with_suffixes,
-)
+from evr1.eval.benchmarks.common import file_config, records
+from evr1.eval.formats import Record, split_inline_options, under, with_suffixes
 from evr1.eval.prompts import Template
 
 # --------------------------------------------------------------------------- TempCompass

@@ -1,5 +1,4 @@
-"""Video-MME (lmms-lab/Video-MME).
-"""
+"""Video-MME (lmms-lab/Video-MME)."""
 
 from __future__ import annotations
 
@@ -8,17 +7,8 @@ from collections.abc import Iterator
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    converted_sample,
-    is_converted,
-    records,
-)
-from evr1.eval.formats import (
-    Record,
-    as_options,
-    under,
-    with_suffixes,
-)
+from evr1.eval.benchmarks.common import converted_sample, is_converted, records
+from evr1.eval.formats import Record, as_options, under, with_suffixes
 from evr1.eval.prompts import Template
 
 # --------------------------------------------------------------------------- Video-MME

@@ -10,16 +10,8 @@ from collections.abc import Iterator
 
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks.base import Benchmark, LoadContext, MetricSpec
-from evr1.eval.benchmarks.common import (
-    converted_sample,
-    is_converted,
-    records,
-)
-from evr1.eval.formats import (
-    as_options,
-    under,
-    with_suffixes,
-)
+from evr1.eval.benchmarks.common import converted_sample, is_converted, records
+from evr1.eval.formats import as_options, under, with_suffixes
 from evr1.eval.prompts import Template, build_prompt
 
 # --------------------------------------------------------------------------- VSI-Bench
