@@ -201,11 +201,11 @@ def eval_prepare(cfg: Config) -> int:
     report = prepare_all(cfg)
     for summary in report.prepared:
         print(f"prepared {summary.line()}")
-    for failure in report.failed:
-        print(f"prepare FAILED: {failure.line()}")
     if report.failed:
         print(f"prepare: {len(report.failed)} of {len(report.prepared) + len(report.failed)} "
               "benchmark(s) failed: " + ", ".join(f.alias for f in report.failed))
+    for failure in report.failed:  # last: callers show the last line as the reason
+        print(f"prepare FAILED: {failure.line()}")
     return 1 if report.failed else 0
 
 
