@@ -93,7 +93,7 @@ def in_process(cfg: Config, frames: str) -> float:
     run = pin_models(with_eval(cfg, f"eval.frames={frames}",
                                f"eval.out_dir={eval_dir(cfg)}-{frames}"))
     shutil.rmtree(eval_dir(run), ignore_errors=True)
-    prepare_all(run)
+    prepare_all(run).check()
     start = time.perf_counter()
     result = evaluate_shard(run, 0)
     assert not result.skipped
@@ -102,7 +102,7 @@ def in_process(cfg: Config, frames: str) -> float:
 
 def frames_only(cfg: Config, frames: str) -> float:
     run = pin_models(with_eval(cfg, f"eval.frames={frames}"))
-    prepare_all(run)
+    prepare_all(run).check()
     task = eval_tasks(run)[0]
     samples = load_samples(task.bench.prepared, check_media=False)
     source = (DecodedFrames(run) if frames == "decode"

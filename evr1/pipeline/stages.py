@@ -19,7 +19,6 @@ from evr1.config import Config, ConfigError, load_config
 from evr1.data import curate
 from evr1.data.schema import check_files, load_samples
 from evr1.eval.collect import collect
-from evr1.eval.formats import FormatError
 from evr1.eval.plan import eval_tasks, pin_models, pinned_file, resolve_benchmarks, task_count
 from evr1.eval.prepare import prepare_all
 from evr1.eval.runner import evaluate_shard
@@ -129,15 +128,18 @@ def print_preprocess_summary(summaries: list[TaskSummary]) -> None:
 
 
 def eval_prepare(cfg: Config) -> int:
-    """Every configured benchmark's official annotation -> an evr1 JSONL (cheap, idempotent)."""
-    try:
-        summaries = prepare_all(cfg)
-    except (FormatError, ValueError) as exc:
-        print(f"prepare: {exc}")
-        return 1
-    for summary in summaries:
+    """Every configured benchmark's official annotation -> an evr1 JSONL (cheap, idempotent).
+
+    A benchmark that fails is named and skipped; the others are prepared; the status is 1."""
+    report = prepare_all(cfg)
+    for summary in report.prepared:
         print(f"prepared {summary.line()}")
-    return 0
+    if report.failed:
+        print(f"prepare: {len(report.failed)} of {len(report.prepared) + len(report.failed)} "
+              "benchmark(s) failed: " + ", ".join(f.alias for f in report.failed))
+    for failure in report.failed:  # last: callers show the last line as the reason
+        print(f"prepare FAILED: {failure.line()}")
+    return 1 if report.failed else 0
 
 
 def eval_preprocess(cfg: Config, wait: bool = True) -> int:
