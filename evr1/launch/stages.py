@@ -121,10 +121,15 @@ def run_training(cfg: Config) -> dict:
     """The training job body (runs inside the submitted job, once per rank, or in this
     process)."""
     from evr1.launch import rendezvous
-    from evr1.train.trainer import Trainer  # torch + transformers: only where training runs
+    from evr1.models.preflight import preflight_training
+    from evr1.train.trainer import Trainer, ensure_model  # torch + transformers: only here
 
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and rendezvous.export_from_slurm():
         print(rendezvous.describe_rank(), flush=True)  # a multi-node submitit job: one per rank
+    # Every prompt fits max_prompt_length and the context, or PreflightError names the samples.
+    budget = preflight_training(cfg, ensure_model(cfg))
+    if os.environ.get("RANK", "0") == "0":
+        print(budget.summary(), flush=True)
     result = Trainer(cfg).run()
     return {"steps": result.steps, "before": result.before, "after": result.after,
             "checkpoint": result.checkpoint}
@@ -273,7 +278,9 @@ def _check_frames(cfg: Config) -> list[str]:
 def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     """Prepare, then run every (model, benchmark, shard) task: as one array, or in-process."""
     from evr1.eval.layout import eval_tasks, pin_models
+    from evr1.eval.preflight import preflight_eval
     from evr1.eval.runner import run_eval_task
+    from evr1.models.preflight import PreflightError
 
     cfg = pin_models(cfg, record=True)
     status = eval_prepare(cfg)
@@ -283,6 +290,12 @@ def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     for problem in problems:
         print(problem)
     if problems:
+        return 1
+    try:  # every question fits max_prompt_length and each model's context
+        for budget in preflight_eval(cfg):
+            print(budget.summary())
+    except PreflightError as exc:
+        print(exc)
         return 1
     tasks = eval_tasks(cfg)
     print(f"eval: {len(tasks)} task(s): " + ", ".join(t.name for t in tasks))
