@@ -85,6 +85,22 @@ def test_count_equals_the_processors_prompt(counter, data_type, frames, rows, co
                                      -(-frames // 2) * rows * cols)  # merged 2x2 per group
 
 
+def test_batched_counts_equal_the_processors_prompts(counter):
+    """count_many renders the template once per data type: problems of other lengths, with
+    surrounding whitespace and line breaks, still count as encode() builds them."""
+    factor = counter.video.factor
+    problems = [PROBLEM, "  Is it red?\n", "How many shapes?\n\nA. 1\nB. 2 ", "x"]
+    shape = (4, factor, 2 * factor)
+    counted = counter.count_many([(p, "video", shape, 2.0) for p in problems] +
+                                 [(p, "text", None, 2.0) for p in problems])
+    pixels = np.zeros((*shape, 3), np.uint8)
+    for i, problem in enumerate(problems):
+        video = encode(counter.processor, [problem], [pixels], ["video"], [2.0])
+        text = encode(counter.processor, [problem], [None], ["text"])
+        assert counted[i].prompt_tokens == video["input_ids"].shape[1]
+        assert counted[len(problems) + i].prompt_tokens == text["input_ids"].shape[1]
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -44,6 +44,10 @@ from evr1.video.shards import ShardError, ShardReader
 
 # Model types whose processor writes a "<t seconds>" stamp before each temporal patch.
 TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe")
+# Prompts tokenized per call: the fast tokenizer encodes a batch on all cores.
+BATCH = 512
+# Stands for the problem text when the chat template is rendered once per data type.
+_SENTINEL = "\x00evr1-problem\x00"
 # How many refused samples an error message lists (all of them are in the report).
 SHOWN = 20
 
@@ -130,6 +134,8 @@ class TokenCounter:
         self.image = VisionGeometry.of(self.processor.image_processor)
         vocab = self.processor.tokenizer.get_vocab()
         self.placeholder_ids = {vocab[t] for t in (IMAGE_PAD, VIDEO_PAD) if t in vocab}
+        # data type -> the template's text around the problem, or None: render every prompt
+        self._frames: dict[str, tuple[str, str] | None] = {}
 
     def geometry(self, data_type: str) -> VisionGeometry:
         return self.video if data_type == "video" else self.image
@@ -137,20 +143,50 @@ class TokenCounter:
     def count(self, problem: str, data_type: str, shape: tuple[int, int, int] | None = None,
               fps: float = 2.0) -> PromptCount:
         """``shape`` is (frames, height, width) of the cached visual (None for text)."""
-        text = self.processor.apply_chat_template(build_prompt_messages(problem, data_type),
+        return self.count_many([(problem, data_type, shape, fps)])[0]
+
+    def count_many(self, items: Sequence[tuple[str, str, tuple[int, int, int] | None, float]],
+                   ) -> list[PromptCount]:
+        """:meth:`count` for many (problem, data_type, shape, fps), tokenized as one batch."""
+        texts, visions = [], []
+        for problem, data_type, shape, fps in items:
+            text = self._render(problem, data_type)
+            vision = 0
+            if data_type != "text":
+                if shape is None:
+                    raise ValueError(f"a {data_type} sample needs the shape of its frames")
+                frames, height, width = shape
+                vision = self.geometry(data_type).tokens(frames, height, width)
+                if data_type == "video" and self.timestamped:
+                    text = self._with_stamps(text, frames, fps)
+            texts.append(text)
+            visions.append(vision)
+        out = []
+        for ids, vision in zip(self.processor.tokenizer(texts)["input_ids"], visions,
+                               strict=True):
+            placeholders = sum(1 for i in ids if i in self.placeholder_ids)
+            out.append(PromptCount(vision, len(ids) - placeholders + vision))
+        return out
+
+    def _render(self, problem: str, data_type: str) -> str:
+        """The chat template's text for one prompt, as ``encode`` renders it. Rendering is
+        slow next to tokenizing, so the template is rendered once per data type around a
+        placeholder and the problem put in its place; a template that changes the problem
+        text (compared on the first problem of each type and on one with surrounding
+        whitespace) is rendered for every prompt."""
+        if data_type not in self._frames:
+            frame = self._apply(_SENTINEL, data_type).split(_SENTINEL)
+            parts = (frame[0], frame[1]) if len(frame) == 2 else None
+            for probe in (problem, " \n  A question?\n\n "):
+                if parts and parts[0] + probe + parts[1] != self._apply(probe, data_type):
+                    parts = None
+            self._frames[data_type] = parts
+        parts = self._frames[data_type]
+        return parts[0] + problem + parts[1] if parts else self._apply(problem, data_type)
+
+    def _apply(self, problem: str, data_type: str) -> str:
+        return self.processor.apply_chat_template(build_prompt_messages(problem, data_type),
                                                   tokenize=False, add_generation_prompt=True)
-        vision = 0
-        if data_type != "text":
-            if shape is None:
-                raise ValueError(f"a {data_type} sample needs the shape of its frames")
-            frames, height, width = shape
-            geometry = self.geometry(data_type)
-            vision = geometry.tokens(frames, height, width)
-            if data_type == "video" and self.timestamped:
-                text = self._with_stamps(text, frames, fps)
-        ids = self.processor.tokenizer(text)["input_ids"]
-        placeholders = sum(1 for i in ids if i in self.placeholder_ids)
-        return PromptCount(vision, len(ids) - placeholders + vision)
 
     def _with_stamps(self, text: str, frames: int, fps: float) -> str:
         # The processor replaces the template's <start><video_pad><end> by, per temporal
@@ -249,26 +285,40 @@ def check_prompts(counter: TokenCounter, inputs: Sequence[PreflightInput],
     """Count every sample's prompt and list each one that cannot run (never raises on data)."""
     report = PreflightReport(str(counter.model_dir), limits)
     for item in inputs:
-        for sample in tqdm(item.samples, desc=f"pre-flight {item.source}", disable=None,
-                           leave=False):
-            where = f"{item.source}: sample {sample.id!r}"
-            shape, fps = None, item.default_fps
-            if sample.data_type != "text":
-                if item.reader is None or sample.id not in item.reader:
-                    report.no_frames[item.source] = report.no_frames.get(item.source, 0) + 1
-                    continue
-                entry = item.reader.entry(sample.id)
-                shape = (int(entry.shape[0]), int(entry.shape[1]), int(entry.shape[2]))
-                fps = sampled_fps(entry, item.default_fps)
-                bad = counter.geometry(sample.data_type).problem(sample.data_type, *shape)
-                if bad:
-                    report.problems.append(f"{where} ({entry.path}): {bad}")
-                    continue
-            count = counter.count(sample.problem, sample.data_type, shape, fps)
-            report.counts.append(SampleCount(item.source, sample.id, sample.data_type, shape,
-                                             count.vision_tokens, count.prompt_tokens))
-            report.problems += [f"{where}: {p}" for p in _overflows(count, shape, limits)]
+        with tqdm(total=len(item.samples), desc=f"pre-flight {item.source}", disable=None,
+                  leave=False) as bar:
+            for start in range(0, len(item.samples), BATCH):
+                chunk = item.samples[start:start + BATCH]
+                _check_chunk(counter, item, chunk, limits, report)
+                bar.update(len(chunk))
     return report
+
+
+def _check_chunk(counter: TokenCounter, item: PreflightInput, samples: Sequence[Sample],
+                 limits: Limits, report: PreflightReport) -> None:
+    ready: list[tuple[Sample, tuple[int, int, int] | None, float]] = []
+    for sample in samples:
+        shape, fps = None, item.default_fps
+        if sample.data_type != "text":
+            if item.reader is None or sample.id not in item.reader:
+                report.no_frames[item.source] = report.no_frames.get(item.source, 0) + 1
+                continue
+            entry = item.reader.entry(sample.id)
+            shape = (int(entry.shape[0]), int(entry.shape[1]), int(entry.shape[2]))
+            fps = sampled_fps(entry, item.default_fps)
+            bad = counter.geometry(sample.data_type).problem(sample.data_type, *shape)
+            if bad:
+                report.problems.append(f"{item.source}: sample {sample.id!r} ({entry.path}): "
+                                       f"{bad}")
+                continue
+        ready.append((sample, shape, fps))
+    counts = counter.count_many([(s.problem, s.data_type, shape, fps)
+                                 for s, shape, fps in ready])
+    for (sample, shape, _), count in zip(ready, counts, strict=True):
+        report.counts.append(SampleCount(item.source, sample.id, sample.data_type, shape,
+                                         count.vision_tokens, count.prompt_tokens))
+        report.problems += [f"{item.source}: sample {sample.id!r}: {p}"
+                            for p in _overflows(count, shape, limits)]
 
 
 def _overflows(count: PromptCount, shape: tuple[int, int, int] | None,
