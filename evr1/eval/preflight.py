@@ -37,7 +37,7 @@ def eval_inputs(cfg: Config) -> list[PreflightInput]:
         samples = load_samples(run.prepared, check_media=False)
         needs_frames = any(s.data_type != "text" for s in samples)
         reader = ShardReader(run.shard_dir) if needs_frames else None
-        inputs.append(PreflightInput(f"{run.alias} ({run.prepared.name})", samples, reader,
+        inputs.append(PreflightInput(f"{run.alias} ({run.prepared})", samples, reader,
                                      cfg.data.video.fps))
     return inputs
 

@@ -323,9 +323,11 @@ def _check_chunk(counter: TokenCounter, item: PreflightInput, samples: Sequence[
 
 def _overflows(count: PromptCount, shape: tuple[int, int, int] | None,
                limits: Limits) -> list[str]:
-    what = (f"{count.prompt_tokens} prompt tokens"
-            + (f" ({count.vision_tokens} for {shape[0]} frames of {shape[1]}x{shape[2]})"
-               if shape else ""))
+    what = f"{count.prompt_tokens} prompt tokens"
+    if shape:
+        visual = (f"{shape[0]} frames of {shape[1]}x{shape[2]}" if shape[0] > 1 else
+                  f"{shape[1]}x{shape[2]} pixels")
+        what += f" ({count.vision_tokens} for {visual})"
     out = []
     if limits.max_prompt_length and count.prompt_tokens > limits.max_prompt_length:
         out.append(f"{what} > data.max_prompt_length {limits.max_prompt_length}")
