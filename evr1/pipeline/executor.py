@@ -24,7 +24,7 @@ import submitit
 
 from evr1.config import ConfigError, LaunchConfig
 
-log = logging.getLogger("evr1.launch")
+log = logging.getLogger("evr1.pipeline")
 
 
 def slurm_available() -> bool:

@@ -20,10 +20,12 @@ from evr1.data import curate
 from evr1.data.schema import check_files, load_samples
 from evr1.eval.collect import collect
 from evr1.eval.plan import eval_tasks, pin_models, pinned_file, resolve_benchmarks, task_count
+from evr1.eval.preflight import preflight_eval
 from evr1.eval.prepare import prepare_all
 from evr1.eval.runner import evaluate_shard
 from evr1.files import read_jsonl
 from evr1.models.loading import ensure_model
+from evr1.models.preflight import PreflightError
 from evr1.pipeline.executor import run_array, submit_array, submit_job
 from evr1.video.preprocess import TaskSummary, input_files, preprocess_shard
 from evr1.video.shards import FAILURES, MANIFEST, ShardError, merge_manifests
@@ -203,6 +205,12 @@ def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     for problem in problems:
         print(problem)
     if problems:
+        return 1
+    try:  # every question fits max_prompt_length and each model's context
+        for budget in preflight_eval(cfg):
+            print(budget.summary())
+    except PreflightError as exc:
+        print(exc)
         return 1
     tasks = eval_tasks(cfg)
     print(f"eval: {len(tasks)} task(s): " + ", ".join(t.name for t in tasks))

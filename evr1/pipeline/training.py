@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from evr1.config import Config, ConfigError
 from evr1.eval.while_training import AsyncEvaluator
+from evr1.models.loading import ensure_model
+from evr1.models.preflight import preflight_training
 from evr1.pipeline import rendezvous
 from evr1.pipeline.checkpoint_eval import EvalJobs
 from evr1.pipeline.executor import resolve_cluster, run_array, submit_job
@@ -35,6 +37,10 @@ def train_on_this_rank(cfg: Config) -> dict:
     process)."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and rendezvous.export_from_slurm():
         print(rendezvous.describe_rank(), flush=True)  # a multi-node submitit job: one per rank
+    # Every prompt fits max_prompt_length and the context, or PreflightError names the samples.
+    budget = preflight_training(cfg, ensure_model(cfg))
+    if os.environ.get("RANK", "0") == "0":
+        print(budget.summary(), flush=True)
     result = build_trainer(cfg).run()
     return {"steps": result.steps, "before": result.before, "after": result.after,
             "checkpoint": result.checkpoint}
