@@ -101,7 +101,7 @@ class MegatronBackend:
             weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpoints = CheckpointIO(self.model, self.optimizer, self.scheduler,
-                                        cfg.megatron.dist_checkpoint)
+                                        cfg.megatron)
         self._ref_state: dict[str, Tensor] | None = None
         if cfg.grpo.kl_coef > 0:  # the frozen starting policy, only when the KL term is used
             self._ref_state = {k: v.detach().clone() for k, v in self.model.named_params()}

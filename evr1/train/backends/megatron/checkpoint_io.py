@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from evr1.config import MegatronConfig
 from evr1.train.backends.megatron.shards import VISUAL, LocalModel
 from evr1.train.backends.megatron.weights import HFCheckpoint, write_hf_folder
 
@@ -34,14 +35,15 @@ DIST_DIR = "megatron"  # the megatron-core distributed checkpoint inside a check
 
 class CheckpointIO:
     """Saves and restores ``model``'s shards with the AdamW ``optimizer``'s moments and the
-    lr ``scheduler``. ``dist_checkpoint``: ``train.megatron.dist_checkpoint``."""
+    lr ``scheduler``. ``settings``: ``train.megatron``, whose ``dist_checkpoint`` is read at
+    each save."""
 
     def __init__(self, model: LocalModel, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, dist_checkpoint: bool):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, settings: MegatronConfig):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.dist_checkpoint = dist_checkpoint
+        self.settings = settings
 
     # ------------------------------------------------------------------ out
 
@@ -51,7 +53,7 @@ class CheckpointIO:
         folder = Path(folder)
         writer = dist.get_rank() == 0
         self._write(folder / "model", self.named_hf_weights(), writer)
-        if self.dist_checkpoint:
+        if self.settings.dist_checkpoint:
             self._save_dist(folder / DIST_DIR)
         else:
             self._save_hf_moments(folder / "optimizer", writer)
