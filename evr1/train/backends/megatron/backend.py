@@ -80,10 +80,13 @@ class MegatronBackend:
     ``cfg.megatron`` gives the TP and PP sizes (data parallel takes the rest of the world);
     ``cfg.megatron.sequence_packing`` packs the valid tokens of a micro-batch into one
     sequence instead of padding. ``dtype``: float32 for exact comparisons, bfloat16 on GPUs.
+    ``gradient_checkpointing`` (``model.gradient_checkpointing``): megatron-core's full
+    activation recomputation, one decoder layer at a time.
     """
 
     def __init__(self, model_path: str | Path, cfg: TrainConfig, temperature: float = 1.0, *,
-                 dtype: torch.dtype | str = "float32", seed: int = 0):
+                 dtype: torch.dtype | str = "float32", seed: int = 0,
+                 gradient_checkpointing: bool = False):
         self.cfg = cfg
         self.temperature = temperature if temperature > 0 else 1.0
         self.dtype = _to_dtype(dtype)
@@ -91,7 +94,8 @@ class MegatronBackend:
         self.grid = parallel.setup_model_parallel(cfg.megatron)
         parallel.seed_model_parallel(seed)
         self.model = LocalModel(self.source, self.grid, self.dtype,
-                                freeze_vision_tower=cfg.freeze_vision_tower)
+                                freeze_vision_tower=cfg.freeze_vision_tower,
+                                recompute=gradient_checkpointing)
         self.device = self.model.device
         self.gpt = self.model.gpt
         self.forward = StageForward(self.model, self.temperature,

@@ -37,10 +37,11 @@ VISUAL = "model.visual."
 
 class LocalModel:
     """The GPTModel stage and vision tower of this rank, built from the HF folder ``source``
-    and loaded with its weights."""
+    and loaded with its weights. ``recompute``: megatron-core's activation recomputation
+    (``model.gradient_checkpointing``, :func:`.model.transformer_config`)."""
 
     def __init__(self, source: Path, grid: parallel.Layout, dtype: torch.dtype, *,
-                 freeze_vision_tower: bool):
+                 freeze_vision_tower: bool, recompute: bool = False):
         from transformers import AutoConfig
 
         self.source = source
@@ -53,7 +54,7 @@ class LocalModel:
         g = grid
         self.geometry = Geometry(self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim,
                                  self.spec.vocab_size, self.spec.padded_vocab(g.tp), g.tp)
-        config = mg_model.transformer_config(self.spec, g.tp, g.pp, dtype)
+        config = mg_model.transformer_config(self.spec, g.tp, g.pp, dtype, recompute=recompute)
         self.gpt = mg_model.build_gpt(self.spec, config, tp=g.tp, first_stage=g.first_stage,
                                       last_stage=g.last_stage, use_te=self.use_te)
         self.gpt.to(self.device)
