@@ -20,13 +20,15 @@ What runs where
   ``[S, B, H]`` activations, and of the deepstack levels to the stages that add them;
   :mod:`.schedule`). Simple, and it runs on gloo as well as NCCL; it holds the activations of
   every micro-batch of a step, which 1F1B would bound to PP of them.
-* Optimiser: ``torch.optim.AdamW`` over this rank's shards. AdamW is elementwise, so AdamW on
-  shards is AdamW on the full tensors; gradients are summed across data-parallel replicas
-  (the loss normaliser counts the whole batch) and clipped by the global norm over all
-  shards (:mod:`.grads`). megatron-core's DDP wrapper and distributed optimizer assume CUDA
-  beyond what the CPU shims cover (``device='cuda'`` literals, ``torch.cuda.*Tensor`` type
-  checks; see docs/architecture.md) and are not used: the optimiser state is replicated
-  across DP ranks.
+* Optimiser: on CUDA megatron-core's ``DistributedDataParallel`` + ``DistributedOptimizer``
+  (fp32 main grads, weights and AdamW moments, each data-parallel rank stepping 1/DP of them,
+  gradient reduce-scatter overlapped with the last backward; :mod:`.dist_optimizer`). On CPU,
+  where megatron-core's optimisers do not run (``device='cuda'`` literals, ``torch.cuda.*Tensor``
+  type checks; see docs/architecture.md), ``torch.optim.AdamW`` over this rank's shards: AdamW
+  is elementwise, so AdamW on shards is AdamW on the full tensors; gradients are summed across
+  data-parallel replicas (the loss normaliser counts the whole batch) and clipped by the
+  global norm over all shards (:mod:`.grads`); the optimiser state is replicated across DP
+  ranks.
 * Checkpoints: an HF folder (the model, directly usable by eval and vLLM, gathered with the
   weight mapping) plus, for resuming, a megatron-core distributed checkpoint (torch_dist) in
   which every rank writes its shards of the weights and AdamW moments; megatron-core reshards
@@ -53,7 +55,7 @@ from torch import Tensor
 
 from evr1.config import GRPOConfig, TrainConfig
 from evr1.train.backends.base import grpo_terms, lr_lambda
-from evr1.train.backends.megatron import parallel
+from evr1.train.backends.megatron import dist_optimizer, parallel
 from evr1.train.backends.megatron.checkpoint_io import CheckpointIO
 from evr1.train.backends.megatron.forward import StageForward
 from evr1.train.backends.megatron.grads import reduce_and_clip, reduce_metrics
@@ -100,15 +102,28 @@ class MegatronBackend:
         self.gpt = self.model.gpt
         self.forward = StageForward(self.model, self.temperature,
                                     cfg.megatron.sequence_packing)
-        self.optimizer = torch.optim.AdamW(
-            self.model.params(), lr=cfg.lr, betas=tuple(cfg.betas),
-            weight_decay=cfg.weight_decay)
+        # On CUDA megatron-core's DDP + distributed optimiser (fp32 main weights, grads and
+        # moments, sharded over data-parallel ranks); elsewhere AdamW over this rank's shards
+        # (.dist_optimizer says why). ``self.optimizer`` is the torch optimiser the lr
+        # schedule drives: the distributed one's inner AdamW over its fp32 shards.
+        self.distributed: dist_optimizer.DistributedAdamW | None = None
+        if dist_optimizer.wanted(self.device):
+            self.distributed = dist_optimizer.DistributedAdamW(self.model, cfg)
+            self.optimizer = self.distributed.inner
+        else:
+            self.optimizer = torch.optim.AdamW(
+                self.model.params(), lr=cfg.lr, betas=tuple(cfg.betas),
+                weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpoints = CheckpointIO(self.model, self.optimizer, self.scheduler,
-                                        cfg.megatron)
+                                        cfg.megatron, self.distributed)
         self._ref_state: dict[str, Tensor] | None = None
         if cfg.grpo.kl_coef > 0:  # the frozen starting policy, only when the KL term is used
             self._ref_state = {k: v.detach().clone() for k, v in self.model.named_params()}
+
+    @property
+    def uses_distributed_optimizer(self) -> bool:
+        return self.distributed is not None
 
     # ------------------------------------------------------------------ log-probs
 
@@ -179,12 +194,19 @@ class MegatronBackend:
             totals[-1] += n
             return loss
 
-        run_gpipe(self.forward, mine, loss_of, backward=True)
-        grad_norm = reduce_and_clip(self.model, self.cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.distributed is not None:
+            run_gpipe(self.forward, mine, loss_of, backward=True,
+                      grad_sync=self.distributed.grad_sync)
+            grad_norm = self.distributed.step()
+            self.scheduler.step()
+            self.distributed.zero_grad()
+        else:
+            run_gpipe(self.forward, mine, loss_of, backward=True)
+            grad_norm = reduce_and_clip(self.model, self.cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         totals = reduce_metrics(self.model, totals)
         tokens = float(totals[-1])
         # Token-weighted means over the whole batch, as the hf backend reports them.
@@ -219,7 +241,9 @@ class MegatronBackend:
             p = params.get(name)
             if p is None:
                 return None
-            return p.grad if p.grad is not None else torch.zeros_like(p)
+            # megatron-core's DDP accumulates into fp32 ``main_grad`` buffers
+            g = p.grad if p.grad is not None else getattr(p, "main_grad", None)
+            return g.to(p.dtype) if g is not None else torch.zeros_like(p)
 
         yield from self.model.gather(grad)
 

@@ -10,6 +10,13 @@ A checkpoint folder holds:
   load, so a run can resume with another TP/PP layout. With
   ``train.megatron.dist_checkpoint: false`` the moments are gathered under HF names instead
   (``optimizer/<moment>.safetensors``) and resume reads the HF folder (also resharded).
+
+With megatron-core's distributed optimiser (CUDA, :mod:`.dist_optimizer`) ``megatron/`` holds
+its state in the ``fully_reshardable`` layout (fp32 weights and moments per parameter, which
+megatron-core reshards to another TP/PP/DP layout) under ``optimizer``, and the vision
+tower's AdamW moments under ``vision_optimizer``; such a checkpoint resumes with the
+distributed optimiser (``dist_checkpoint: false`` does not apply: the moments are sharded
+over data-parallel ranks).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +35,9 @@ from torch import Tensor
 from evr1.config import MegatronConfig
 from evr1.train.backends.megatron.shards import VISUAL, LocalModel
 from evr1.train.backends.megatron.weights import HFCheckpoint, write_hf_folder
+
+if TYPE_CHECKING:
+    from evr1.train.backends.megatron.dist_optimizer import DistributedAdamW
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 DIST_DIR = "megatron"  # the megatron-core distributed checkpoint inside a checkpoint folder
@@ -39,11 +49,13 @@ class CheckpointIO:
     each save."""
 
     def __init__(self, model: LocalModel, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, settings: MegatronConfig):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, settings: MegatronConfig,
+                 distributed: DistributedAdamW | None = None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.settings = settings
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ out
 
@@ -53,13 +65,17 @@ class CheckpointIO:
         folder = Path(folder)
         writer = dist.get_rank() == 0
         self._write(folder / "model", self.named_hf_weights(), writer)
-        if self.settings.dist_checkpoint:
+        # (the distributed optimiser's moments exist only as shards: always the dist format)
+        if self.settings.dist_checkpoint or self.distributed is not None:
             self._save_dist(folder / DIST_DIR)
         else:
             self._save_hf_moments(folder / "optimizer", writer)
-        state = self.optimizer.state
-        all_steps = self._merge_steps({name: int(state[p]["step"]) if p in state else 0
-                                       for name, p in self.model.named_params()})
+        if self.distributed is not None:
+            all_steps = self.distributed.steps
+        else:
+            state = self.optimizer.state
+            all_steps = self._merge_steps({name: int(state[p]["step"]) if p in state else 0
+                                           for name, p in self.model.named_params()})
         if writer:
             (folder / "optimizer").mkdir(parents=True, exist_ok=True)
             (folder / "optimizer" / "state.json").write_text(json.dumps(
@@ -112,7 +128,41 @@ class CheckpointIO:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
         dist.barrier()
-        dist_checkpointing.save(self._sharded_state(self._moment_or_zeros), str(folder))
+        if self.distributed is not None:
+            state = self._sharded_state(None)
+            state.update(self._distributed_state(state["model"], is_loading=False))
+        else:
+            state = self._sharded_state(self._moment_or_zeros)
+        dist_checkpointing.save(state, str(folder))
+
+    def _distributed_state(self, model: dict[str, Any], is_loading: bool) -> dict[str, Any]:
+        """The distributed optimiser's part of the checkpoint, and the vision tower's AdamW
+        moments (replicated like the tower; zeros before its first step)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+        assert self.distributed is not None
+        out: dict[str, Any] = {"optimizer": self.distributed.sharded_state(model, is_loading)}
+        tower = {}
+        replica = (0, self.model.grid.tp_rank, self.model.grid.dp_rank)
+        for p, state in self.distributed.iter_vision_state():
+            name = self._vision_name[p]
+            entry = ShardedTensor.from_rank_offsets(name, p.detach(), replica_id=replica)
+            if is_loading:  # tensors to load into, at the saved step count
+                state.update({mo: torch.zeros_like(p) for mo in MOMENTS},
+                             step=torch.tensor(float(self.distributed.steps)))
+            for mo in MOMENTS:
+                value = state[mo] if mo in state else torch.zeros_like(p)  # before step 1
+                tower[f"{mo}.{name}"] = make_sharded_optimizer_tensor(
+                    entry, value, f"vision_optimizer.state.{mo}")
+        if tower:
+            out["vision_optimizer"] = tower
+        return out
+
+    @property
+    def _vision_name(self) -> dict[torch.nn.Parameter, str]:
+        tower = self.model.vision.visual
+        return {p: VISUAL + n for n, p in tower.named_parameters()} if tower else {}
 
     def _sharded_state(self, moment: Callable[[torch.nn.Parameter, str], Tensor] | None
                        ) -> dict[str, Any]:
@@ -182,6 +232,11 @@ class CheckpointIO:
         run either way."""
         folder = Path(folder)
         meta = json.loads((folder / "optimizer" / "state.json").read_text())
+        if self.distributed is not None:
+            self.distributed.steps = meta["steps"]
+            self._load_distributed(folder / DIST_DIR, with_moments=bool(meta["steps"]))
+            self.scheduler.load_state_dict(meta["scheduler"])
+            return
         self.optimizer.state.clear()
         if (folder / DIST_DIR).is_dir():
             self._load_dist(folder / DIST_DIR, with_moments=bool(meta["steps"]))
@@ -189,6 +244,36 @@ class CheckpointIO:
             self._load_hf(folder, with_moments=bool(meta["steps"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         self._set_steps(meta["steps"])
+
+    def _load_distributed(self, folder: Path, with_moments: bool) -> None:
+        """Resume the distributed optimiser (and the tower's AdamW) from ``folder``."""
+        from megatron.core import dist_checkpointing
+
+        assert self.distributed is not None
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: the distributed optimiser resumes from a "
+                                    "megatron-core distributed checkpoint, and there is none")
+        sharded = self._sharded_state(None)
+        if with_moments:
+            sharded.update(self._distributed_state(sharded["model"], is_loading=True))
+        loaded = dist_checkpointing.load(sharded, str(folder))
+        self.model.gpt.load_state_dict(loaded["model"])
+        params = dict(self.model.named_params())
+        with torch.no_grad():
+            for name, tensor in loaded.get("visual", {}).items():
+                params[name].copy_(tensor)
+        # fp32 main weights from the loaded model weights; the optimiser state (moments, and
+        # the fp32 weights where the checkpoint holds them) then replaces them.
+        self.distributed.optimizer.reload_model_params()
+        if not with_moments:
+            return
+        self.distributed.load_sharded_state(loaded["optimizer"])
+        names = self._vision_name
+        by_name = {names[p]: (p, state) for p, state in self.distributed.iter_vision_state()}
+        with torch.no_grad():
+            for key, tensor in loaded.get("vision_optimizer", {}).items():
+                mo, name = key.split(".", 1)
+                by_name[name][1][mo].copy_(tensor)
 
     def _load_dist(self, folder: Path, with_moments: bool) -> None:
         from megatron.core import dist_checkpointing

@@ -10,6 +10,7 @@ after its own backward.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,13 @@ from evr1.train.batch import PolicyBatch
 
 # on_logits(i, logits, layout): micro-batch i's loss on the last stage, or None (forward only)
 OnLogits = Callable[[int, Tensor, TokenLayout], Tensor | None]
+# grad_sync(last): a context around each micro-batch's backward; ``last`` for the step's final
+# backward (megatron-core's DDP starts its gradient reduce-scatter there, see .dist_optimizer)
+GradSync = Callable[[bool], contextlib.AbstractContextManager]
+
+
+def _no_sync_needed(last: bool) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -38,7 +46,7 @@ class StageIO:
 
 
 def run_gpipe(forward: StageForward, batches: list[PolicyBatch], on_logits: OnLogits,
-              backward: bool) -> None:
+              backward: bool, grad_sync: GradSync = _no_sync_needed) -> None:
     """Run micro-batches through this rank's stage (GPipe when PP > 1).
 
     On the last stage ``on_logits(i, logits, layout)`` returns micro-batch i's loss (or
@@ -64,7 +72,8 @@ def run_gpipe(forward: StageForward, batches: list[PolicyBatch], on_logits: OnLo
             loss = on_logits(i, out, layout)
             if backward and g.pp == 1:
                 assert loss is not None
-                loss.backward()  # PP=1: free this micro-batch's graph right away
+                with grad_sync(i == len(batches) - 1):
+                    loss.backward()  # PP=1: free this micro-batch's graph right away
                 loss = None
             io.out = loss
         else:
@@ -79,24 +88,31 @@ def run_gpipe(forward: StageForward, batches: list[PolicyBatch], on_logits: OnLo
         return
     for io in reversed(saved):
         assert io.out is not None
-        if g.last_stage:
-            io.out.backward()
-        else:
-            roots = [io.out]
-            grads = [_recv(m.dtype, m.device, io.out.shape, _next_rank(), grad=False)]
-            if io.deepstack_out is not None:
-                grad = _recv(m.dtype, m.device, io.deepstack_out.shape, _next_rank(),
-                             grad=False)
-                if io.deepstack_out.requires_grad:  # not with a frozen vision tower
-                    roots.append(io.deepstack_out)
-                    grads.append(grad)
-            torch.autograd.backward(roots, grads)
+        with grad_sync(io is saved[0]):  # the backward pass runs micro-batch 0 last
+            _backward(io, m.dtype, m.device, g.last_stage)
         if not g.first_stage:
             assert io.received is not None and io.received.grad is not None
             dist.send(io.received.grad.contiguous(), _prev_rank())
             if io.deepstack_in is not None:
                 assert io.deepstack_in.grad is not None
                 dist.send(io.deepstack_in.grad.contiguous(), _prev_rank())
+
+
+def _backward(io: StageIO, dtype: torch.dtype, device: torch.device, last_stage: bool) -> None:
+    """One micro-batch's backward through this stage: from its loss on the last stage, else
+    from the gradients the next stage sends back for what this stage sent it."""
+    assert io.out is not None
+    if last_stage:
+        io.out.backward()
+    else:
+        roots = [io.out]
+        grads = [_recv(dtype, device, io.out.shape, _next_rank(), grad=False)]
+        if io.deepstack_out is not None:
+            grad = _recv(dtype, device, io.deepstack_out.shape, _next_rank(), grad=False)
+            if io.deepstack_out.requires_grad:  # not with a frozen vision tower
+                roots.append(io.deepstack_out)
+                grads.append(grad)
+        torch.autograd.backward(roots, grads)
 
 
 def forward_logprobs(forward: StageForward, batches: list[PolicyBatch]) -> list[Tensor]:
