@@ -124,7 +124,7 @@ def hf(model_dir: Path) -> dict[str, Any]:
     result = {"logprobs": [backend.logprobs(b).cpu() for b in batches],
               "metrics": [backend.train_step(batches, cfg.grpo) for _ in range(STEPS)]}
     result["logprobs_after"] = [backend.logprobs(b).cpu() for b in batches]
-    result["masks"] = [b.mask for b in batches]
+    result["masks"] = [b.mask.cpu() for b in batches]  # train_step moved them to the device
     return result
 
 
