@@ -3,6 +3,7 @@
     python benchmarks/megatron_step.py                  # CPU: hf, megatron TP=1, TP=2
     python benchmarks/megatron_step.py --steps 5 --hidden 256 --layers 4
     python benchmarks/megatron_step.py --gpu            # CUDA only: ~1B Qwen2.5-shaped model
+    python benchmarks/megatron_step.py --gpu --tiny     # the same steps, tiny, on the CPU
 
 CPU part: a random-init tiny Qwen2.5-VL (``evr1.models.tiny``) and one optimiser batch of
 video prompts with sampled-length responses, split into micro-batches. Every configuration
@@ -13,10 +14,12 @@ cores make small ops many times slower, which would measure the neighbours, not 
 Printed: seconds per step, sequence tokens/s (prompt + response tokens through the forward
 and backward), response tokens/s (the tokens the loss is taken over) and the ratio to ``hf``.
 
-GPU part (``--gpu``, needs CUDA; TP=1 on one GPU): a random ~1B model of Qwen2.5 shape
-(text only, bf16, Transformer Engine when installed), and model FLOPs utilisation
-MFU = 6 * parameters * tokens/s / peak, with the peak given by ``--peak-tflops`` (H100 SXM
-dense bf16: 989).
+GPU part (``--gpu``, needs CUDA; TP=1 on one GPU): a random ~1B Qwen2.5-VL
+(``qwen2_5_vl_1b`` shape, text only, bf16, Transformer Engine when installed), 4 micro-batches
+of 2,048 tokens, the megatron and the hf backend in the same run; model FLOPs utilisation
+MFU = model FLOPs per step (:func:`train_flops`) / seconds / peak, the peak given by
+``--peak-tflops`` (default 790: the H200's dense bf16, as measured on such a machine).
+``--gpu --tiny`` runs the same steps with the tiny shape on the CPU.
 """
 
 from __future__ import annotations
@@ -132,57 +135,85 @@ def cpu_section(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- GPU
 
 
-def make_random_folder(folder: Path, hidden: int, layers: int, heads: int, kv: int, ffn: int,
-                       vocab: int) -> Path:
-    """A random Qwen2.5-VL folder (config + safetensors; no tokenizer needed for text)."""
-    import transformers
-
-    config = transformers.Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv,
-                         intermediate_size=ffn, vocab_size=vocab,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=2, hidden_size=256, num_heads=4, out_hidden_size=hidden))
-    with torch.device("cuda"):
-        model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    return folder
-
-
-def text_batches(num: int, rows: int, prompt: int, response: int, vocab: int) -> list[Any]:
+def text_batches(num: int, rows: int, prompt: int, response: int, vocab: int,
+                 seed: int = 0) -> list[Any]:
+    """``num`` micro-batches of ``rows`` random text rows (``prompt + response`` tokens, all
+    valid), random advantages: the same for every backend."""
     from evr1.train.batch import PolicyBatch
 
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(num):
-        ids = torch.randint(0, vocab - 1000, (rows, prompt + response))
+        ids = torch.randint(100, vocab, (rows, prompt + response), generator=gen)
         out.append(PolicyBatch(
             model_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
             responses=ids[:, prompt:].clone(), mask=torch.ones(rows, response, dtype=torch.bool),
-            rows=list(range(rows)), advantages=torch.randn(rows)))
+            rows=list(range(rows)), advantages=torch.randn(rows, generator=gen)))
     return out
 
 
-def gpu_section(args: argparse.Namespace) -> None:
-    if not torch.cuda.is_available():
-        print("GPU section skipped: no CUDA")
-        return
+def train_flops(spec: Any, batches: list[Any]) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 x forward), counted as the
+    backends compute them: every decoder matmul on every token (2 x weights per token), the
+    causal attention scores and weighted sums (2 x 2 x head_dim x heads x (s + 1) / 2 per
+    token of a length-s row, per layer), and the output layer on the response tokens only
+    (both backends compute logits there only)."""
+    h, heads, kv, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * spec.ffn_hidden_size
+    flops = 0.0
+    for b in batches:
+        rows, seq = b.model_inputs["input_ids"].shape
+        flops += 2 * spec.num_layers * per_layer * rows * seq
+        flops += 2 * spec.num_layers * 2 * heads * d * rows * seq * (seq + 1) / 2
+        flops += 2 * spec.vocab_size * h * b.num_tokens
+    return 3 * flops
+
+
+def device_section(args: argparse.Namespace) -> None:
+    """``--gpu``: the ~1B Qwen2.5-VL shape (``qwen2_5_vl_1b``: the 0.5B decoder + the real
+    vision tower) in bf16 on one GPU, 4 micro-batches of one 2,048-token row (1,536 prompt
+    + 512 response tokens), megatron then hf on the same folder and batches. ``--tiny``: the
+    same steps with the tiny shape and 4 x 256 tokens on the CPU (a check of the script)."""
+    from evr1.models import load_model
+    from evr1.models.tiny import build_tiny_model
+    from evr1.train.backends.hf import HFBackend
     from evr1.train.backends.megatron import MegatronBackend
 
-    hidden, layers, heads, kv, ffn, vocab = 2048, 16, 16, 2, 11008, 151_936
+    if args.tiny:
+        device, dtype, shape, prompt, response = "cpu", "float32", "tiny", 192, 64
+    elif torch.cuda.is_available():
+        device, dtype, shape, prompt, response = "cuda", "bfloat16", "qwen2_5_vl_1b", 1536, 512
+    else:
+        print("GPU section skipped: no CUDA (--tiny runs its steps on the CPU)")
+        return
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_random_folder(Path(tmp), hidden, layers, heads, kv, ffn, vocab)
+        folder = build_tiny_model(Path(tmp) / "model", CORPUS, shape=shape, dtype=dtype,
+                                  device=device)
         cfg = TrainConfig(lr=1e-6, megatron=MegatronConfig(tensor_parallel=1))
-        backend = MegatronBackend(folder, cfg, dtype="bfloat16")
-        params = sum(p.numel() for p in backend.gpt.parameters())
-        batches = text_batches(4, 4, 1024, 1024, vocab)
-        seconds = time_steps(backend, batches, cfg, args.steps)
-        torch.cuda.synchronize()
-    tokens = sum(int(b.model_inputs["attention_mask"].sum()) for b in batches)
-    mfu = 6 * params * tokens / seconds / (args.peak_tflops * 1e12)
-    print(f"GPU ({torch.cuda.get_device_name()}): {params / 1e9:.2f}B decoder parameters, "
-          f"{tokens} tokens/step, {seconds:.3f} s/step, {tokens / seconds:,.0f} tokens/s, "
-          f"MFU {100 * mfu:.1f}%")
+        megatron = MegatronBackend(folder, cfg, dtype=dtype)
+        spec = megatron.model.spec
+        batches = text_batches(4, 1, prompt, response, spec.vocab_size, args.seed)
+        flops = train_flops(spec, batches)
+        rows.append(("megatron", time_steps(megatron, batches, cfg, args.steps)))
+        del megatron
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        hf = HFBackend(load_model(folder, getattr(torch, dtype), device), cfg)
+        rows.append(("hf", time_steps(hf, batches, cfg, args.steps)))
+    tokens = sum(b.model_inputs["input_ids"].numel() for b in batches)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"{name}: shape {shape} ({spec.num_layers} layers, hidden {spec.hidden_size}), "
+          f"{dtype}; {len(batches)} micro-batches x {prompt + response} tokens; "
+          f"{flops / 1e12:.3g} TFLOP per step; peak {args.peak_tflops:.0f} TFLOP/s\n")
+    print("| backend | s / step | tokens/s | TFLOP/s | MFU | vs hf |")
+    print("|---|---:|---:|---:|---:|---:|")
+    base = rows[-1][1]
+    for backend, seconds in rows:
+        mfu = f"{100 * flops / seconds / (args.peak_tflops * 1e12):.1f}%" \
+            if device == "cuda" else "n/a (CPU)"
+        print(f"| {backend} | {seconds:.3f} | {tokens / seconds:,.0f} | "
+              f"{flops / seconds / 1e12:.3g} | {mfu} | {base / seconds:.2f}x |")
 
 
 def main() -> None:
@@ -195,11 +226,15 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--gpu", action="store_true", help="run only the CUDA section")
-    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--gpu", action="store_true",
+                        help="the ~1B shape on CUDA, megatron and hf (see device_section)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --gpu: the same steps, tiny shape, on the CPU")
+    # H200 dense bf16 peak, as measured on this kind of machine (issue 22)
+    parser.add_argument("--peak-tflops", type=float, default=790.0)
     args = parser.parse_args()
     if args.gpu:
-        gpu_section(args)
+        device_section(args)
     else:
         cpu_section(args)
 

@@ -228,7 +228,6 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     sleep_level: int = 1
     sync_bucket_mb: int = 1024
-    offload_trainer: bool = True  # move trainer params/grads/optimizer to CPU while generating
 
     def validate(self) -> None:
         if self.n < 2:  # every estimator needs a baseline from the rest of the group
@@ -767,6 +766,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 T = typing.TypeVar("T")
 
+# Keys that were removed: a config that still sets one is told why and what to do instead.
+REMOVED_KEYS = {
+    "rollout.offload_trainer": (
+        "it never did anything: the trainer's weights and optimizer state stay on the device "
+        "while a colocated vLLM engine generates (vLLM frees its own memory between rollouts, "
+        "rollout.sleep_level); delete the line"),
+}
+
 
 def from_dict(cls: type[T], raw: Any, where: str) -> T:
     """Build dataclass ``cls`` from a mapping, checking every key and type."""
@@ -774,6 +781,10 @@ def from_dict(cls: type[T], raw: Any, where: str) -> T:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if _join(where, key) in REMOVED_KEYS:
+            raise ConfigError(f"config key {_join(where, key)} was removed: "
+                              f"{REMOVED_KEYS[_join(where, key)]}")
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"unknown config key {_join(where, unknown[0])}; "

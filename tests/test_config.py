@@ -72,6 +72,8 @@ def test_roundtrip_through_yaml(tmp_path):
     ("rollout.temperature=-0.5", "rollout.temperature must be > 0"),
     ("rollout.temperature=.nan", "rollout.temperature must be > 0"),
     ("rollout.top_p=0", "rollout.top_p must be in"),
+    # a removed knob: an old config is told it did nothing and what to do
+    ("rollout.offload_trainer=true", "rollout.offload_trainer was removed: it never did"),
     ("reward.timeout_s=0", "reward.timeout_s must be a positive number"),
     ("reward.timeout_s=-1", "reward.timeout_s must be a positive number"),
     ("reward.timeout_s=.inf", "reward.timeout_s must be a positive number"),

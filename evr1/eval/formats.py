@@ -15,7 +15,7 @@ import json
 import os
 import re
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,9 +355,3 @@ def with_suffixes(stem: str, suffixes: Sequence[str] = (".mp4", ".MP4", ".mkv", 
 def under(prefixes: Sequence[str], names: Sequence[str]) -> list[str]:
     """Every ``prefix/name`` pair, prefixes first (``""`` means the root itself)."""
     return [os.path.join(p, n) if p else n for p in prefixes for n in names]
-
-
-def iter_nonempty(values: Any) -> Iterator[Any]:
-    for value in values or ():
-        if value is not None and value != "":
-            yield value

@@ -30,14 +30,11 @@ class PolicyBatch:
     owners: list[int] = field(default_factory=list)  # prompt index of each row
     data_types: list[str] = field(default_factory=list)  # video | image | text, per row
     advantages: Tensor | None = None  # [B]
-    old_logp: Tensor | None = None  # [B, R]
-    ref_logp: Tensor | None = None  # [B, R]
-    is_weights: Tensor | None = None  # [B, R]
     extras: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> PolicyBatch:
         """Move the per-response tensors (not the model inputs) to ``device``, in place."""
-        for name in ("responses", "mask", "advantages", "old_logp", "ref_logp", "is_weights"):
+        for name in ("responses", "mask", "advantages"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -92,6 +89,3 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
         mask[i, :len(seq)] = True
     return ids, mask
 
-
-def gather_rows(values: Tensor, rows: list[int]) -> Tensor:
-    return values[torch.tensor(rows, dtype=torch.long)]

@@ -26,8 +26,10 @@ def make_backend(cfg: Config, model: torch.nn.Module, model_dir: Path) -> Traini
         from evr1.train.backends.megatron.backend import MegatronBackend
 
         return MegatronBackend(model_dir, cfg.train, cfg.rollout.temperature,
-                               dtype=cfg.model.dtype, seed=cfg.seed)
-    return HFBackend(model, cfg.train, cfg.rollout.temperature)
+                               dtype=cfg.model.dtype, seed=cfg.seed,
+                               gradient_checkpointing=cfg.model.gradient_checkpointing)
+    return HFBackend(model, cfg.train, cfg.rollout.temperature,
+                     gradient_checkpointing=cfg.model.gradient_checkpointing)
 
 
 def make_engine(cfg: Config, model: torch.nn.Module, processor: Any,

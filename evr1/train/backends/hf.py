@@ -31,9 +31,27 @@ from evr1.train.grpo import (
 
 
 class HFBackend:
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, temperature: float = 1.0):
+    """GRPO updates of a transformers model in place. ``gradient_checkpointing``
+    (``model.gradient_checkpointing``): transformers' activation checkpointing of every decoder
+    and vision block, which keeps only the blocks' inputs and recomputes the rest in the
+    backward pass (same gradients, less memory, about one more forward of compute)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, temperature: float = 1.0, *,
+                 gradient_checkpointing: bool = False):
         self.model = model
         self.cfg = cfg
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            # Non-reentrant: works with inputs that need no gradient (a frozen tower) and with
+            # torch.no_grad callers; only active in training mode with gradients enabled, so
+            # the hf rollouts that share this model generate with their KV cache as before.
+            # (transformers 5.25 renamed gradient_checkpointing_enable; 5.24 has only that)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
         # Log-probs of the tempered distribution the sampler drew from.
         self.temperature = temperature if temperature > 0 else 1.0
         if cfg.freeze_vision_tower:
@@ -58,7 +76,10 @@ class HFBackend:
         width = batch.responses.shape[1]
         inputs = {k: v.to(model.device) if isinstance(v, Tensor) else v
                   for k, v in batch.model_inputs.items()}
-        if self.cfg.shared_prefix and batch.owners and \
+        # The shared-prefix forward hands the prompt's KV cache to the response forward, which
+        # a checkpointed layer drops (transformers: a recomputed layer would write the cache
+        # twice): with gradient checkpointing every row runs prompt + response.
+        if self.cfg.shared_prefix and batch.owners and not self.gradient_checkpointing and \
                 model.config.model_type in SHARED_PREFIX_MODELS:
             return shared_prefix_logits(model, inputs, batch.owners, batch.data_types,
                                         width) / self.temperature

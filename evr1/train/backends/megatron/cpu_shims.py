@@ -1,8 +1,8 @@
 """The only patches evr1 applies to megatron-core, and only when CUDA is absent.
 
 megatron-core (0.16.1 and 0.19.2 tested; tests/test_megatron.py checks that the first three
-are still needed) assumes a GPU in four places that a CPU run under gloo reaches; everything
-else runs unchanged with ``use_cpu_initialization=True``:
+and the fifth are still needed) assumes a GPU in five places that a CPU run under gloo
+reaches; everything else runs unchanged with ``use_cpu_initialization=True``:
 
 1. ``GlobalMemoryBuffer.get_tensor`` (scratch space of the local attention's ``baddbmm``)
    allocates on ``torch.cuda.current_device()``: allocate on the CPU instead.
@@ -16,6 +16,12 @@ else runs unchanged with ``use_cpu_initialization=True``:
    after staging tensors to the host and put a collective's flag tensor on
    ``torch.cuda.current_device()``: run them with the same "cpu" answer and a no-op
    synchronize (the tensors are already on the host).
+
+5. Activation recomputation (``model.gradient_checkpointing``: ``recompute_granularity=
+   "full"``) saves and restores the CUDA RNG state around each recomputed layer
+   (``_get_all_rng_states`` / ``_set_all_rng_states`` in ``tensor_parallel.random``): with no
+   GPU there is no CUDA state; the CPU RNG state and the tracker's states are still saved and
+   restored (nothing draws random numbers inside a layer anyway: dropout is 0).
 
 :func:`install` is idempotent and refuses to patch when CUDA is available, so a GPU run can
 never pick these up by accident.
@@ -45,6 +51,7 @@ def install() -> None:
     _patch_rng_fork()
     _patch_mrope_init()
     _patch_dist_checkpointing()
+    _patch_recompute_rng()
     _installed = True
 
 
@@ -121,3 +128,17 @@ def _patch_dist_checkpointing() -> None:
         wrapped = _on_host(getattr(serialization, name))
         setattr(serialization, name, wrapped)
         setattr(dist_checkpointing, name, wrapped)
+
+
+def _patch_recompute_rng() -> None:
+    # megatron-core: imported only when the megatron backend runs
+    from megatron.core.tensor_parallel import random
+
+    def get_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8)  # no CUDA generator to save
+
+    def set_state(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    random._get_cuda_rng_state = get_state
+    random._set_cuda_rng_state = set_state

@@ -127,12 +127,27 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def transformer_config(spec: LMSpec, tp: int, pp: int, dtype: torch.dtype) -> Any:
+def transformer_config(spec: LMSpec, tp: int, pp: int, dtype: torch.dtype, *,
+                       recompute: bool = False) -> Any:
+    """``recompute`` (``model.gradient_checkpointing``): megatron-core's full activation
+    recomputation, one layer per checkpoint (``uniform``, 1): a stage keeps only each layer's
+    input ``[S, B, H]`` and recomputes the layer in the backward pass."""
     # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core.transformer import TransformerConfig
 
     spec.check_parallel(tp, pp)
+    recompute_args: dict[str, Any] = {}
+    if recompute and spec.deepstack_layers:
+        # The deepstack levels are added by forward hooks around the stage's forward
+        # (.deepstack); a layer recomputed in the backward pass would run without them.
+        raise ValueError("model.gradient_checkpointing=true with the megatron backend does "
+                         "not support Qwen3-VL's deepstack yet: use train.backend=hf or turn "
+                         "gradient checkpointing off")
+    if recompute:
+        recompute_args = dict(recompute_granularity="full", recompute_method="uniform",
+                              recompute_num_layers=1)
     return TransformerConfig(
+        **recompute_args,
         num_layers=spec.num_layers, hidden_size=spec.hidden_size,
         num_attention_heads=spec.num_heads, num_query_groups=spec.num_kv_heads,
         kv_channels=spec.head_dim, ffn_hidden_size=spec.ffn_hidden_size,
