@@ -159,7 +159,7 @@ class Tally:
         entry[1] += float(values.numel())
 
     def add(self, name: str, value: float) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.sums[name] = self.sums.get(name, 0) + value
 
     def slowest(self, name: str, value: float) -> None:
         self.maxima[name] = max(self.maxima.get(name, value), value)

@@ -49,6 +49,10 @@ def lr_lambda(cfg: TrainConfig):
 
 
 class HFBackend:
+    # Data-parallel replicas of this backend (evr1.train.replicas): one process, one replica.
+    dp_size = 1
+    dp_rank = 0
+
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, temperature: float = 1.0):
         self.model = model
         self.cfg = cfg

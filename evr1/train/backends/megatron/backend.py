@@ -4,8 +4,9 @@ Qwen3-VL (dense).
 Same interface as :class:`evr1.train.backends.hf.HFBackend` (``logprobs``, ``train_step``,
 ``named_hf_weights``, ``save``, ``load``) and the same GRPO loss (``evr1.train.grpo``), so the
 trainer can swap one for the other. Every rank of the job constructs the backend and calls
-every method with the same arguments (the whole optimiser batch); the backend itself hands
-each data-parallel replica its share of the micro-batches (``batches[dp_rank::dp]``).
+every method; the ranks of one data-parallel replica pass the same arguments, and
+``train_step`` takes that replica's own micro-batches (each replica rolls out its share of the
+step, ``evr1.train.replicas``).
 
 What runs where
 ---------------
@@ -390,13 +391,24 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------ update
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas (world / (TP x PP)); see evr1.train.replicas."""
+        return self.grid.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.grid.dp_rank
+
     def train_step(self, batches: list[PolicyBatch], grpo: GRPOConfig) -> dict[str, float]:
-        """One optimiser step over the micro-batches of the whole batch (all ranks pass the
-        same list; data-parallel replica d trains on ``batches[d::dp]``)."""
+        """One optimiser step over every replica's micro-batches: ``batches`` are this
+        data-parallel replica's (the same list on all of its TP/PP ranks; may be empty).
+        The loss is normalised by the count over all replicas' batches and the gradients are
+        summed over replicas, so the step is the one a single replica would take on all of
+        them."""
         start = time.perf_counter()
-        g = self.grid
-        normaliser = sum(loss_normaliser(b.mask, grpo.loss_agg) for b in batches)
-        mine = batches[g.dp_rank::g.dp]
+        mine = batches
+        normaliser = self._global_normaliser(mine, grpo)
         ref = None
         if self._ref_state is not None:
             self._eval_mode()
@@ -446,6 +458,18 @@ class MegatronBackend:
         out.update(loss=float(totals[-2]), grad_norm=grad_norm, lr=lr, train_tokens=int(tokens),
                    time_update=time.perf_counter() - start)
         return out
+
+    def _global_normaliser(self, batches: list[PolicyBatch], grpo: GRPOConfig) -> Tensor:
+        """The loss normaliser of the whole step: this replica's count summed over the
+        data-parallel replicas (the TP/PP ranks of a replica hold the same batches)."""
+        from megatron.core import parallel_state as ps
+
+        local = sum((loss_normaliser(b.mask, grpo.loss_agg) for b in batches),
+                    torch.zeros((), dtype=torch.float32))
+        total = local.to(self.device, torch.float64)
+        if self.grid.dp > 1:
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return total.to(torch.float32).cpu()
 
     def skip_update(self) -> dict[str, float]:
         """No optimiser step (every group filtered out); the lr schedule still advances."""
