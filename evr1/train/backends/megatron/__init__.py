@@ -4,7 +4,13 @@ Qwen3-VL (dense).
 Needs ``megatron-core`` 0.16.1 to 0.19 (a dependency of evr1; tested: constraints.txt). Import
 :class:`MegatronBackend` from here; the submodules split the work:
 
+* :mod:`.backend`: :class:`MegatronBackend`, composing the modules below
 * :mod:`.model`: the decoder as a ``GPTModel`` (config and layer spec from the HF config)
+* :mod:`.shards`: this rank's GPTModel stage and vision tower; HF tensors in and out
+* :mod:`.forward`: one pipeline stage's forward of a micro-batch, log-probs
+* :mod:`.schedule`: the GPipe pipeline schedule (send/recv between stages)
+* :mod:`.grads`: gradient reduction over DP/TP/PP groups and the global-norm clip
+* :mod:`.checkpoint_io`: save / resume (megatron-core distributed checkpoint) / HF export
 * :mod:`.weights`: HF <-> Megatron weight mapping (QKV / gate-up fusion, TP shards)
 * :mod:`.vision`: the HF vision tower and the M-RoPE position ids
 * :mod:`.deepstack`: Qwen3-VL's vision features added inside the first decoder layers

@@ -82,15 +82,26 @@ class HFCheckpoint:
         return name in self._where
 
     def get(self, name: str) -> Tensor:
-        from safetensors import safe_open
+        file, key = self._locate(name)
+        return self._handle(file).get_tensor(key)  # type: ignore[attr-defined]
 
+    def shape(self, name: str) -> torch.Size:
+        """The tensor's shape, read from the file header (the tensor is not loaded)."""
+        file, key = self._locate(name)
+        return torch.Size(self._handle(file).get_slice(key).get_shape())  # type: ignore[attr-defined]
+
+    def _locate(self, name: str) -> tuple[Path, str]:
         if name not in self._where:
             raise KeyError(f"{self.folder}: no tensor {name!r} in the checkpoint")
-        file, key = self._where[name]
+        return self._where[name]
+
+    def _handle(self, file: Path) -> object:
+        from safetensors import safe_open
+
         handle = self._open.get(file)
         if handle is None:
             handle = self._open[file] = safe_open(str(file), "pt")
-        return handle.get_tensor(key)  # type: ignore[attr-defined]
+        return handle
 
 
 # --------------------------------------------------------------------------- rules
