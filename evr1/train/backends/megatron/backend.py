@@ -57,13 +57,13 @@ from evr1.train.backends.base import grpo_terms, lr_lambda
 from evr1.train.backends.megatron import parallel
 from evr1.train.backends.megatron.checkpoint_io import CheckpointIO
 from evr1.train.backends.megatron.forward import StageForward
-from evr1.train.backends.megatron.grads import reduce_and_clip, reduce_metrics
+from evr1.train.backends.megatron.grads import global_normaliser, reduce_and_clip, reduce_metrics
 from evr1.train.backends.megatron.logprobs import vocab_parallel_entropy
 from evr1.train.backends.megatron.packing import TokenLayout
 from evr1.train.backends.megatron.schedule import forward_logprobs, run_gpipe
 from evr1.train.backends.megatron.shards import LocalModel
 from evr1.train.batch import PolicyBatch
-from evr1.train.grpo import SUMMED_METRICS, LossMetrics, loss_normaliser
+from evr1.train.grpo import SUMMED_METRICS, LossMetrics
 
 _METRICS = [f.name for f in dataclasses.fields(LossMetrics)]
 
@@ -150,19 +150,18 @@ class MegatronBackend:
         summed over replicas, so the step is the one a single replica would take on all of
         them."""
         start = time.perf_counter()
-        mine = batches
-        normaliser = self._global_normaliser(mine, grpo)
+        normaliser = global_normaliser(self.model, batches, grpo.loss_agg)
         ref = None
         if self._ref_state is not None:
             self.model.eval_mode()
             with torch.no_grad(), self._reference_weights():
-                ref = forward_logprobs(self.forward, mine)
+                ref = forward_logprobs(self.forward, batches)
         self.model.train_mode()
         totals = torch.zeros(len(_METRICS) + 2, dtype=torch.float64)  # + loss, tokens
         tp_group = self.model.tp_group()
 
         def loss_of(i: int, logits: Tensor, layout: TokenLayout) -> Tensor:
-            batch = mine[i]
+            batch = batches[i]
             logp = self.forward.token_logprobs(logits, layout)
             old_logp = logp.detach()
             entropy = None
@@ -187,7 +186,7 @@ class MegatronBackend:
             totals[-1] += n
             return loss
 
-        run_gpipe(self.forward, mine, loss_of, backward=True)
+        run_gpipe(self.forward, batches, loss_of, backward=True)
         grad_norm = reduce_and_clip(self.model, self.cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -201,18 +200,6 @@ class MegatronBackend:
         out.update(loss=float(totals[-2]), grad_norm=grad_norm, lr=lr, train_tokens=int(tokens),
                    time_update=time.perf_counter() - start)
         return out
-
-    def _global_normaliser(self, batches: list[PolicyBatch], grpo: GRPOConfig) -> Tensor:
-        """The loss normaliser of the whole step: this replica's count summed over the
-        data-parallel replicas (the TP/PP ranks of a replica hold the same batches)."""
-        from megatron.core import parallel_state as ps
-
-        local = sum((loss_normaliser(b.mask, grpo.loss_agg) for b in batches),
-                    torch.zeros((), dtype=torch.float32))
-        total = local.to(self.device, torch.float64)
-        if self.grid.dp > 1:
-            dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return total.to(torch.float32).cpu()
 
     def skip_update(self) -> dict[str, float]:
         """No optimiser step (every group filtered out); the lr schedule still advances."""
