@@ -404,6 +404,9 @@ class Trainer:
                 raise FileNotFoundError(f"train.resume={mode}: {folder} is not a complete "
                                         "checkpoint")
             self.backend.load(folder)
+            # An engine with weights of its own (megatron backend, vLLM) would otherwise roll
+            # out the next steps from the starting model (collective, like every sync).
+            self.engine.sync_weights(self.backend.named_hf_weights())
             self.state = ckpt.load_trainer_state(folder)
             self.sampler.position = self.state.data_position
             log.info("resumed from %s (step %d)", folder, self.state.step)
