@@ -34,11 +34,11 @@ from pathlib import Path
 from evr1.config import Config, load_config
 from evr1.data.schema import load_samples, write_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.eval.layout import eval_dir, eval_tasks, pin_models
+from evr1.eval.plan import eval_dir, eval_tasks, pin_models
 from evr1.eval.prepare import prepare_all
-from evr1.eval.runner import DecodedFrames, ShardFrames, run_eval_task
-from evr1.launch import stages
-from evr1.train.trainer import ensure_model
+from evr1.eval.runner import DecodedFrames, ShardFrames, evaluate_shard
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def in_process(cfg: Config, frames: str) -> float:
     shutil.rmtree(eval_dir(run), ignore_errors=True)
     prepare_all(run)
     start = time.perf_counter()
-    result = run_eval_task(run, 0)
+    result = evaluate_shard(run, 0)
     assert not result.skipped
     return time.perf_counter() - start
 

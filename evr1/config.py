@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from evr1 import runs
+
 # A number in exponent form without a dot (3e-4, 1E6), which YAML 1.1 leaves a string.
 _YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -333,7 +335,7 @@ class MegatronConfig:
     pipeline_parallel: int = 1
     sequence_packing: bool = True
     # Checkpoints also hold a megatron-core distributed checkpoint (`megatron/`: each rank
-    # writes its own weight and AdamW shards, resharded on load to another TP/PP layout); false
+    # writes its own weight and AdamW shards, resharded on load to another TP/PP split); false
     # gathers the AdamW moments onto rank 0 under HF names instead. The HF model folder is
     # written either way, and resume reads whichever the checkpoint has.
     dist_checkpoint: bool = True
@@ -341,7 +343,7 @@ class MegatronConfig:
 
 @dataclass
 class AsyncEvalConfig:
-    """Benchmark evaluation of checkpoints while training goes on (``evr1.train.async_eval``).
+    """Benchmark evaluation of checkpoints while training goes on (``evr1.eval.while_training``).
 
     When a checkpoint is written the trainer submits an eval array for it plus a collect job
     that waits on it (Slurm ``afterok``), or starts a local background job without Slurm, and
@@ -698,23 +700,31 @@ class Config:
 
     # Paths in a config are relative to the working directory the launcher runs in.
     def path(self, p: str) -> Path:
-        return Path(p).expanduser()
+        return runs.path(p)
 
     @property
     def shard_dir(self) -> Path:
-        return self.path(self.preprocess.out_dir or f"{self.run_dir}/shards")
+        return runs.shard_dir(self.run_dir, self.preprocess.out_dir)
 
     @property
     def model_path(self) -> Path:
-        return self.path(self.model.path or f"{self.run_dir}/tiny_model")
+        return runs.model_dir(self.run_dir, self.model.path)
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.path(f"{self.run_dir}/checkpoints")
+        return runs.checkpoint_dir(self.run_dir)
 
     @property
     def submitit_dir(self) -> Path:
-        return self.path(self.launch.log_dir or f"{self.run_dir}/submitit")
+        return runs.submitit_dir(self.run_dir, self.launch.log_dir)
+
+    @property
+    def eval_dir(self) -> Path:
+        return runs.eval_dir(self.run_dir, self.eval.out_dir)
+
+    @property
+    def curate_dir(self) -> Path:
+        return runs.curate_dir(self.run_dir, self.curate.out_dir)
 
 
 # --------------------------------------------------------------------------- loading

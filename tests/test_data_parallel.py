@@ -131,7 +131,7 @@ def test_dp2_on_fixed_rollouts_takes_the_dp1_update(tiny_model_dir, backend):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     from evr1.data.synthetic import make_synthetic
-    from evr1.launch import stages
+    from evr1.pipeline import stages
 
     root = tmp_path_factory.mktemp("dp")
     cfg = small_config(root)

@@ -18,7 +18,8 @@ from typing import Any
 
 from evr1.config import Config
 from evr1.eval.judge import judge_rows, make_judge
-from evr1.eval.layout import (
+from evr1.eval.metrics import summarize
+from evr1.eval.plan import (
     BenchmarkRun,
     ModelRun,
     ShardFiles,
@@ -27,7 +28,6 @@ from evr1.eval.layout import (
     judgments_file,
     merged_predictions,
 )
-from evr1.eval.metrics import summarize
 from evr1.eval.runner import fingerprint, sampling_settings
 from evr1.files import (
     atomic_write_bytes,
@@ -214,9 +214,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 def bar_chart(results: dict[str, Any], path: Path) -> None:
     """Grouped bars: one group per benchmark, one bar per model, the official score hatched."""
+    # heavy import, needed only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy import, needed only when a figure is drawn
     import matplotlib.pyplot as plt
 
     models, benches = results["models"], results["benchmarks"]

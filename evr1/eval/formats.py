@@ -101,6 +101,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
+        # heavy import, only for parquet annotation files
         import pyarrow.parquet as pq
     except ImportError as exc:  # pragma: no cover - pyarrow is a dependency
         raise FormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from exc
@@ -153,7 +154,7 @@ class Record:
             return default
         present = ", ".join(sorted(k for k in self.raw if not k.startswith("_"))) or "none"
         raise FormatError(f"{self.where}: {self.benchmark}: no field {' / '.join(names)} "
-                          f"(fields present: {present}); see docs/benchmarks.md for the "
+                          f"(fields present: {present}); see docs/eval_benchmarks.md for the "
                           "format this loader reads")
 
     def text(self, *names: str, default: Any = ...) -> str:

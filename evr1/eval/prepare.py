@@ -16,7 +16,7 @@ from evr1.config import Config
 from evr1.data.schema import Sample, SampleError, check_reward, write_samples
 from evr1.eval.benchmarks import LoadContext, load_benchmark
 from evr1.eval.formats import FormatError, MediaResolver
-from evr1.eval.layout import BenchmarkRun, eval_dir, resolve_benchmarks
+from evr1.eval.plan import BenchmarkRun, eval_dir, resolve_benchmarks
 
 log = logging.getLogger("evr1.eval")
 

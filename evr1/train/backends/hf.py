@@ -17,19 +17,17 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from evr1.config import GRPOConfig, TrainConfig
-from evr1.train.backends.base import grpo_terms, lr_lambda
+from evr1.train.backends.base import accumulate_metrics, grpo_terms, lr_lambda, step_metrics
 from evr1.train.batch import PolicyBatch
 from evr1.train.grpo import (
-    SUMMED_METRICS,
-    LossMetrics,
     loss_normaliser,
+    masked_mean,
     token_entropy,
     token_logprobs,
 )
-
-__all__ = ["HFBackend", "grpo_terms", "lr_lambda"]  # the last two re-exported from .base
 
 
 class HFBackend:
@@ -103,7 +101,7 @@ class HFBackend:
             loss.backward()
             if entropy is None:
                 with torch.no_grad():
-                    metrics.entropy_mean = _masked_mean(token_entropy(logits.detach()),
+                    metrics.entropy_mean = masked_mean(token_entropy(logits.detach()),
                                                         batch.mask)
             n = batch.num_tokens
             tokens += n
@@ -154,18 +152,6 @@ class HFBackend:
         self.scheduler.load_state_dict(opt["scheduler"])
 
 
-def accumulate_metrics(totals: dict[str, float], metrics: LossMetrics, tokens: int) -> None:
-    """Add one micro-batch's metrics: step totals summed, token means weighted by tokens."""
-    for key, value in metrics.as_floats().items():
-        totals[key] = totals.get(key, 0.0) + value * (1 if key in SUMMED_METRICS else tokens)
-
-
-def step_metrics(totals: dict[str, float], tokens: int) -> dict[str, float]:
-    """The step's metrics from ``accumulate_metrics`` totals (``loss`` is left to the caller)."""
-    return {k: v if k in SUMMED_METRICS else v / max(tokens, 1)
-            for k, v in totals.items() if k != "loss"}
-
-
 _VISION_INPUTS = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
                   ("video", "pixel_values_videos", "video_grid_thw", "get_video_features"))
 
@@ -179,8 +165,6 @@ def shared_vision_inputs(model: torch.nn.Module, inputs: dict, owners: list[int]
     over the rows that use it, exactly what the repeated computation gives. At n=8 this removes
     7/8 of the vision tower's forward and backward work.
     """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     inputs = dict(inputs)
     encoded = {}
     for kind, pixel_key, grid_key, encoder in _VISION_INPUTS:
@@ -284,7 +268,3 @@ def shared_prefix_logits(model: torch.nn.Module, inputs: dict, owners: list[int]
     rest = model(input_ids=ids[:, prompt_len:total - 1], attention_mask=response_mask,
                  position_ids=response_positions, cache=cache, use_cache=True)
     return torch.cat([first_logits, rest.logits.float()], dim=1)
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)

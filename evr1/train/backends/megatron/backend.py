@@ -63,7 +63,7 @@ from evr1.train.backends.megatron.packing import TokenLayout
 from evr1.train.backends.megatron.schedule import forward_logprobs, run_gpipe
 from evr1.train.backends.megatron.shards import LocalModel
 from evr1.train.batch import PolicyBatch
-from evr1.train.grpo import SUMMED_METRICS, LossMetrics
+from evr1.train.grpo import SUMMED_METRICS, LossMetrics, masked_mean
 
 _METRICS = [f.name for f in dataclasses.fields(LossMetrics)]
 
@@ -177,7 +177,7 @@ class MegatronBackend:
             if entropy is None:
                 with torch.no_grad():
                     ent = layout.scatter(vocab_parallel_entropy(logits.detach(), tp_group))
-                    metrics.entropy_mean = _masked_mean(ent, layout.response_mask)
+                    metrics.entropy_mean = masked_mean(ent, layout.response_mask.bool())
             values = metrics.as_floats()
             n = batch.num_tokens
             for j, key in enumerate(_METRICS):  # step totals summed, token means weighted
@@ -250,6 +250,3 @@ class MegatronBackend:
         """Write the current weights as an HF folder (collective; global rank 0 writes)."""
         self.checkpoints.export_hf(folder)
 
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
