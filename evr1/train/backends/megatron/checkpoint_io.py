@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from evr1.train.backends.megatron.shards import VISUAL, LocalModel
@@ -92,8 +93,6 @@ class CheckpointIO:
         for moment in MOMENTS:
             tensors = self.named_hf_moments(moment)
             if writer:
-                from safetensors.torch import save_file
-
                 folder.mkdir(parents=True, exist_ok=True)
                 save_file({n: t.cpu().contiguous() for n, t in tensors},
                           str(folder / f"{moment}.safetensors"))
@@ -102,6 +101,7 @@ class CheckpointIO:
                     pass
 
     def _save_dist(self, folder: Path) -> None:
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import dist_checkpointing
 
         if dist.get_rank() == 0:
@@ -120,8 +120,11 @@ class CheckpointIO:
         the replicated vision tower (HF names) and, given ``moment(param, name)``, the AdamW
         moments of the trainable parameters under ``optimizer.state.<moment>.<key>`` (the keys
         of Megatron's non-distributed optimiser)."""
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
-        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+        from megatron.core.dist_checkpointing.optimizer import (  # heavy, as above
+            make_sharded_optimizer_tensor,
+        )
 
         m = self.model
         model = m.gpt.sharded_state_dict()
@@ -189,6 +192,7 @@ class CheckpointIO:
         self._set_steps(meta["steps"])
 
     def _load_dist(self, folder: Path, with_moments: bool) -> None:
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import dist_checkpointing
 
         state = self.optimizer.state
@@ -223,8 +227,6 @@ class CheckpointIO:
             self._load_moments(folder / "optimizer")
 
     def _load_moments(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
         m = self.model
         state = self.optimizer.state
         params = dict(m.named_params())

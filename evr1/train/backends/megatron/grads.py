@@ -29,6 +29,7 @@ def global_normaliser(model: LocalModel, batches: list[PolicyBatch], loss_agg: L
     """The loss normaliser of the whole step: the count of this replica's ``batches`` summed
     over the data-parallel replicas (the TP/PP ranks of one replica hold the same batches).
     Counts are integers: the float64 sum is exact, and so is float32 below 2**24."""
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     local = sum(float(loss_normaliser(b.mask, loss_agg)) for b in batches)
@@ -41,6 +42,7 @@ def global_normaliser(model: LocalModel, batches: list[PolicyBatch], loss_agg: L
 def reduce_and_clip(model: LocalModel, grad_clip: float) -> float:
     """Make every rank's gradients the full-batch gradient of its shards, clip by the
     global norm (``grad_clip`` 0: no clipping) and return that norm."""
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     g = model.grid
@@ -70,6 +72,7 @@ def reduce_and_clip(model: LocalModel, grad_clip: float) -> float:
 def reduce_metrics(model: LocalModel, totals: Tensor) -> Tensor:
     """Sum token-weighted metrics over data-parallel replicas and pipeline stages (only
     the last stage has them); TP ranks hold identical copies."""
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     t = totals.to(model.device)
@@ -125,6 +128,7 @@ def _norm_params(model: LocalModel) -> list[torch.nn.Parameter]:
 def _sum_tied_embedding_grads(model: LocalModel) -> None:
     """With PP > 1 the tied matrix lives on the first and last stage: sum both
     gradients so that the two copies take identical steps."""
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     if not ps.is_rank_in_embedding_group():
@@ -139,6 +143,7 @@ def _sum_tied_embedding_grads(model: LocalModel) -> None:
 def _sum_head_norm_grads(model: LocalModel) -> None:
     """Each TP rank's Q/K norm gradient covers only its own heads: sum them, so that
     every rank holds the full gradient of the replicated weight."""
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     params = dict(model.gpt.named_parameters())

@@ -116,6 +116,7 @@ def from_last_stage(forward: StageForward, values: list[Tensor],
     m = forward.model
     if m.grid.pp == 1:
         return values
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     out = []
@@ -136,12 +137,14 @@ def _recv(dtype: torch.dtype, device: torch.device, shape: tuple[int, ...] | tor
 
 
 def _next_rank() -> int:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     return ps.get_pipeline_model_parallel_next_rank()
 
 
 def _prev_rank() -> int:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     return ps.get_pipeline_model_parallel_prev_rank()

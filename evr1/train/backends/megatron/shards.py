@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from transformers import AutoConfig
 
 from evr1.train.backends.megatron import model as mg_model
 from evr1.train.backends.megatron import parallel
@@ -41,8 +42,6 @@ class LocalModel:
 
     def __init__(self, source: Path, grid: parallel.Layout, dtype: torch.dtype, *,
                  freeze_vision_tower: bool):
-        from transformers import AutoConfig
-
         self.source = source
         self.grid = grid
         self.dtype = dtype
@@ -88,6 +87,7 @@ class LocalModel:
         return [r for r in self.rules if r.stage == self.grid.pp_rank]
 
     def tp_group(self) -> Any:
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         return ps.get_tensor_model_parallel_group() if self.grid.tp > 1 else None
@@ -127,6 +127,7 @@ class LocalModel:
     def gather(self, local: Callable[[str], Tensor | None]) -> Iterator[tuple[str, Tensor]]:
         """Full HF tensors from ``local(name)`` shards: vision tower, then the decoder.
         Collective: every rank must consume the iterator to the end."""
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         g = self.grid
