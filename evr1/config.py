@@ -470,6 +470,15 @@ class TrainConfig:
         if self.overlong == "shaping" and not self.overlong_penalty > 0:
             raise ConfigError(f"train.overlong_penalty must be > 0, got {self.overlong_penalty}")
 
+    def check_replicas(self, replicas: int) -> None:
+        """Each of ``replicas`` data-parallel replicas rolls out an equal share of whole
+        groups: ``prompts_per_step`` must divide (known once the job's world size is)."""
+        if replicas < 1 or self.prompts_per_step % replicas:
+            raise ConfigError(
+                f"train.prompts_per_step={self.prompts_per_step} does not divide over the job's "
+                f"{replicas} data-parallel replicas (world size / (tensor_parallel x "
+                "pipeline_parallel)): each replica rolls out the same number of whole groups")
+
 
 # --------------------------------------------------------------------------- launching
 

@@ -1,8 +1,14 @@
 #!/bin/bash
-# Multi-node training: 8 nodes x 4 GPUs, one process per GPU, torch.distributed over NCCL
-# (Megatron TP/PP inside each model replica, data parallel across replicas):
+# Multi-node training: 8 nodes x 4 GPUs, one process per GPU, torch.distributed over NCCL.
+# Either backend; the ranks form data-parallel replicas, and each replica generates, scores
+# and trains its own share of every step's groups (train.prompts_per_step must divide over
+# them; docs/architecture.md, "Data-parallel rollouts"):
 #
-#   sbatch slurm/train_8node.sh configs/my_run.yaml [key.sub=value ...]
+#   sbatch slurm/train_8node.sh configs/my_run.yaml train.backend=megatron \
+#       train.megatron.tensor_parallel=4        # 8 replicas of TP=4 (one per node)
+#   sbatch slurm/train_8node.sh configs/my_run.yaml train.backend=hf
+#                                               # 32 replicas, FSDP2 over all ranks
+#   ... rollout.engine=vllm                     # one vLLM engine per replica, TP as trained
 #
 # Every rank gets SIGUSR1 ten minutes before the time limit; the ranks agree to stop after the
 # same step, write a checkpoint, and rank 0 requeues the job, which resumes from it
@@ -13,7 +19,8 @@
 # Without GPUs (CPU processes, gloo; e.g. tools/local_slurm.sh's 2 nodes, the tiny demo model):
 #   sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 --mem=4G \
 #       slurm/train_8node.sh configs/demo_cpu.yaml train.backend=megatron \
-#       train.megatron.tensor_parallel=2
+#       train.megatron.tensor_parallel=2        # one replica spanning both nodes
+#   (train.backend=hf or megatron at TP=1: two replicas, each node rolls out half a step)
 #SBATCH --job-name=evr1-train
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=4

@@ -192,7 +192,8 @@ def _run_c(model_dir: Path) -> dict[str, Any]:
     cfg = _train_config()
     backend = MegatronBackend(model_dir, cfg)
     _keep_grads(backend)
-    metrics = backend.train_step(make_batches(model_dir), cfg.grpo)
+    mine = make_batches(model_dir)[backend.dp_rank::backend.dp_size]  # this replica's share
+    metrics = backend.train_step(mine, cfg.grpo)
     return {"metrics": [metrics], "grads": dict(backend.named_hf_grads())}
 
 

@@ -366,6 +366,39 @@ def test_multinode_sbatch_script_trains_megatron_tp2_across_two_nodes(slurm_clus
 
 
 @pytest.mark.slurm
+@pytest.mark.parametrize("backend", ["megatron", "hf"])
+def test_multinode_sbatch_script_gives_each_node_half_of_the_rollouts(slurm_cluster, prepared,
+                                                                      tmp_path, backend):
+    """slurm/train_8node.sh with either backend on 2 nodes, one CPU rank each, TP=1: two
+    data-parallel replicas, each generating half of every step's rollouts (issue 19). The
+    hf backend's run needs its multi-process (FSDP) path."""
+    if backend == "megatron":
+        pytest.importorskip("megatron.core")
+    need_two_nodes(slurm_cluster)
+    cfg = small_config(prepared, tmp_path / "run", f"train.backend={backend}",
+                       "train.steps=2", "train.save_every=2", "train.prompts_per_step=4",
+                       f"preprocess.out_dir={prepared / 'reference/shards'}")
+    log_file = tmp_path / "train.out"
+    job = sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", *SMALL_JOB, "--time=15",
+                 f"--output={log_file}", "slurm/train_8node.sh",
+                 str(write_config(cfg, tmp_path / "c.yaml")))
+    wait_for_jobs([job])
+    log = log_file.read_text() if log_file.exists() else "(no log)"
+    assert job_record(job)["JobState"] == "COMPLETED", log[-4000:]
+    ranks = dict(re.findall(r"evr1-rank (\d)/2: node (\S+) \(node id", log))
+    assert set(ranks) == {"0", "1"} and len(set(ranks.values())) == 2, log[-4000:]
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text()
+            .splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    half = cfg.train.prompts_per_step // 2 * cfg.rollout.n
+    for r in train:  # replica i is rank i (TP=1), on node ranks[str(i)]
+        assert r["rollouts/replica0"] == r["rollouts/replica1"] == half, r
+        assert r["rollouts"] == 2 * half
+    assert ckpt.latest_checkpoint(cfg.checkpoint_dir).name == "step-00000002"
+
+
+@pytest.mark.slurm
 def test_submitit_launcher_runs_one_job_across_two_nodes(slurm_cluster, prepared, tmp_path):
     """launchers/train.py --slurm with launch.nodes=2: one submitit job, srun starts a rank on
     each node, they meet through evr1.pipeline.rendezvous (Megatron TP=2 over gloo)."""

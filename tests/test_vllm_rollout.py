@@ -93,6 +93,44 @@ def test_vllm_cpu_parity_and_weight_sync(multiprocessing: bool) -> None:
     _assert_parity(result, tol=1e-4)
 
 
+REPLICAS_SCRIPT = REPO / "tests" / "vllm_replicas_check.py"
+
+
+def _run_replicas(python: Path, tp: int, out: Path) -> list[dict[str, Any]]:
+    """``tests/vllm_replicas_check.py`` on 2 processes through the venv's torchrun."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([str(python.with_name("torchrun")), "--standalone",
+                           "--nproc-per-node", "2", str(REPLICAS_SCRIPT), "--tp", str(tp),
+                           "--out", str(out / f"tp{tp}")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return [json.loads((out / f"tp{tp}.rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_engine_per_replica_inside_torchrun(tmp_path: Path) -> None:
+    """external_launcher on 2 CPU processes (evr1.rollout.vllm.replica_engine_args).
+    TP=2: one engine across both ranks, which get the same responses, before and after a
+    weight sync, and each hold their own half of the weights. TP=1: two replicas, one engine
+    each, each with its own prompts and seed."""
+    python = _vllm_venv_python()
+    tp2 = _run_replicas(python, 2, tmp_path)
+    assert [r["replica"] for r in tp2] == [0, 0]
+    assert tp2[0]["first"] == tp2[1]["first"] and tp2[0]["second"] == tp2[1]["second"]
+    assert tp2[0]["first"] != tp2[0]["second"]  # the sync changed the weights it samples from
+    # Each rank's engine holds a different shard (a sum over its own parameters).
+    assert tp2[0]["fingerprint_before"] != tp2[1]["fingerprint_before"]
+    dp2 = _run_replicas(python, 1, tmp_path)
+    assert [r["replica"] for r in dp2] == [0, 1]
+    assert dp2[0]["first"] != dp2[1]["first"]
+    # An engine per replica holds the whole model: the same weights on both.
+    assert dp2[0]["fingerprint_before"] == pytest.approx(dp2[1]["fingerprint_before"])
+    assert dp2[0]["fingerprint_after"] == pytest.approx(1.5 * dp2[0]["fingerprint_before"],
+                                                        rel=1e-5)
+
+
 @pytest.mark.vllm
 @pytest.mark.gpu
 def test_vllm_gpu_video_parity_and_sleep_wake() -> None:

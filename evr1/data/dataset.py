@@ -87,15 +87,31 @@ def sampled_fps(media: MediaEntry, default: float) -> float:
 
 @dataclass
 class PromptSampler:
-    """Epoch-wise shuffled indices; ``position`` counts prompts drawn so far."""
+    """Epoch-wise shuffled indices; ``position`` counts prompts drawn so far by all replicas.
+
+    One seeded stream of prompts (a new permutation per epoch) serves every data-parallel
+    replica: a draw of ``count`` prompts by replica ``replica`` of ``replicas`` takes block
+    ``replica`` of the next ``count x replicas`` positions, and every replica advances
+    ``position`` by that whole span. So the replicas never draw the same position, together
+    they draw exactly the prompts a single process drawing ``count x replicas`` would, and a
+    resumed run needs one number, ``position``, whatever the number of replicas.
+    """
 
     size: int
     seed: int
     position: int = 0
+    replicas: int = 1
+    replica: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.replica < self.replicas:
+            raise ValueError(f"replica {self.replica} of {self.replicas}")
 
     def next(self, count: int) -> list[int]:
-        out = [self._index(self.position + k) for k in range(count)]
-        self.position += count
+        """This replica's ``count`` prompts of the next draw (all replicas draw ``count``)."""
+        start = self.position + self.replica * count
+        out = [self._index(start + k) for k in range(count)]
+        self.position += count * self.replicas
         return out
 
     def _index(self, k: int) -> int:

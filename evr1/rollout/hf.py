@@ -46,6 +46,8 @@ class HFRolloutEngine:
                         [p.frames for p in prompts], [p.data_type for p in prompts],
                         [p.fps for p in prompts])
         inputs = inputs.to(self.model.device)
+        if params.seed is not None:  # transformers samples from the global generators
+            torch.manual_seed(params.seed)
         recorder = SampledLogProbs()
         kwargs = self.generation_kwargs(params)
         kwargs["logits_processor"].append(recorder)  # last: it sees the final scores

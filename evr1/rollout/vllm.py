@@ -394,6 +394,32 @@ def _vision_factor(llm: LLM) -> int | None:
 # --------------------------------------------------------------------------- factory
 
 
+def replica_engine_args(tensor_parallel: int, pipeline_parallel: int, replicas: int,
+                        world: int) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for one engine per data-parallel replica of a torchrun / srun
+    job, inside the trainer's own processes (vLLM's ``external_launcher`` executor: every rank
+    runs its part of its replica's engine; vLLM reuses the job's torch.distributed world).
+
+    The engine's tensor parallelism is the trainer's, so rank k of a replica holds the same
+    heads and MLP columns in both, and vLLM's data-parallel rank (``RANK // TP``) is the
+    trainer's replica (megatron-core puts the TP ranks innermost). The TP ranks of a replica
+    must pass the same requests; they get the same outputs. A single process needs none of
+    this. Trainer pipeline parallelism is refused: vLLM orders its groups DP-PP-TP and
+    megatron-core PP-DP-TP, so a replica's ranks would not be one engine's.
+    """
+    if world == 1:
+        return {}
+    if pipeline_parallel != 1:
+        raise ValueError("rollout.engine=vllm with train.megatron.pipeline_parallel="
+                         f"{pipeline_parallel}: the per-replica vLLM engine needs "
+                         "pipeline_parallel=1 (use tensor parallelism, or rollout.engine=hf)")
+    if tensor_parallel * replicas != world:
+        raise ValueError(f"{world} ranks are not {replicas} replicas x tensor_parallel="
+                         f"{tensor_parallel}")
+    return {"tensor_parallel_size": tensor_parallel, "data_parallel_size": replicas,
+            "distributed_executor_backend": "external_launcher"}
+
+
 def make_vllm_engine(model_path: str | Path, rollout_cfg: RolloutConfig, seed: int = 0, *,
                      dtype: str = "auto", max_model_len: int | None = None,
                      **llm_kwargs: Any) -> VLLMRolloutEngine:

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from evr1.config import Config
 from evr1.rollout.base import RolloutEngine
 from evr1.rollout.hf import HFRolloutEngine
 from evr1.train.backends.base import TrainingBackend
 from evr1.train.backends.hf import HFBackend
+from evr1.train.replicas import Replicas
 
 
 def make_backend(cfg: Config, model: torch.nn.Module, model_dir: Path) -> TrainingBackend:
@@ -32,12 +34,17 @@ def make_backend(cfg: Config, model: torch.nn.Module, model_dir: Path) -> Traini
                      gradient_checkpointing=cfg.model.gradient_checkpointing)
 
 
-def make_engine(cfg: Config, model: torch.nn.Module, processor: Any,
-                model_dir: Path) -> RolloutEngine:
-    """The configured rollout engine; ``hf`` shares the trainer's model object."""
+def make_engine(cfg: Config, model: torch.nn.Module, processor: Any, model_dir: Path,
+                replicas: Replicas) -> RolloutEngine:
+    """The configured rollout engine; ``hf`` shares the trainer's model object. ``vllm``:
+    one engine per data-parallel replica, across the replica's tensor-parallel ranks."""
     if cfg.rollout.engine == "vllm":
         # optional heavy dependency: vLLM is installed only on GPU machines
-        from evr1.rollout.vllm import make_vllm_engine
+        from evr1.rollout.vllm import make_vllm_engine, replica_engine_args
 
-        return make_vllm_engine(model_dir, cfg.rollout, cfg.seed)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mg = cfg.train.megatron if cfg.train.backend == "megatron" else None
+        args = replica_engine_args(mg.tensor_parallel if mg else 1,
+                                   mg.pipeline_parallel if mg else 1, replicas.count, world)
+        return make_vllm_engine(model_dir, cfg.rollout, cfg.seed, **args)
     return HFRolloutEngine(model, processor)

@@ -44,6 +44,14 @@ from evr1.train.heldout import evaluate_heldout
 from evr1.train.hooks import CheckpointHook, CheckpointHookFactory, NoStopSignals, StopSignals
 from evr1.train.metrics import MetricsLogger, rewind_logs
 from evr1.train.plots import plot_runs
+from evr1.train.replicas import (
+    Replicas,
+    Tally,
+    check_replicas_agree,
+    gather_json,
+    rollout_digest,
+    step_seed,
+)
 from evr1.video.shards import ShardReader
 
 log = logging.getLogger("evr1.train")
@@ -107,11 +115,14 @@ class Trainer:
         self.model = load_model(model_dir, cfg.model.dtype, device,
                                 attn_implementation=cfg.model.attn_implementation)
         self.backend = make_backend(cfg, self.model, model_dir)
-        # Under torch.distributed (the megatron backend) every rank runs this loop with the same
-        # seed, so all ranks sample the same rollouts; rank 0 alone logs, evaluates and writes.
+        # Each data-parallel replica rolls out its share of every step (evr1.train.replicas);
+        # the ranks of one replica draw identically. Rank 0 alone logs and writes.
+        self.replicas = Replicas.of_this_rank(self.backend.dp_size, self.backend.dp_rank)
+        cfg.train.check_replicas(self.replicas.count)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
-        self.engine = make_engine(cfg, self.model, self.processor, model_dir)
-        self.sampler = PromptSampler(len(self.train_set), cfg.seed)
+        self.engine = make_engine(cfg, self.model, self.processor, model_dir, self.replicas)
+        self.sampler = PromptSampler(len(self.train_set), cfg.seed,
+                                     replicas=self.replicas.count, replica=self.replicas.index)
         self.state = ckpt.TrainerState()
         self.stop_id = stop_token_ids(self.processor.tokenizer)[0]
         self.pad_id = self.processor.tokenizer.pad_token_id or self.stop_id
@@ -175,15 +186,12 @@ class Trainer:
         return result
 
     def train_step(self) -> StepResult:
-        """One GRPO step: its metrics, and ``completions``, the records of the first
+        """One GRPO step over every data-parallel replica's share (this rank's replica rolls
+        out its own): its metrics, and ``completions``, the records of each replica's first
         ``train.log_completions`` groups (sampled texts, rewards, advantages)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        collected = collect_groups(self._draw_groups, cfg.train.prompts_per_step,
-                                   filter_no_signal=cfg.train.filter_no_signal,
-                                   dynamic=cfg.train.dynamic_sampling,
-                                   max_rounds=cfg.train.max_sampling_rounds)
-        self.state.data_position = self.sampler.position
+        collected = self._collect()
         group = collected.train
         advantages = compute_advantages(group.grouped(group.scores.overall),
                                         estimator=cfg.train.grpo.estimator,
@@ -191,7 +199,7 @@ class Trainer:
         # train.overlong=mask: truncated responses stay in their group's baseline, not the loss
         rows = [r for r in range(len(group.responses))
                 if not (cfg.train.overlong == "mask" and group.truncated[r])]
-        if rows:
+        if sum(gather_json(len(rows), self.replicas)):  # one update over every replica's rows
             batches = make_policy_batches(self.processor, group.prompts, group.n,
                                           group.responses, rows, cfg.train.micro_batch_size,
                                           self.pad_id)
@@ -206,17 +214,40 @@ class Trainer:
         return StepResult(self._step_metrics(collected, len(rows), update, times),
                           self._completion_records(group, advantages))
 
+    def _collect(self) -> Collected:
+        """This replica's groups of the step (``collect_groups``: filtering, dynamic
+        sampling), the same on every rank of the replica (checked)."""
+        cfg = self.cfg
+        collected = collect_groups(self._draw_groups, self._share(),
+                                   filter_no_signal=cfg.train.filter_no_signal,
+                                   dynamic=cfg.train.dynamic_sampling,
+                                   max_rounds=cfg.train.max_sampling_rounds)
+        # Dynamic sampling: replicas may draw different numbers of rounds; all continue from
+        # the furthest position, so the shared stream (and a resume) stays one number.
+        self.sampler.position = max(gather_json(self.sampler.position, self.replicas))
+        self.state.data_position = self.sampler.position
+        group = collected.train
+        check_replicas_agree(rollout_digest(group.responses, group.scores.overall,
+                                            group.offline), self.replicas)
+        return collected
+
+    def _share(self) -> int:
+        """Groups each replica rolls out per draw."""
+        return self.cfg.train.prompts_per_step // self.replicas.count
+
     def _draw_groups(self) -> Groups:
-        """Sample ``prompts_per_step`` new prompts' groups, score them, mix in the offline
+        """Sample this replica's share of new prompts' groups, score them, mix in the offline
         answers, shape the reward of long responses (``train.overlong=shaping``)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        indices = self.sampler.next(cfg.train.prompts_per_step)
+        # Each draw has its own seed (replica, stream position): a resumed run draws the same.
+        seed = step_seed(cfg.seed, self.replicas.index, self.sampler.position)
+        indices = self.sampler.next(self._share())
         prompts = [self.train_set.prompt(i) for i in indices]
         samples = [self.train_set.samples[i] for i in indices]
         rollouts = self.engine.generate(prompts, SamplingParams(
             n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens))
+            max_new_tokens=cfg.rollout.max_new_tokens, seed=seed))
         t_rollout = time.perf_counter() - t0
 
         groups = Groups.from_rollouts(samples, prompts, rollouts)
@@ -251,8 +282,14 @@ class Trainer:
                 getattr(groups.scores, name)[r] = getattr(mixed, name)[k]
 
     def _completion_records(self, group: Groups, advantages) -> list[dict[str, Any]]:
-        """The first ``train.log_completions`` trained groups of the step, for
-        completions.jsonl."""
+        """The first ``train.log_completions`` trained groups of each replica's share, with
+        the replica, for completions.jsonl (gathered to every rank; rank 0 writes)."""
+        mine = self._own_completion_records(group, advantages)
+        return [{"replica": r, **record}
+                for r, records in enumerate(gather_json(mine, self.replicas))
+                for record in records]
+
+    def _own_completion_records(self, group: Groups, advantages) -> list[dict[str, Any]]:
         records = []
         for g, sample in enumerate(group.samples[:self.cfg.train.log_completions]):
             rows = group.rows(g)
@@ -265,32 +302,41 @@ class Trainer:
         return records
 
     def _step_metrics(self, collected: Collected, trained_rows, update, times) -> dict[str, Any]:
-        """Reward metrics over every group drawn this step; the update's over those trained."""
+        """Reward metrics over every group drawn this step by every replica (sums and
+        counts combined, evr1.train.replicas.Tally); the update's over those trained."""
         drawn = collected.drawn
         scores, offline = drawn.scores, drawn.offline
-        lengths = torch.tensor([len(r) for r in drawn.responses], dtype=torch.float32)
-        out: dict[str, Any] = {
-            "reward": float(scores.overall.mean()), "accuracy": float(scores.accuracy.mean()),
-            "format": float(scores.format.mean()), "response_len": float(lengths.mean()),
-            "truncated": float(drawn.truncated.float().mean()),
-            "offline_groups": int(offline.sum()), "trained_rows": trained_rows,
-            "data_position": self.state.data_position, **collected.metrics(), **times, **update}
-        if offline.any():
-            out["offline_reward"] = float(scores.overall[offline].mean())
-        out["online_accuracy"] = float(scores.accuracy[~offline].mean()) if (~offline).any() \
-            else 0.0
-        by_type: dict[str, list[float]] = {}
+        tally = Tally()
+        lengths = torch.tensor([float(len(r)) for r in drawn.responses])
+        for name, values in (("reward", scores.overall), ("accuracy", scores.accuracy),
+                             ("format", scores.format), ("truncated", drawn.truncated.float()),
+                             ("response_len", lengths),
+                             ("offline_reward", scores.overall[offline]),
+                             ("online_accuracy", scores.accuracy[~offline])):
+            tally.mean(name, values)
         for g, sample in enumerate(drawn.samples):
-            by_type.setdefault(sample.problem_type, []).extend(
-                drawn.grouped(scores.overall)[g].tolist())
-        out.update({f"reward/{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})
-        out["tokens_per_s"] = update.get("train_tokens", 0) / max(times["time_step"], 1e-9)
+            tally.mean(f"reward/{sample.problem_type}", drawn.grouped(scores.overall)[g])
+        tally.add("offline_groups", int(offline.sum()))
+        tally.add("trained_rows", trained_rows)
+        tally.add("rollouts", len(drawn.responses))  # also per replica: rollouts/replica<i>
+        for name, value in collected.metrics().items():
+            if name == "sampling_rounds":
+                tally.slowest(name, value)
+            else:
+                tally.add(name, value)
+        for name, value in times.items():  # the step waits for the slowest replica
+            tally.slowest(name, value)
+        out: dict[str, Any] = {"online_accuracy": 0.0, **Tally.combine(
+            tally.gather(self.replicas), per_replica=("rollouts",))}
+        out.update(data_position=self.state.data_position, **update)
+        out["tokens_per_s"] = update.get("train_tokens", 0) / max(out["time_step"], 1e-9)
         return out
 
     # ------------------------------------------------------------------ eval / checkpoints
 
     def evaluate(self) -> dict[str, float]:
-        if self.heldout is None or not self.is_main:
+        # Every rank evaluates (an engine may span a replica's ranks); rank 0 logs.
+        if self.heldout is None:
             return {}
         result = evaluate_heldout(self.engine, self.heldout, self.cfg.reward,
                                   self.cfg.rollout.max_new_tokens, self.cfg.train.eval_samples)
@@ -339,6 +385,9 @@ class Trainer:
                 raise FileNotFoundError(f"train.resume={mode}: {folder} is not a complete "
                                         "checkpoint")
             self.backend.load(folder)
+            # An engine with weights of its own (megatron backend, vLLM) would otherwise roll
+            # out the next steps from the starting model (collective, like every sync).
+            self.engine.sync_weights(self.backend.named_hf_weights())
             self.state = ckpt.load_trainer_state(folder)
             self.sampler.position = self.state.data_position
             log.info("resumed from %s (step %d)", folder, self.state.step)

@@ -24,13 +24,20 @@ from evr1.train.grpo import SUMMED_METRICS, LossMetrics, policy_loss, sample_wei
 class TrainingBackend(Protocol):
     """One optimiser step per training step, over the step's micro-batches."""
 
+    # Data-parallel replicas and this rank's (evr1.train.replicas): each replica rolls out
+    # and passes to ``train_step`` its own share of the step's groups.
+    dp_size: int
+    dp_rank: int
+
     def logprobs(self, batch: PolicyBatch) -> Tensor:
         """Per-token log-probs of the batch's responses under the current weights, [B, R]."""
         ...
 
     def train_step(self, batches: list[PolicyBatch], grpo: GRPOConfig) -> dict[str, float]:
-        """One optimiser step (gradient accumulation over ``batches``); the update's metrics
-        (``loss``, ``grad_norm``, ``lr``, ``train_tokens``, the loss terms' means)."""
+        """One optimiser step (gradient accumulation over ``batches``, this data-parallel
+        replica's micro-batches; the loss normaliser counts every replica's and the gradients
+        are summed over replicas); the update's metrics over every replica (``loss``,
+        ``grad_norm``, ``lr``, ``train_tokens``, the loss terms' means)."""
         ...
 
     def skip_update(self) -> dict[str, float]:

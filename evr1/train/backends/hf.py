@@ -36,6 +36,10 @@ class HFBackend:
     and vision block, which keeps only the blocks' inputs and recomputes the rest in the
     backward pass (same gradients, less memory, about one more forward of compute)."""
 
+    # Data-parallel replicas of this backend (evr1.train.replicas): one process, one replica.
+    dp_size = 1
+    dp_rank = 0
+
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, temperature: float = 1.0, *,
                  gradient_checkpointing: bool = False):
         self.model = model

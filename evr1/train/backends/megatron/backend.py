@@ -4,8 +4,9 @@ Qwen3-VL (dense).
 Same interface as :class:`evr1.train.backends.hf.HFBackend` (``logprobs``, ``train_step``,
 ``named_hf_weights``, ``save``, ``load``) and the same GRPO loss (``evr1.train.grpo``), so the
 trainer can swap one for the other. Every rank of the job constructs the backend and calls
-every method with the same arguments (the whole optimiser batch); the backend itself hands
-each data-parallel replica its share of the micro-batches (``batches[dp_rank::dp]``).
+every method; the ranks of one data-parallel replica pass the same arguments, and
+``train_step`` takes that replica's own micro-batches (each replica rolls out its share of the
+step, ``evr1.train.replicas``).
 
 What runs where
 ---------------
@@ -58,13 +59,13 @@ from evr1.train.backends.base import grpo_terms, lr_lambda
 from evr1.train.backends.megatron import dist_optimizer, parallel
 from evr1.train.backends.megatron.checkpoint_io import CheckpointIO
 from evr1.train.backends.megatron.forward import StageForward
-from evr1.train.backends.megatron.grads import reduce_and_clip, reduce_metrics
+from evr1.train.backends.megatron.grads import global_normaliser, reduce_and_clip, reduce_metrics
 from evr1.train.backends.megatron.logprobs import vocab_parallel_entropy
 from evr1.train.backends.megatron.packing import TokenLayout
 from evr1.train.backends.megatron.schedule import forward_logprobs, run_gpipe
 from evr1.train.backends.megatron.shards import LocalModel
 from evr1.train.batch import PolicyBatch
-from evr1.train.grpo import SUMMED_METRICS, LossMetrics, loss_normaliser, masked_mean
+from evr1.train.grpo import SUMMED_METRICS, LossMetrics, masked_mean
 
 _METRICS = [f.name for f in dataclasses.fields(LossMetrics)]
 
@@ -152,24 +153,34 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------ update
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas (world / (TP x PP)); see evr1.train.replicas."""
+        return self.grid.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.grid.dp_rank
+
     def train_step(self, batches: list[PolicyBatch], grpo: GRPOConfig) -> dict[str, float]:
-        """One optimiser step over the micro-batches of the whole batch (all ranks pass the
-        same list; data-parallel replica d trains on ``batches[d::dp]``)."""
+        """One optimiser step over every replica's micro-batches: ``batches`` are this
+        data-parallel replica's (the same list on all of its TP/PP ranks; may be empty).
+        The loss is normalised by the count over all replicas' batches and the gradients are
+        summed over replicas, so the step is the one a single replica would take on all of
+        them."""
         start = time.perf_counter()
-        g = self.grid
-        normaliser = sum(loss_normaliser(b.mask, grpo.loss_agg) for b in batches)
-        mine = batches[g.dp_rank::g.dp]
+        normaliser = global_normaliser(self.model, batches, grpo.loss_agg)
         ref = None
         if self._ref_state is not None:
             self.model.eval_mode()
             with torch.no_grad(), self._reference_weights():
-                ref = forward_logprobs(self.forward, mine)
+                ref = forward_logprobs(self.forward, batches)
         self.model.train_mode()
         totals = torch.zeros(len(_METRICS) + 2, dtype=torch.float64)  # + loss, tokens
         tp_group = self.model.tp_group()
 
         def loss_of(i: int, logits: Tensor, layout: TokenLayout) -> Tensor:
-            batch = mine[i]
+            batch = batches[i]
             logp = self.forward.token_logprobs(logits, layout)
             old_logp = logp.detach()
             entropy = None
@@ -185,7 +196,7 @@ class MegatronBackend:
             if entropy is None:
                 with torch.no_grad():
                     ent = layout.scatter(vocab_parallel_entropy(logits.detach(), tp_group))
-                    metrics.entropy_mean = masked_mean(ent, layout.response_mask)
+                    metrics.entropy_mean = masked_mean(ent, layout.response_mask.bool())
             values = metrics.as_floats()
             n = batch.num_tokens
             for j, key in enumerate(_METRICS):  # step totals summed, token means weighted
@@ -196,13 +207,13 @@ class MegatronBackend:
 
         lr = self.scheduler.get_last_lr()[0]
         if self.distributed is not None:
-            run_gpipe(self.forward, mine, loss_of, backward=True,
+            run_gpipe(self.forward, batches, loss_of, backward=True,
                       grad_sync=self.distributed.grad_sync)
             grad_norm = self.distributed.step()
             self.scheduler.step()
             self.distributed.zero_grad()
         else:
-            run_gpipe(self.forward, mine, loss_of, backward=True)
+            run_gpipe(self.forward, batches, loss_of, backward=True)
             grad_norm = reduce_and_clip(self.model, self.cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()

@@ -1,8 +1,9 @@
 """Gradient reduction across the parallel groups, and the global-norm clip.
 
 After the backward pass each rank holds the gradient of its own shards from its own
-micro-batches. :func:`reduce_and_clip` makes that the full-batch gradient (sum over the
-data-parallel replicas: the loss normaliser counts the whole batch), completes the gradients
+replica's micro-batches. :func:`reduce_and_clip` makes that the full-batch gradient (sum over
+the data-parallel replicas: the loss normaliser, :func:`global_normaliser`, counts every
+replica's batches), completes the gradients
 of the few tensors that several ranks compute parts of (a tied embedding split over the first
 and last stage, Q/K norms over TP ranks) and clips by the norm over all shards, as
 ``torch.nn.utils.clip_grad_norm_`` does on one process.
@@ -16,9 +17,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from evr1.config import LossAgg
 from evr1.train.backends.megatron.shards import LocalModel
 from evr1.train.backends.megatron.weights import HEAD_NORMS
-from evr1.train.grpo import clip_coefficient
+from evr1.train.batch import PolicyBatch
+from evr1.train.grpo import clip_coefficient, loss_normaliser
+
+
+def global_normaliser(model: LocalModel, batches: list[PolicyBatch], loss_agg: LossAgg
+                      ) -> Tensor:
+    """The loss normaliser of the whole step: the count of this replica's ``batches`` summed
+    over the data-parallel replicas (the TP/PP ranks of one replica hold the same batches).
+    Counts are integers: the float64 sum is exact, and so is float32 below 2**24."""
+    # heavy: megatron-core is imported only when the megatron backend runs
+    from megatron.core import parallel_state as ps
+
+    local = sum(float(loss_normaliser(b.mask, loss_agg)) for b in batches)
+    total = torch.tensor(local, dtype=torch.float64, device=model.device)
+    if model.grid.dp > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return total.to(torch.float32).cpu()
 
 
 def reduce_and_clip(model: LocalModel, grad_clip: float) -> float:

@@ -1,0 +1,123 @@
+"""Data-parallel scaling of a GRPO step: the same global batch on 1 and 2 processes.
+
+    python benchmarks/scaling.py                         # 16 prompts x 8, 6 steps, both backends
+    python benchmarks/scaling.py --steps 2 --prompts 4   # a quick check that it runs
+
+The demo's data (synthetic videos, their shards) and tiny Qwen2.5-VL are prepared once in a
+temporary folder (``--workdir`` keeps them). Then, for each backend (``hf``, ``megatron``) the
+real launcher trains ``--steps`` steps of ``--prompts`` prompts x ``--n`` responses at DP=1
+(``torchrun --nproc-per-node 1``) and DP=2 (``--nproc-per-node 2``: each replica rolls out,
+scores and trains its half of the groups; one update over both). Every process runs with
+``--threads`` torch threads (default 1: on a shared 2-core machine more threads measure the
+neighbours). The per-step seconds come from each run's ``metrics.jsonl``: ``time_rollout``
+(generation, the slowest replica's), ``time_update`` (the backend's forward/backward and
+optimiser step), ``time_step`` (the whole step); each figure is the median over the steps
+after the first (warm-up). Printed side by side, with DP=1 / DP=2 as the speed-up.
+
+On a machine with fewer free cores than processes the DP=2 figures measure contention, not
+scaling: run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = (("rollout", "time_rollout"), ("update", "time_update"), ("step", "time_step"))
+
+
+def prepare(work: Path, python: str) -> list[str]:
+    """The demo data, shards and tiny model under ``work``; returns the common overrides."""
+    data = work / "data"
+    common = [f"synthetic.out_dir={data}", "synthetic.num_videos=16",
+              "synthetic.include_real_videos=false", "synthetic.include_corrupt=false",
+              f"data.train_jsonl={data / 'train.jsonl'}", "data.eval_jsonl=",
+              f"model.path={work / 'tiny_model'}", "model.tiny=true",
+              f"preprocess.out_dir={work / 'shards'}", "preprocess.num_tasks=1",
+              "launch.cluster=local", "train.wandb_mode=disabled", "train.resume=never"]
+    if not (work / "shards" / "manifest.json").exists():
+        _run([python, str(ROOT / "tools/make_synthetic.py"), "--config",
+              str(ROOT / "configs/demo_cpu.yaml"), *common], "make_synthetic")
+        _run([python, str(ROOT / "launchers/preprocess.py"), "--config",
+              str(ROOT / "configs/demo_cpu.yaml"), *common], "preprocess")
+    return common
+
+
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed ({done.returncode}):\n{' '.join(cmd)}\n"
+                         f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+
+
+def train(work: Path, common: list[str], backend: str, dp: int, args: argparse.Namespace
+          ) -> dict[str, float]:
+    """One run through ``torchrun`` (the launcher users run); its median seconds per phase."""
+    run_dir = work / f"run-{backend}-dp{dp}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", f"--nproc-per-node={dp}",
+           str(ROOT / "launchers/train.py"), "--config", str(ROOT / "configs/demo_cpu.yaml"),
+           *common, f"run_dir={run_dir}", f"train.backend={backend}",
+           f"train.steps={args.steps}", f"train.save_every={args.steps + 1}",
+           f"train.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
+           f"rollout.max_new_tokens={args.max_new_tokens}",
+           f"train.micro_batch_size={args.micro_batch}", "train.log_completions=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    _run(cmd, f"{backend} DP={dp}", env)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("kind") == "train"]
+    timed = rows[1:] if len(rows) > 1 else rows  # the first step warms caches up
+    out = {name: statistics.median(r[key] for r in timed) for name, key in PHASES}
+    counts = [v for k, v in sorted(rows[-1].items()) if k.startswith("rollouts/replica")]
+    out["per_replica"] = counts  # type: ignore[assignment]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step (global)")
+    parser.add_argument("--n", type=int, default=8, help="responses per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--micro-batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--backends", default="hf,megatron")
+    parser.add_argument("--workdir", default="", help="keep data and runs here (default: temp)")
+    args = parser.parse_args(argv)
+    if args.prompts % 2:
+        parser.error("--prompts must be even (DP=2 splits whole groups in two)")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        common = prepare(work, sys.executable)
+        results = {}
+        for backend in args.backends.split(","):
+            for dp in (1, 2):
+                print(f"{backend} DP={dp} ...", flush=True)
+                results[backend, dp] = train(work, common, backend, dp, args)
+    print(f"\n{args.prompts} prompts x {args.n} responses per step, {args.max_new_tokens} new "
+          f"tokens, {args.threads} thread(s) per process, median of steps 2..{args.steps}\n")
+    header = "| backend | phase | DP=1 s/step | DP=2 s/step | speed-up |"
+    print(header)
+    print("|---|---|---:|---:|---:|")
+    for backend in args.backends.split(","):
+        one, two = results[backend, 1], results[backend, 2]
+        for name, _ in PHASES:
+            print(f"| {backend} | {name} | {one[name]:.3f} | {two[name]:.3f} | "
+                  f"{one[name] / two[name]:.2f}x |")
+    print("\nrollouts per replica in the last step (DP=2): " + ", ".join(
+        f"{b}: {results[b, 2]['per_replica']}" for b in args.backends.split(",")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
