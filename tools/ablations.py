@@ -107,6 +107,8 @@ def base_config(s: Settings, run_dir: Path, seed: int, *extra: str) -> Config:
         f"run_dir={run_dir}", f"seed={seed}", f"synthetic.out_dir={out / 'data'}",
         f"synthetic.num_videos={s.videos}", f"synthetic.num_images={s.images}",
         "synthetic.include_real_videos=false", "synthetic.include_corrupt=false",
+        # static and flashing shapes: the counting and temporal-grounding questions need them
+        "synthetic.distractors=true",
         f"data.train_jsonl={out / 'data/train.jsonl'}",
         f"data.eval_jsonl={out / 'data/heldout.jsonl'}", f"preprocess.out_dir={out / 'shards'}",
         "preprocess.num_tasks=1", f"model.path={out / f'models/seed{seed}'}",
