@@ -20,6 +20,8 @@ from evr1.train.groups import offline_response_ids
 from evr1.train.sft import SFTTrainer, final_sft_model, grpo_config_after_sft, sft_config
 from evr1.train.trainer import Trainer
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
@@ -141,3 +143,51 @@ def test_bad_sft_config_names_the_field(tmp_path, override, message):
 def test_grpo_without_sft_keeps_its_model(tmp_path):
     cfg = small_config(tmp_path)
     assert grpo_config_after_sft(cfg) is cfg
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_on_the_megatron_backend_under_torchrun_tp2(prepared, tmp_path):
+    """train.sft on train.backend=megatron (TP=2, 2 local processes) through the real launcher:
+    its first step sees the NLL the hf backend sees on the same batch."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("megatron.core")
+    common = {"preprocess.out_dir": prepared / "shards", "model.path": prepared / "tiny_model",
+              "synthetic.out_dir": prepared / "data",
+              "data.train_jsonl": prepared / "data/train.jsonl",
+              "data.eval_jsonl": prepared / "data/heldout.jsonl", "train.sft.enabled": "true",
+              "train.sft.steps": 2, "train.steps": 1, "rollout.n": 4,
+              "rollout.max_new_tokens": 8, "train.prompts_per_step": 2,
+              "train.eval_samples": 2, "train.wandb_mode": "disabled"}
+    run_dir = tmp_path / "megatron"
+    args = [f"{k}={v}" for k, v in {**common, "run_dir": run_dir, "train.backend": "megatron",
+                                    "train.megatron.tensor_parallel": 2}.items()]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          str(ROOT / "launchers/train.py"), "--config",
+                          str(ROOT / "configs/demo_cpu.yaml"), *args],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("SFT: 2 steps") == 1, "only rank 0 reports"
+    sft_final = ckpt.latest_checkpoint(run_dir / "sft/checkpoints")
+    assert sft_final is not None and sft_final.name == "step-00000002"
+    assert (sft_final / "megatron" / "metadata.json").is_file()
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step-00000001"
+    hf = SFTTrainer(sft_config(small_config(prepared, f"run_dir={tmp_path / 'hf'}",
+                                            *[f"{k}={v}" for k, v in common.items()])))
+    want = hf.train_step()["nll"]
+    rows = [json.loads(x) for x in (run_dir / "sft/metrics.jsonl").read_text().splitlines()]
+    got = next(r["nll"] for r in rows if r["kind"] == "train" and r["step"] == 1)
+    # a mean of ~20 token log-probs of size ~5 (vocabulary of a few hundred): float32 rounding
+    # of two kernels is ~1e-6 of it; a wrong token or position moves it by ~0.1
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_sft_demo_config_loads():
+    from evr1.config import load_config
+
+    cfg = load_config(ROOT / "configs/demo_sft_cpu.yaml")
+    assert cfg.train.sft.enabled and cfg.train.sft.steps == 200
+    # the eval stage evaluates the SFT model the stage writes
+    assert f"sft/checkpoints/step-{cfg.train.sft.steps:08d}/model" in cfg.eval.models[1]
