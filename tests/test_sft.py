@@ -191,3 +191,11 @@ def test_sft_demo_config_loads():
     assert cfg.train.sft.enabled and cfg.train.sft.steps == 200
     # the eval stage evaluates the SFT model the stage writes
     assert f"sft/checkpoints/step-{cfg.train.sft.steps:08d}/model" in cfg.eval.models[1]
+
+
+def test_eval_labels_sft_checkpoints_apart_from_grpo_ones():
+    from evr1.eval.layout import model_label
+
+    assert model_label(Path("runs/x/sft/checkpoints/step-00000200/model")) == \
+        "sft-step-00000200"
+    assert model_label(Path("runs/x/checkpoints/step-00000200/model")) == "step-00000200"
