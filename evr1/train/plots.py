@@ -49,7 +49,8 @@ def plot_runs(runs: dict[str, Path], out_png: Path, task: str = "") -> Path:
                ylim=(-0.02, 1.02))
     for ax in (ax_reward, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # an SFT run has no reward curve
+            ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     atomic_write_figure(out_png, fig, dpi=110)
     return out_png
