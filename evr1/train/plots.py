@@ -32,7 +32,8 @@ def plot_runs(runs: dict[str, Path], out_png: Path, task: str = "") -> Path:
     fig, (ax_reward, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     key = f"accuracy/{task}" if task else "accuracy"
     for label, run_dir in runs.items():
-        train = read_metrics(run_dir, "train")
+        # SFT runs (evr1.train.sft) sample nothing while training: held-out accuracy only
+        train = [r for r in read_metrics(run_dir, "train") if "online_accuracy" in r]
         if train:
             steps = [r["step"] for r in train]
             window = max(1, len(train) // 25)
@@ -48,7 +49,8 @@ def plot_runs(runs: dict[str, Path], out_png: Path, task: str = "") -> Path:
                ylim=(-0.02, 1.02))
     for ax in (ax_reward, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # an SFT run has no reward curve
+            ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     atomic_write_figure(out_png, fig, dpi=110)
     return out_png
