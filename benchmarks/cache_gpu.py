@@ -69,7 +69,7 @@ from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
 from evr1.rollout.base import Prompt
 from evr1.train.trainer import Trainer
 from evr1.video.decode import load_visual
-from evr1.video.preprocess import run_task
+from evr1.data.preprocess import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

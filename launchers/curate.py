@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg, args) -> int:
-    from evr1.data.curate import run_curate_task
+    from evr1.pipeline.curate import run_curate_task
 
     if args.collect:
         return stages.collect_curation(cfg)

@@ -18,7 +18,7 @@ import sys
 from evr1.config import Config, dump_config
 from evr1.launch import stages
 from evr1.launch.cli import run_launcher
-from evr1.video.preprocess import run_task
+from evr1.data.preprocess import run_task
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from evr1.config import ConfigError, load_config
-from evr1.data import curate
+from evr1.pipeline import curate
 from evr1.data.schema import load_samples, write_samples
 from evr1.data.synthetic import make_synthetic
 from evr1.files import atomic_write_json, atomic_write_jsonl, read_jsonl

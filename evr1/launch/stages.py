@@ -15,7 +15,7 @@ from typing import Any
 
 from evr1.config import Config, ConfigError
 from evr1.launch.executor import run_array, submit_array, submit_job
-from evr1.video.preprocess import TaskSummary, run_task
+from evr1.data.preprocess import TaskSummary, run_task
 from evr1.video.shards import ShardError, merge_manifests
 
 
@@ -25,7 +25,7 @@ def check_data(cfg: Config, stage: str) -> None:
     field). Media files are not required to exist: preprocessing records a missing one as a
     failure, and training reads frames from the shards."""
     from evr1.data.schema import check_files
-    from evr1.video.preprocess import input_files
+    from evr1.data.preprocess import input_files
 
     files = input_files(cfg) if stage == "preprocess" else \
         [p for p in (cfg.data.train_jsonl, cfg.data.eval_jsonl) if p]
@@ -381,7 +381,7 @@ def prepare_curation(cfg: Config) -> Config:
     that every array task samples from the same model; builds the tiny model if configured."""
     import dataclasses
 
-    from evr1.data.curate import check_inputs
+    from evr1.pipeline.curate import check_inputs
 
     check_inputs(cfg)
     if cfg.curate.model:
@@ -397,7 +397,7 @@ def prepare_curation(cfg: Config) -> Config:
 
 def run_curation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     """Pass rates of every sample (one array task per shard), then the collector."""
-    from evr1.data.curate import run_curate_task
+    from evr1.pipeline.curate import run_curate_task
 
     cfg = prepare_curation(cfg)
     tasks = list(range(cfg.curate.num_shards))
@@ -418,7 +418,7 @@ def print_curate_summary(results: list) -> None:
 def collect_curation(cfg: Config) -> int:
     """Merge the pass rates, write the filtered JSONL and the report; 1 while a shard is
     missing (nothing is filtered from an incomplete set)."""
-    from evr1.data.curate import collect_curation as collect
+    from evr1.pipeline.curate import collect_curation as collect
 
     result = collect(cfg)
     for m in result.missing:
