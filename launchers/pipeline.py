@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from evr1.config import Config
+from evr1.config import Config, ConfigError
 from evr1.data.schema import DatasetError
 from evr1.data.synthetic import make_synthetic
 from evr1.launch import stages
@@ -47,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                 stages.check_data(cfg, stage)
     except DatasetError as exc:
         sys.exit(f"data error: {exc}")
-    if resolve_cluster(cfg.launch) == "slurm":
-        return submit_stages(cfg, wanted)
-    return run_stages(cfg, wanted)
+    try:
+        if resolve_cluster(cfg.launch) == "slurm":
+            return submit_stages(cfg, wanted)
+        return run_stages(cfg, wanted)
+    except ConfigError as exc:  # e.g. shards finished with other settings (evr1.tasks)
+        sys.exit(f"config error: {exc}")
 
 
 def run_stages(cfg: Config, wanted: list[str]) -> int:

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evr1 import tasks
 from evr1.config import ConfigError, load_config
-from evr1.pipeline import curate
 from evr1.data.schema import load_samples, write_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from evr1.files import atomic_write_jsonl, read_jsonl
 from evr1.launch import stages
+from evr1.pipeline import curate
 from evr1.train.trainer import ensure_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +243,7 @@ def test_collector_filter_caps_and_offline_on_known_pass_rates(run_config, tmp_p
         for shard in range(2):
             files = curate.CurateFiles.of(cfg, shard, 2)
             atomic_write_jsonl(files.records, records[shard::2])
-            atomic_write_json(files.marker, {"fingerprint": curate.fingerprint(cfg)})
+            tasks.write_marker(files.marked(shard, 2), curate.settings(cfg))
         assert stages.collect_curation(cfg) == 0
         return cfg, {s.id: s for s in load_samples(curate.output_jsonl(cfg), check_media=False)}
 

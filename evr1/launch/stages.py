@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from evr1.config import Config, ConfigError
+from evr1.data.preprocess import TaskSummary, check_tasks, run_task
 from evr1.launch.executor import run_array, submit_array, submit_job
-from evr1.data.preprocess import TaskSummary, run_task
 from evr1.video.shards import ShardError, merge_manifests
 
 
@@ -24,8 +24,8 @@ def check_data(cfg: Config, stage: str) -> None:
     work; raises ``evr1.data.schema.DatasetError`` listing every problem (file, line, sample,
     field). Media files are not required to exist: preprocessing records a missing one as a
     failure, and training reads frames from the shards."""
-    from evr1.data.schema import check_files
     from evr1.data.preprocess import input_files
+    from evr1.data.schema import check_files
 
     files = input_files(cfg) if stage == "preprocess" else \
         [p for p in (cfg.data.train_jsonl, cfg.data.eval_jsonl) if p]
@@ -59,8 +59,10 @@ def run_stage_array(cfg: Config, stage: str, task_fn: Callable[[Config, int], An
     return finish() if finish else 0
 
 
-def preprocess_array(cfg: Config, wait: bool = True) -> int:
-    """Decode every media file once into shards: one array task per shard."""
+def preprocess_array(cfg: Config, wait: bool = True, force: bool = False) -> int:
+    """Decode every media file once into shards: one array task per shard. Tasks finished
+    with other settings are refused before any work, or with ``force`` redone."""
+    check_tasks(cfg, force)
     return run_stage_array(
         cfg, "preprocess", run_task, list(range(cfg.preprocess.num_tasks)), wait=wait,
         summarize=print_preprocess_summary,
@@ -76,14 +78,16 @@ def submit_preprocess(cfg: Config, after: Sequence[str] = ()) -> list[str]:
     The last task to finish merges the manifest, so a job that depends on this array
     (``afterok``) finds ``manifest.json`` complete.
     """
+    check_tasks(cfg)
     jobs = submit_array(functools.partial(run_task, cfg), list(range(cfg.preprocess.num_tasks)),
                         cfg.launch, cfg.submitit_dir / "preprocess", name="evr1-preprocess",
                         after=after)
     return [job.job_id for job in jobs]
 
 
-def preprocess_sequential(cfg: Config) -> int:
+def preprocess_sequential(cfg: Config, force: bool = False) -> int:
     """All tasks one after another in this process (debugging, tiny inputs)."""
+    check_tasks(cfg, force)
     print_preprocess_summary([run_task(cfg, t) for t in range(cfg.preprocess.num_tasks)])
     return merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks)
 
@@ -207,7 +211,7 @@ def eval_prepare(cfg: Config) -> int:
     return 0
 
 
-def eval_preprocess(cfg: Config, wait: bool = True) -> int:
+def eval_preprocess(cfg: Config, wait: bool = True, force: bool = False) -> int:
     """Cache every benchmark's frames with the preprocess stage (one array per benchmark)."""
     import dataclasses
 
@@ -229,7 +233,7 @@ def eval_preprocess(cfg: Config, wait: bool = True) -> int:
         sub = dataclasses.replace(cfg, preprocess=dataclasses.replace(
             cfg.preprocess, inputs=[str(run.prepared)], out_dir=str(run.shard_dir)))
         print(f"== preprocess {run.alias} -> {run.shard_dir} ==")
-        status = preprocess_array(sub, wait=wait)
+        status = preprocess_array(sub, wait=wait, force=force)
         if status:
             return status
     return 0
@@ -270,9 +274,12 @@ def _check_frames(cfg: Config) -> list[str]:
             for run in resolve_benchmarks(cfg) if not (run.shard_dir / "manifest.json").exists()]
 
 
-def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
-    """Prepare, then run every (model, benchmark, shard) task: as one array, or in-process."""
+def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True,
+                   force: bool = False) -> int:
+    """Prepare, then run every (model, benchmark, shard) task: as one array, or in-process.
+    Shards finished with other settings are refused before any work, or with ``force`` redone."""
     from evr1.eval.layout import eval_tasks, pin_models
+    from evr1.eval.runner import check_tasks as check_eval_tasks
     from evr1.eval.runner import run_eval_task
 
     cfg = pin_models(cfg, record=True)
@@ -285,6 +292,7 @@ def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     if problems:
         return 1
     tasks = eval_tasks(cfg)
+    check_eval_tasks(cfg, tasks, force)
     print(f"eval: {len(tasks)} task(s): " + ", ".join(t.name for t in tasks))
     if not submit:
         results = [run_eval_task(cfg, t.index) for t in tasks]
@@ -395,11 +403,15 @@ def prepare_curation(cfg: Config) -> Config:
     return dataclasses.replace(cfg, curate=dataclasses.replace(cfg.curate, model=str(model)))
 
 
-def run_curation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
-    """Pass rates of every sample (one array task per shard), then the collector."""
+def run_curation(cfg: Config, submit: bool = True, wait: bool = True,
+                 force: bool = False) -> int:
+    """Pass rates of every sample (one array task per shard), then the collector. Shards
+    finished with other settings are refused before any work, or with ``force`` redone."""
+    from evr1.pipeline.curate import check_tasks as check_curate_tasks
     from evr1.pipeline.curate import run_curate_task
 
     cfg = prepare_curation(cfg)
+    check_curate_tasks(cfg, force)
     tasks = list(range(cfg.curate.num_shards))
     if not submit:
         print_curate_summary([run_curate_task(cfg, t) for t in tasks])

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from evr1.config import FAMILY_PATCH_SIZE
 from evr1.models.tokenizer import (
     CHAT_TEMPLATE,
     ENDOFTEXT,
@@ -30,7 +31,6 @@ from evr1.models.tokenizer import (
 
 Family = Literal["qwen2_5_vl", "qwen3_vl"]
 FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
-_DEFAULT_PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _sizes(family: str, overrides: dict[str, Any], shape: str = "tiny") -> TinyS
         raise ValueError("tiny model: attention_head_dim is a Qwen3-VL setting (Qwen2.5-VL "
                          "derives head_dim from hidden_size / num_heads)")
     if sizes.patch_size is None:
-        sizes.patch_size = _DEFAULT_PATCH[family]
+        sizes.patch_size = FAMILY_PATCH_SIZE[family]
     sizes.validate()
     return sizes
 

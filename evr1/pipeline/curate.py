@@ -17,14 +17,16 @@ record with its status and reason; the task goes on.
       report.json, report.md, pass_rates.png      counts per problem type and pass-rate bucket
       curated.jsonl                               the kept samples (curate.output_jsonl)
 
-A re-run skips a shard whose marker matches the current settings; a task that was killed
-resumes from its partial file after the last whole batch (batches are fixed positions in the
-shard and each is seeded from its sample ids, so the resumed records equal the uninterrupted
-ones). The collector merges the shards (it refuses while one is missing), keeps the samples
-whose pass rate is in the configured range, applies the per-type caps (a seeded draw, the same
-on every run), attaches one correct sampled response as ``offline_output`` where the pass rate
-is above 0 and below ``attach_offline_below``, and writes the report. Filter settings are not
-part of a shard's settings: changing them only needs ``--collect`` again.
+A re-run skips a shard whose marker (``evr1.tasks``) records the current settings, refuses
+one finished with other settings (model, input, sampling) unless ``force`` is given, which
+redoes it; a task that was killed resumes from its partial file after the last whole batch
+(batches are fixed positions in the shard and each is seeded from its sample ids, so the
+resumed records equal the uninterrupted ones). The collector merges the shards (it refuses
+while one is missing), keeps the samples whose pass rate is in the configured range, applies
+the per-type caps (a seeded draw, the same on every run), attaches one correct sampled
+response as ``offline_output`` where the pass rate is above 0 and below
+``attach_offline_below``, and writes the report. Filter settings are not part of a shard's
+settings: changing them only needs ``--collect`` again.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evr1 import tasks
 from evr1.config import Config, ConfigError
 from evr1.data.dataset import sample_task
 from evr1.data.schema import Sample, check_files, load_samples, write_samples
@@ -51,7 +54,7 @@ from evr1.files import (
     file_sha256,
     read_jsonl,
 )
-from evr1.video.shards import part_name
+from evr1.tasks import part_name
 
 if TYPE_CHECKING:  # evr1.rollout.base imports torch: only the tasks that generate load it
     from evr1.rollout.base import Response
@@ -118,6 +121,10 @@ class CurateFiles:
                    folder / part_name("shard", shard, num_shards, ".json"),
                    folder / part_name("partial", shard, num_shards, ".jsonl"))
 
+    def marked(self, shard: int, num_shards: int) -> tasks.TaskFiles:
+        return tasks.TaskFiles(shard, num_shards, marker=self.marker, outputs=(self.records,),
+                               extra=(self.partial,))
+
 
 # --------------------------------------------------------------------------- settings
 
@@ -142,23 +149,35 @@ def sampling_settings(cfg: Config) -> dict[str, Any]:
             "dtype": cfg.model.dtype}
 
 
-def fingerprint(cfg: Config) -> dict[str, Any]:
+def settings(cfg: Config) -> dict[str, Any]:
+    """What decides a shard's records; recorded in its marker (``evr1.tasks``)."""
     return {"model": str(model_dir(cfg)), "input": str(input_jsonl(cfg)),
             "input_sha256": file_sha256(input_jsonl(cfg)), "sampling": sampling_settings(cfg),
             "num_shards": cfg.curate.num_shards}
 
 
-def _marker_matches(files: CurateFiles, expected: dict[str, Any]) -> str | None:
-    """None when the shard is complete for ``expected``; else why not."""
-    if not files.marker.is_file() or not files.records.is_file():
-        return "not written (its task failed or never ran)"
-    try:
-        marker = json.loads(files.marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "unreadable marker"
-    if marker.get("fingerprint") != expected:
-        return "made with other settings, model or input (stale)"
+REDO = tasks.redo_hint("python launchers/curate.py --config C --array", "curate.out_dir")
+
+
+def _marker_matches(files: CurateFiles, index: int, n: int, expected: dict[str, Any]
+                    ) -> str | None:
+    """None when shard ``index`` of ``n`` is complete for ``expected``; else why not."""
+    found = tasks.state(files.marked(index, n), expected)
+    if found.status == tasks.STALE:
+        return "made with other settings, model or input (stale): " + "; ".join(found.changes)
+    if found.status == tasks.ABSENT:
+        return "unreadable marker" if found.reason == "unreadable marker" else \
+            "not written (its task failed or never ran)"
     return None
+
+
+def check_tasks(cfg: Config, force: bool = False) -> list[int]:
+    """Before the array runs: ``SettingsMismatch`` for the shards finished with other
+    settings, or with ``force`` their files deleted."""
+    n = cfg.curate.num_shards
+    expected = settings(cfg)
+    return tasks.check_stage([(CurateFiles.of(cfg, i, n).marked(i, n), expected)
+                              for i in range(n)], force=force, redo=REDO)
 
 
 def load_input(cfg: Config) -> list[Sample]:
@@ -303,7 +322,7 @@ class CurateTaskResult:
 
 
 def shard_samples(cfg: Config, shard: int) -> list[Sample]:
-    return load_input(cfg)[shard::cfg.curate.num_shards]
+    return tasks.strided(load_input(cfg), shard, cfg.curate.num_shards)
 
 
 def _read_partial(files: CurateFiles, expected: dict[str, Any]) -> dict[int, list[dict]]:
@@ -332,17 +351,17 @@ def _append_line(handle: Any, obj: dict[str, Any]) -> None:
     os.fsync(handle.fileno())
 
 
-def run_curate_task(cfg: Config, index: int) -> CurateTaskResult:
-    """Array task ``index`` of ``curate.num_shards``: pass rates of its share; safe to re-run."""
+def run_curate_task(cfg: Config, index: int, force: bool = False) -> CurateTaskResult:
+    """Array task ``index`` of ``curate.num_shards``: pass rates of its share; safe to re-run.
+    A shard finished with other settings raises ``evr1.tasks.SettingsMismatch``; ``force``
+    redoes it."""
     n = cfg.curate.num_shards
-    if not 0 <= index < n:
-        raise ValueError(f"curate task index {index} is outside 0..{n - 1}")
+    tasks.check_index(index, n)
     files = CurateFiles.of(cfg, index, n)
-    expected = fingerprint(cfg)
-    if _marker_matches(files, expected) is None:
+    expected = settings(cfg)
+    if tasks.claim(files.marked(index, n), expected, force=force, redo=REDO) == tasks.COMPLETE:
         log.info("curate shard %d/%d: already complete, skipped", index, n)
         return CurateTaskResult(index, skipped=True)
-    files.marker.unlink(missing_ok=True)
     samples = shard_samples(cfg, index)
     size = cfg.curate.batch_size
     batches = [samples[i:i + size] for i in range(0, len(samples), size)]
@@ -358,7 +377,8 @@ def run_curate_task(cfg: Config, index: int) -> CurateTaskResult:
 
         torch.set_num_threads(cpu_threads(cfg, n))
         needs_frames = any(s.data_type != "text" for b in todo for s in batches[b])
-        frames = ShardFrames(frames_dir(cfg), cfg.data.video.fps) if needs_frames else None
+        frames = ShardFrames(frames_dir(cfg), cfg.data.video.fps, cfg.data) \
+            if needs_frames else None
         engine = make_engine(cfg, model_dir(cfg))
         # Start the progress file again from what is kept (drops a torn last line), then
         # append one line per finished batch.
@@ -379,8 +399,8 @@ def run_curate_task(cfg: Config, index: int) -> CurateTaskResult:
                               resumed_batches=len(batches) - len(todo),
                               seconds=time.perf_counter() - start, counts=dict(counts))
     atomic_write_jsonl(files.records, records)
-    atomic_write_json(files.marker, {"fingerprint": expected, "shard": index, "num_shards": n,
-                                     "result": asdict(result)})
+    tasks.write_marker(files.marked(index, n), expected, shard=index, num_shards=n,
+                       result=asdict(result))
     files.partial.unlink(missing_ok=True)
     log.info("curate shard %d/%d: %d samples in %.1f s (%s)", index, n, len(records),
              result.seconds, dict(counts))
@@ -460,13 +480,13 @@ class CurateReport:
 
 def gather(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(every shard's records, the shards that are missing or stale)."""
-    expected = fingerprint(cfg)
+    expected = settings(cfg)
     n = cfg.curate.num_shards
     records: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
     for shard in range(n):
         files = CurateFiles.of(cfg, shard, n)
-        problem = _marker_matches(files, expected)
+        problem = _marker_matches(files, shard, n, expected)
         if problem:
             missing.append({"shard": shard, "num_shards": n, "file": str(files.records),
                             "reason": problem})
