@@ -326,3 +326,28 @@ def test_a_failing_generation_or_solution_costs_only_its_sample():
     assert good["lengths"] == [2, 2, 2, 2]
     assert bad["status"] == "error" and "out of memory" in bad["reason"]
     assert nosol["status"] == "error" and "InvalidSolution" in nosol["reason"]
+
+
+@pytest.mark.slow
+def test_shards_of_other_settings_are_refused_then_forced(run_config, capsys):
+    """A shard finished with other sampling settings was redone silently; now --array
+    refuses, naming the folder and the setting, and --force redoes it."""
+    cfg = stages.prepare_curation(load_config(run_config, LOCAL))
+    shard0 = curate.CurateFiles.of(cfg, 0, 2)
+    if not shard0.records.exists():
+        pytest.skip("needs the array run")
+    before = {p: p.read_bytes() for p in shard0.records.parent.iterdir()}
+    with pytest.raises(SystemExit) as refused:
+        launch(run_config, "--array", "curate.k=2")
+    message = str(refused.value)
+    assert f"{shard0.records.parent}: tasks 0, 1 of 2 finished with other settings" in message
+    assert "sampling.k: 4 -> 2" in message and "--force" in message
+    assert "curate.out_dir" in message
+    assert {p: p.read_bytes() for p in shard0.records.parent.iterdir()} == before
+    assert launch(run_config, "--collect", "curate.k=2") == 1
+    assert "MISSING: curate shard 0 of 2 (array task 0): made with other settings" in \
+        capsys.readouterr().out
+    fewer = stages.prepare_curation(load_config(run_config, [*LOCAL, "curate.k=2"]))
+    assert not curate.run_curate_task(fewer, 0, force=True).skipped
+    assert {r["k"] for r in read_jsonl(shard0.records) if r["status"] == "ok"} == {2}
+    assert curate.run_curate_task(fewer, 0).skipped
