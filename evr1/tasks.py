@@ -115,12 +115,13 @@ class SettingsMismatch(ConfigError):
         by_folder: dict[Path, list[int]] = {}
         for files in stale:
             by_folder.setdefault(files.folder, []).append(files.task)
-        where = "; ".join(
-            f"{folder}: task{'s' if len(ts) > 1 else ''} {', '.join(map(str, ts))} of "
-            f"{stale[0].num_tasks}" for folder, ts in by_folder.items())
+        where = [f"{folder}: task{'s' if len(ts) > 1 else ''} {', '.join(map(str, ts))} of "
+                 f"{stale[0].num_tasks}" for folder, ts in by_folder.items()]
         shown = "\n  ".join(changes[:12]) + ("\n  ..." if len(changes) > 12 else "")
-        super().__init__(f"{where} finished with other settings than this run's (neither "
-                         f"reused nor overwritten):\n  {shown}\n{redo}")
+        what = "finished with other settings than this run's (neither reused nor overwritten)"
+        head = f"{where[0]} {what}:" if len(where) == 1 else \
+            f"{len(where)} folders hold tasks {what}:\n  " + "\n  ".join(where) + "\nchanged:"
+        super().__init__(f"{head}\n  {shown}\n{redo}")
 
 
 def redo_hint(command: str, folder_setting: str) -> str:

@@ -185,8 +185,10 @@ def test_shards_of_other_sampling_settings_are_refused_then_forced(run_config, c
     with pytest.raises(SystemExit) as refused:
         launch("eval", run_config, "--array", "eval.max_new_tokens=5")
     message = str(refused.value)
-    assert f"{folder}: tasks 0, 1 of 2 finished with other settings" in message, message
-    assert "sampling.max_new_tokens: 6 -> 5" in message
+    assert message.startswith("config error: 3 folders hold tasks finished with other "
+                              "settings"), message
+    assert f"\n  {folder}: tasks 0, 1 of 2\n" in message
+    assert "\nchanged:\n  sampling.max_new_tokens: 6 -> 5\n" in message
     assert "--force" in message and "eval.out_dir" in message
     assert {p: p.read_bytes() for p in folder.iterdir()} == before, "nothing may change"
     shorter = load_config(run_config, [*BASE[-2:], "eval.max_new_tokens=5"])

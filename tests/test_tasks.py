@@ -115,8 +115,18 @@ def test_check_stage_names_every_stale_task_once_or_clears_them(tmp_path):
     finish(stage[2], SETTINGS)
     with pytest.raises(tasks.SettingsMismatch) as err:
         tasks.check_stage([(f, changed) for f in stage], force=False, redo="R")
-    assert f"{tmp_path}: tasks 0, 2 of 3" in str(err.value)
+    assert str(err.value).startswith(f"{tmp_path}: tasks 0, 2 of 3 finished with other")
     assert str(err.value).count("inputs['/d/train.jsonl']") == 1
     assert tasks.check_stage([(f, SETTINGS) for f in stage], force=False, redo="R") == []
     assert tasks.check_stage([(f, changed) for f in stage], force=True, redo="R") == [0, 2]
     assert [tasks.state(f, changed).status for f in stage] == [tasks.ABSENT] * 3
+    # Several folders (eval: one per model and benchmark): each named on its own line.
+    other = files_of(tmp_path / "other", 1, 3)
+    finish(stage[0], SETTINGS)
+    finish(other, SETTINGS)
+    with pytest.raises(tasks.SettingsMismatch) as err:
+        tasks.check_stage([(stage[0], changed), (other, changed)], force=False, redo="R")
+    assert str(err.value) == (
+        f"2 folders hold tasks finished with other settings than this run's (neither reused "
+        f"nor overwritten):\n  {tmp_path}: task 0 of 3\n  {tmp_path / 'other'}: task 1 of 3\n"
+        "changed:\n  inputs['/d/train.jsonl']: \"aa\" -> \"bb\"\nR")
