@@ -78,6 +78,9 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+_MISSING = object()  # a setting one side does not record
+
+
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, Mapping) and value:
         for key, sub in value.items():
@@ -93,9 +96,6 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
 def _show(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=str) if value is not _MISSING else "(absent)"
     return text if len(text) <= 90 else text[:87] + "..."
-
-
-_MISSING = object()
 
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -40,12 +41,16 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from tqdm import tqdm
 
 from evr1 import tasks
 from evr1.config import Config, ConfigError
 from evr1.data.dataset import sample_task
 from evr1.data.schema import Sample, check_files, load_samples, write_samples
+from evr1.eval.runner import ShardFrames, cpu_threads
 from evr1.files import (
     atomic_write_bytes,
     atomic_write_figure,
@@ -54,10 +59,17 @@ from evr1.files import (
     file_sha256,
     read_jsonl,
 )
+from evr1.models.loading import load_model, load_processor, resolve_device
+from evr1.rewards import UnknownProblemType, canonical_type, score_batch
+from evr1.rollout.base import (
+    Prompt,
+    Response,
+    SamplingParams,
+    generate_isolating_failures,
+)
+from evr1.rollout.hf import HFRolloutEngine
 from evr1.tasks import part_name
-
-if TYPE_CHECKING:  # evr1.rollout.base imports torch: only the tasks that generate load it
-    from evr1.rollout.base import Response
+from evr1.train.groups import reward_item
 
 log = logging.getLogger("evr1.curate")
 
@@ -133,10 +145,6 @@ def resolve_engine(engine: str) -> str:
     """``auto``: vLLM where it is installed and a GPU is present, else ``hf``."""
     if engine != "auto":
         return engine
-    import importlib.util
-
-    import torch
-
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
 
 
@@ -202,8 +210,6 @@ def check_inputs(cfg: Config) -> list[Sample]:
 
 
 def canonical_caps(cfg: Config) -> dict[str, int]:
-    from evr1.rewards import UnknownProblemType, canonical_type
-
     caps: dict[str, int] = {}
     for name, cap in cfg.curate.caps.items():
         try:
@@ -225,12 +231,9 @@ def batch_seed(seed: int, sample_ids: list[str]) -> int:
 def make_engine(cfg: Config, model_path: Path) -> Any:
     """The rollout engine of ``curate.engine``; the model is loaded once per task."""
     if resolve_engine(cfg.curate.engine) == "vllm":
-        from evr1.rollout.vllm import make_vllm_engine
+        from evr1.rollout.vllm import make_vllm_engine  # optional heavy dependency (vLLM)
 
         return make_vllm_engine(model_path, cfg.rollout, seed=cfg.curate.seed)
-    from evr1.models.loading import load_model, load_processor, resolve_device
-    from evr1.rollout.hf import HFRolloutEngine
-
     device = resolve_device(cfg.curate.device, "curate.device")
     model = load_model(model_path, cfg.model.dtype, device,
                        attn_implementation=cfg.model.attn_implementation)
@@ -260,9 +263,6 @@ def pass_record(sample: Sample, responses: list[Response], accuracies: list[floa
 
 def score_group(sample: Sample, texts: list[str], cfg: Config) -> tuple[list[float], list[float]]:
     """(accuracy, overall reward) of each response: the training reward's own scorer."""
-    from evr1.rewards import score_batch
-    from evr1.train.groups import reward_item
-
     batch = score_batch([reward_item(sample, t) for t in texts], cfg.reward)
     return [r.accuracy for r in batch.results], [r.overall for r in batch.results]
 
@@ -270,10 +270,6 @@ def score_group(sample: Sample, texts: list[str], cfg: Config) -> tuple[list[flo
 def curate_batch(engine: Any, frames: Any, samples: list[Sample], cfg: Config
                  ) -> list[dict[str, Any]]:
     """Records for one batch, in the order of ``samples``."""
-    import torch
-
-    from evr1.rollout.base import Prompt, SamplingParams, generate_isolating_failures
-
     records: dict[str, dict[str, Any]] = {}
     ready: list[tuple[Sample, Prompt]] = []
     for sample in samples:
@@ -370,11 +366,6 @@ def run_curate_task(cfg: Config, index: int, force: bool = False) -> CurateTaskR
     records: list[dict[str, Any]] = []
     todo = [b for b in range(len(batches)) if b not in done]
     if todo:
-        import torch
-        from tqdm import tqdm
-
-        from evr1.eval.runner import ShardFrames, cpu_threads
-
         torch.set_num_threads(cpu_threads(cfg, n))
         needs_frames = any(s.data_type != "text" for b in todo for s in batches[b])
         frames = ShardFrames(frames_dir(cfg), cfg.data.video.fps, cfg.data) \
@@ -428,8 +419,6 @@ def decide(samples: list[Sample], records: dict[str, dict[str, Any]], cfg: Confi
            ) -> dict[str, str]:
     """Each sample id -> ``kept``, ``below_range``, ``above_range``, ``capped`` or its failed
     status. Caps keep a seeded draw of each over-full problem type (independent of order)."""
-    from evr1.rewards import canonical_type
-
     c = cfg.curate
     decision: dict[str, str] = {}
     kept_by_type: dict[str, list[str]] = {}
@@ -538,8 +527,6 @@ def build_report(cfg: Config, samples: list[Sample], records: dict[str, dict[str
     def empty() -> dict[str, Any]:
         return {"samples": 0, **{o: 0 for o in outcomes}, "buckets": {b: 0 for b in BUCKETS},
                 "passes_hist": [0] * (c.k + 1)}
-
-    from evr1.rewards import canonical_type
 
     total = empty()
     by_type: dict[str, dict[str, Any]] = {}  # by canonical type, as the caps are
