@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from evr1.cli.launcher import run_launcher
 from evr1.config import Config, dump_config
-from evr1.data.preprocess import check_tasks, run_task
-from evr1.launch import stages
-from evr1.launch.cli import run_launcher
+from evr1.data.preprocess import check_tasks, preprocess_shard
+from evr1.pipeline import stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     if args.merge:
         return stages.merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks)
     if args.task is not None:
-        stages.print_preprocess_summary([run_task(cfg, args.task, force=args.force)])
+        stages.print_preprocess_summary([preprocess_shard(cfg, args.task, force=args.force)])
         return 0
     if args.array:
         return stages.preprocess_array(cfg, wait=not args.no_wait, force=args.force)

@@ -23,8 +23,8 @@ from test_eval_scoring import _FakeJudge
 from evr1.config import load_config
 from evr1.data.schema import load_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
-from evr1.train.trainer import ensure_model
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -136,11 +136,11 @@ def test_deleted_shard_is_reported_then_redone(run_config, capsys):
     assert not results(run_config)["complete"]
     # Re-running evaluates only that shard; everything finished is skipped.
     cfg = load_config(run_config, BASE[-2:])
-    from evr1.eval.layout import pin_models
-    from evr1.eval.runner import run_eval_task
+    from evr1.eval.plan import pin_models
+    from evr1.eval.runner import evaluate_shard
 
     cfg = pin_models(cfg)
-    ran = [run_eval_task(cfg, i) for i in range(6)]
+    ran = [evaluate_shard(cfg, i) for i in range(6)]
     assert [r.skipped for r in ran] == [True] * 5 + [False]
     assert launch("collect", run_config) == 0
 
@@ -175,8 +175,8 @@ def test_open_ended_unjudged_then_judged_with_frames_decoded_on_the_fly(run_conf
 def test_shards_of_other_sampling_settings_are_refused_then_forced(run_config, capsys):
     """Finished shards were redone silently when a setting changed; now the launcher refuses
     before any work, naming the folder and the setting, and --force redoes them."""
-    from evr1.eval.layout import pin_models
-    from evr1.eval.runner import run_eval_task
+    from evr1.eval.plan import pin_models
+    from evr1.eval.runner import evaluate_shard
 
     folder = run_config.parent / "eval/predictions/tiny_model/synthetic"
     if not (folder / "shard-00000-of-00002.json").exists():
@@ -197,7 +197,7 @@ def test_shards_of_other_sampling_settings_are_refused_then_forced(run_config, c
         capsys.readouterr().out
     # --force redoes the task (here one, in this process) with the new settings.
     shorter = pin_models(shorter)
-    assert not run_eval_task(shorter, 0, force=True).skipped
+    assert not evaluate_shard(shorter, 0, force=True).skipped
     marker = json.loads((folder / "shard-00000-of-00002.json").read_text())
     assert marker["settings"]["sampling"]["max_new_tokens"] == 5
-    assert run_eval_task(shorter, 0).skipped and run_eval_task(shorter, 0, force=True).skipped
+    assert evaluate_shard(shorter, 0).skipped and evaluate_shard(shorter, 0, force=True).skipped

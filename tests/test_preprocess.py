@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from evr1.config import Config, dump_config, load_config
-from evr1.data.preprocess import collect_media, run_task
+from evr1.data.preprocess import collect_media, preprocess_shard
 from evr1.data.schema import load_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
+from evr1.pipeline import stages
 from evr1.tasks import contiguous as task_slice
 from evr1.video.decode import load_visual
 from evr1.video.shards import (
@@ -278,4 +278,4 @@ def test_rerun_with_another_fps_is_refused_then_forced(dataset, tmp_path):
     # The same settings again: every task skipped, nothing rewritten.
     assert stages.preprocess_sequential(slower) == 0
     assert {p: p.stat().st_mtime_ns for p in cfg.shard_dir.glob("shard-*.h5")} == redone
-    assert all(run_task(slower, t).skipped for t in range(2))
+    assert all(preprocess_shard(slower, t).skipped for t in range(2))

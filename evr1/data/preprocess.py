@@ -140,7 +140,7 @@ def drop_merged(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def run_task(cfg: Config, task: int, force: bool = False) -> TaskSummary:
+def preprocess_shard(cfg: Config, task: int, force: bool = False) -> TaskSummary:
     """Preprocess array task ``task`` of ``cfg.preprocess.num_tasks``; safe to re-run.
 
     A task finished with other settings raises ``evr1.tasks.SettingsMismatch``; with

@@ -96,7 +96,7 @@ def bucket(pass_rate: float) -> str:
 
 
 def curate_dir(cfg: Config) -> Path:
-    return cfg.path(cfg.curate.out_dir or f"{cfg.run_dir}/curate")
+    return cfg.curate_dir
 
 
 def input_jsonl(cfg: Config) -> Path:
@@ -347,7 +347,7 @@ def _append_line(handle: Any, obj: dict[str, Any]) -> None:
     os.fsync(handle.fileno())
 
 
-def run_curate_task(cfg: Config, index: int, force: bool = False) -> CurateTaskResult:
+def curate_shard(cfg: Config, index: int, force: bool = False) -> CurateTaskResult:
     """Array task ``index`` of ``curate.num_shards``: pass rates of its share; safe to re-run.
     A shard finished with other settings raises ``evr1.tasks.SettingsMismatch``; ``force``
     redoes it."""
@@ -579,9 +579,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def histogram(report: dict[str, Any], path: Path) -> None:
     """Samples per number of passes (0..k), stacked by problem type; the kept range shaded."""
+    # heavy import, needed only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy import, needed only when a figure is drawn
     import matplotlib.pyplot as plt
 
     k = report["settings"]["k"]
