@@ -62,6 +62,7 @@ from train_step import quiet  # benchmarks/ is on sys.path when a script here ru
 
 from evr1.config import Config, DataConfig, load_config
 from evr1.data.dataset import PromptSampler, PromptSet
+from evr1.data.preprocess import preprocess_shard
 from evr1.data.schema import Sample, write_samples
 from evr1.data.synthetic import real_video_files
 from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
@@ -69,7 +70,6 @@ from evr1.pipeline.stages import merge_or_report
 from evr1.rollout.base import Prompt
 from evr1.train.trainer import Trainer
 from evr1.video.decode import load_visual
-from evr1.video.preprocess import preprocess_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from evr1.config import Config, load_config
+from evr1.data.preprocess import collect_media, load_all_samples, preprocess_shard
 from evr1.data.synthetic import make_synthetic
 from evr1.video.decode import load_visual
-from evr1.video.preprocess import collect_media, load_all_samples, preprocess_shard
 from evr1.video.shards import ShardReader
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -197,6 +197,11 @@ class RewardConfig:
 # --------------------------------------------------------------------------- model / rollout
 
 
+# The vision patch size of each model family (its processors' ``patch_size``); both merge
+# 2 x 2 patches and take 2 frames per temporal patch. data.patch_size must be the family's.
+FAMILY_PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
+
+
 @dataclass
 class ModelConfig:
     """A Qwen2.5-VL / Qwen3-VL HF folder, or a tiny one built locally for CPU runs."""
@@ -735,6 +740,13 @@ class Config:
             raise ConfigError(f"train.overlong_buffer must be in (0, rollout.max_new_tokens="
                               f"{self.rollout.max_new_tokens}) with train.overlong=shaping, got "
                               f"{self.train.overlong_buffer}")
+
+        own = FAMILY_PATCH_SIZE[self.model.family]
+        if self.data.patch_size != own:  # else the first training encode fails, after preprocess
+            raise ConfigError(
+                f"data.patch_size={self.data.patch_size} is not the patch size of "
+                f"model.family={self.model.family} ({own}): frames resized for it would not fit "
+                f"the model's vision grid; set data.patch_size={own}")
 
         self.launch.validate()
         if self.launch.train_ranks > 1 and self.train.backend != "megatron":

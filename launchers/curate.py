@@ -11,7 +11,9 @@ pass rates of its shard; the collector writes the filtered JSONL (curate.output_
 report and the histogram. With Slurm present (``sbatch`` on PATH, or launch.cluster=slurm)
 ``--array`` submits through submitit; otherwise the same tasks run through submitit's local
 executor. Finished shards are skipped on a re-run; changing only the filter (range, caps,
-offline threshold) needs ``--collect`` alone.
+offline threshold) needs ``--collect`` alone. A shard finished with other settings (model,
+input, sampling) is refused, naming what changed: ``--force`` redoes it, or use another
+curate.out_dir.
 """
 
 from __future__ import annotations
@@ -35,17 +37,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="merge the shards' pass rates, filter, write the report")
     parser.add_argument("--no-wait", action="store_true",
                         help="with --array on Slurm: print the job ids and return")
+    parser.add_argument("--force", action="store_true",
+                        help="redo the shards finished with other settings (deletes their files)")
 
 
 def run(cfg, args) -> int:
-    from evr1.data.curate import curate_shard
+    from evr1.pipeline.curate import curate_shard
 
     if args.collect:
         return stages.collect_curation(cfg)
     if args.task is not None:
-        stages.print_curate_summary([curate_shard(stages.prepare_curation(cfg), args.task)])
+        stages.print_curate_summary([curate_shard(stages.prepare_curation(cfg), args.task,
+                                                  force=args.force)])
         return 0
-    return stages.run_curation(cfg, submit=args.array, wait=not args.no_wait)
+    return stages.run_curation(cfg, submit=args.array, wait=not args.no_wait, force=args.force)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@
 
 Then ``python launchers/collect.py --config C``. With Slurm present (``sbatch`` on PATH, or
 launch.cluster=slurm) ``--array`` submits through submitit; otherwise the same tasks run through
-submitit's local executor. Finished shards are skipped on a re-run.
+submitit's local executor. Finished shards are skipped on a re-run; a shard finished with other
+settings (model, prepared file, sampling) is refused, naming what changed: ``--force`` redoes
+it (with ``--preprocess``: the frame caches made with other settings), or use another
+eval.out_dir.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--list", action="store_true", help="print the task list")
     parser.add_argument("--no-wait", action="store_true",
                         help="with --array / --preprocess on Slurm: print the job ids and return")
+    parser.add_argument("--force", action="store_true",
+                        help="redo the shards (or frame caches) finished with other settings")
 
 
 def run(cfg, args) -> int:
@@ -45,15 +50,15 @@ def run(cfg, args) -> int:
     if args.prepare:
         return stages.eval_prepare(cfg)
     if args.preprocess:
-        return stages.eval_preprocess(cfg, wait=not args.no_wait)
+        return stages.eval_preprocess(cfg, wait=not args.no_wait, force=args.force)
     if args.list:
         for task in eval_tasks(pin_models(cfg)):
             print(f"{task.index}: {task.name} ({task.model.path})")
         return 0
     if args.task is not None:
-        stages.print_eval_summary([evaluate_shard(pin_models(cfg), args.task)])
+        stages.print_eval_summary([evaluate_shard(pin_models(cfg), args.task, force=args.force)])
         return 0
-    return stages.run_evaluation(cfg, submit=args.array, wait=not args.no_wait)
+    return stages.run_evaluation(cfg, submit=args.array, wait=not args.no_wait, force=args.force)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from evr1.cli.launcher import base_parser, load_from_args, setup_logging
-from evr1.config import Config
+from evr1.config import Config, ConfigError
 from evr1.data.schema import DatasetError
 from evr1.data.synthetic import make_synthetic
 from evr1.pipeline import stages, training
@@ -47,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                 stages.check_data(cfg, stage)
     except DatasetError as exc:
         sys.exit(f"data error: {exc}")
-    if resolve_cluster(cfg.launch) == "slurm":
-        return submit_stages(cfg, wanted)
-    return run_stages(cfg, wanted)
+    try:
+        if resolve_cluster(cfg.launch) == "slurm":
+            return submit_stages(cfg, wanted)
+        return run_stages(cfg, wanted)
+    except ConfigError as exc:  # e.g. shards finished with other settings (evr1.tasks)
+        sys.exit(f"config error: {exc}")
 
 
 def run_stages(cfg: Config, wanted: list[str]) -> int:

@@ -121,3 +121,16 @@ def test_launcher_reports_a_config_error_without_a_traceback():
     assert out.returncode != 0
     assert "config error: rollout.temperature must be > 0" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_patch_size_must_be_the_model_familys():
+    # Qwen3-VL's patch is 16: its config with the default 14 failed at the first training
+    # encode, after a whole preprocess array had run on the wrong grid.
+    with pytest.raises(ConfigError, match=r"data.patch_size=14 is not the patch size of "
+                                          r"model.family=qwen3_vl \(16\).*data.patch_size=16"):
+        load_config(None, ["model.family=qwen3_vl"])
+    assert load_config(None, ["model.family=qwen3_vl", "data.patch_size=16"]).data.patch_size \
+        == 16
+    with pytest.raises(ConfigError, match="data.patch_size=16 is not the patch size of "
+                                          "model.family=qwen2_5_vl"):
+        load_config(None, ["data.patch_size=16"])

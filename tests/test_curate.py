@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evr1 import tasks
 from evr1.config import ConfigError, load_config
-from evr1.data import curate
 from evr1.data.schema import load_samples, write_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from evr1.files import atomic_write_jsonl, read_jsonl
 from evr1.models.loading import ensure_model
-from evr1.pipeline import stages
+from evr1.pipeline import curate, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ["launch.cluster=local", "launch.max_retries=0"]
@@ -242,7 +242,7 @@ def test_collector_filter_caps_and_offline_on_known_pass_rates(run_config, tmp_p
         for shard in range(2):
             files = curate.CurateFiles.of(cfg, shard, 2)
             atomic_write_jsonl(files.records, records[shard::2])
-            atomic_write_json(files.marker, {"fingerprint": curate.fingerprint(cfg)})
+            tasks.write_marker(files.marked(shard, 2), curate.settings(cfg))
         assert stages.collect_curation(cfg) == 0
         return cfg, {s.id: s for s in load_samples(curate.output_jsonl(cfg), check_media=False)}
 
@@ -325,3 +325,28 @@ def test_a_failing_generation_or_solution_costs_only_its_sample():
     assert good["lengths"] == [2, 2, 2, 2]
     assert bad["status"] == "error" and "out of memory" in bad["reason"]
     assert nosol["status"] == "error" and "InvalidSolution" in nosol["reason"]
+
+
+@pytest.mark.slow
+def test_shards_of_other_settings_are_refused_then_forced(run_config, capsys):
+    """A shard finished with other sampling settings was redone silently; now --array
+    refuses, naming the folder and the setting, and --force redoes it."""
+    cfg = stages.prepare_curation(load_config(run_config, LOCAL))
+    shard0 = curate.CurateFiles.of(cfg, 0, 2)
+    if not shard0.records.exists():
+        pytest.skip("needs the array run")
+    before = {p: p.read_bytes() for p in shard0.records.parent.iterdir()}
+    with pytest.raises(SystemExit) as refused:
+        launch(run_config, "--array", "curate.k=2")
+    message = str(refused.value)
+    assert f"{shard0.records.parent}: tasks 0, 1 of 2 finished with other settings" in message
+    assert "sampling.k: 4 -> 2" in message and "--force" in message
+    assert "curate.out_dir" in message
+    assert {p: p.read_bytes() for p in shard0.records.parent.iterdir()} == before
+    assert launch(run_config, "--collect", "curate.k=2") == 1
+    assert "MISSING: curate shard 0 of 2 (array task 0): made with other settings" in \
+        capsys.readouterr().out
+    fewer = stages.prepare_curation(load_config(run_config, [*LOCAL, "curate.k=2"]))
+    assert not curate.curate_shard(fewer, 0, force=True).skipped
+    assert {r["k"] for r in read_jsonl(shard0.records) if r["status"] == "ok"} == {2}
+    assert curate.curate_shard(fewer, 0).skipped

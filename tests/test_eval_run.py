@@ -170,3 +170,34 @@ def test_open_ended_unjudged_then_judged_with_frames_decoded_on_the_fly(run_conf
         server.shutdown()
     res = json.loads((tmp_path / "eval/results.json").read_text())
     assert res["judge"] == "server" and res["results"][0]["n_unjudged"] == 0
+
+
+def test_shards_of_other_sampling_settings_are_refused_then_forced(run_config, capsys):
+    """Finished shards were redone silently when a setting changed; now the launcher refuses
+    before any work, naming the folder and the setting, and --force redoes them."""
+    from evr1.eval.plan import pin_models
+    from evr1.eval.runner import evaluate_shard
+
+    folder = run_config.parent / "eval/predictions/tiny_model/synthetic"
+    if not (folder / "shard-00000-of-00002.json").exists():
+        pytest.skip("needs the full run")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SystemExit) as refused:
+        launch("eval", run_config, "--array", "eval.max_new_tokens=5")
+    message = str(refused.value)
+    assert message.startswith("config error: 3 folders hold tasks finished with other "
+                              "settings"), message
+    assert f"\n  {folder}: tasks 0, 1 of 2\n" in message
+    assert "\nchanged:\n  sampling.max_new_tokens: 6 -> 5\n" in message
+    assert "--force" in message and "eval.out_dir" in message
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before, "nothing may change"
+    shorter = load_config(run_config, [*BASE[-2:], "eval.max_new_tokens=5"])
+    assert stages.collect_results(shorter) == 1
+    assert "MISSING: tiny_model/synthetic shard 0 of 2 (eval array task 0): stale" in \
+        capsys.readouterr().out
+    # --force redoes the task (here one, in this process) with the new settings.
+    shorter = pin_models(shorter)
+    assert not evaluate_shard(shorter, 0, force=True).skipped
+    marker = json.loads((folder / "shard-00000-of-00002.json").read_text())
+    assert marker["settings"]["sampling"]["max_new_tokens"] == 5
+    assert evaluate_shard(shorter, 0).skipped and evaluate_shard(shorter, 0, force=True).skipped

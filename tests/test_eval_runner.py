@@ -72,7 +72,7 @@ def test_on_the_fly_decode_times_out(monkeypatch):
     def hang(*args, **kwargs):
         time.sleep(5)
 
-    monkeypatch.setattr("evr1.video.decode.load_visual", hang)
+    monkeypatch.setattr("evr1.eval.runner.load_visual", hang)  # the name the runner calls
     start = time.perf_counter()
     got = DecodedFrames(cfg).get(sample(0))
     assert got == "decode timed out after 0.2 s"

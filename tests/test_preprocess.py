@@ -18,12 +18,20 @@ import numpy as np
 import pytest
 
 from evr1.config import Config, dump_config, load_config
+from evr1.data.preprocess import collect_media, preprocess_shard
 from evr1.data.schema import load_samples
 from evr1.data.synthetic import make_synthetic
 from evr1.pipeline import stages
+from evr1.tasks import contiguous as task_slice
 from evr1.video.decode import load_visual
-from evr1.video.preprocess import collect_media, task_slice
-from evr1.video.shards import FAILURES, MANIFEST, ShardReader, TaskFiles, frames_sha256
+from evr1.video.shards import (
+    FAILURES,
+    MANIFEST,
+    ShardError,
+    ShardReader,
+    TaskFiles,
+    frames_sha256,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -212,3 +220,62 @@ def test_inspect_shards_reports_and_catches_corruption(dataset, tmp_path, capsys
     bad = subprocess.run(tool, capture_output=True, text=True)
     assert bad.returncode == 1
     assert "CHECKSUM MISMATCH" in bad.stdout
+
+
+def run_launcher(config: Path, *args: str) -> int:
+    """launchers/preprocess.py in this process (its main: a refusal is a SystemExit)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_launcher",
+                                                  ROOT / "launchers/preprocess.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--config", str(config), *args])
+
+
+def test_rerun_with_another_fps_is_refused_then_forced(dataset, tmp_path):
+    # Issue 18: a re-run with another data.video.fps skipped every finished task, so the
+    # shards kept the old frames and nothing said so. Now the launcher refuses before any
+    # work, naming the folder and the setting; --force redoes the tasks with the new fps.
+    # Up to 16 frames, so that the frame counts follow the fps (the demo takes 4 always).
+    cfg = demo_config(dataset, tmp_path / "run", "data.video.max_frames=16")
+    config = tmp_path / "run.yaml"
+    dump_config(cfg, config)
+    assert run_launcher(config) == 0
+    files = sorted(p for p in cfg.shard_dir.iterdir() if p.is_file())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    old = ShardReader(cfg.shard_dir, cfg.data)
+    frames_before = {i: old.entry(i).num_frames for i in old.ids}
+
+    with pytest.raises(SystemExit) as refused:
+        run_launcher(config, "data.video.fps=1.0")
+    message = str(refused.value)
+    assert message.startswith(f"config error: {cfg.shard_dir}: tasks 0, 1 of 2 finished with "
+                              "other settings"), message
+    assert "data.video.fps: 2.0 -> 1.0" in message and "--force" in message
+    assert "preprocess.out_dir" in message
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before, \
+        "a refused run must not touch the shards, manifests or the recorded config"
+    assert not [p for p in cfg.shard_dir.iterdir() if p.is_file() and p not in before]
+    # The trainer reading these shards with fps 1.0 is refused too, by name.
+    slower = load_config(config, ["data.video.fps=1.0"])
+    with pytest.raises(ShardError, match=r"data.video.fps is 2.0 in these shards .* but 1.0"):
+        ShardReader(cfg.shard_dir, slower.data)
+
+    assert run_launcher(config, "data.video.fps=1.0", "--force") == 0
+    new = ShardReader(cfg.shard_dir, slower.data)
+    videos = [i for i in new.ids if new.entry(i).data_type == "video"]
+    assert {new.entry(i).sampling["fps"] for i in videos} == {1.0}
+    assert set(new.ids) == set(frames_before)
+    assert any(new.entry(i).num_frames < frames_before[i] for i in videos)
+    for sample_id in videos[:4]:  # the frames are what decoding at 1 fps gives
+        entry = new.entry(sample_id)
+        direct = load_visual(entry.path, entry.data_type, slower.data,
+                             backend=entry.backend.split("-")[0])
+        assert entry.sha256 == frames_sha256(direct.frames)
+    redone = {p: p.stat().st_mtime_ns for p in cfg.shard_dir.glob("shard-*.h5")}
+
+    # The same settings again: every task skipped, nothing rewritten.
+    assert stages.preprocess_sequential(slower) == 0
+    assert {p: p.stat().st_mtime_ns for p in cfg.shard_dir.glob("shard-*.h5")} == redone
+    assert all(preprocess_shard(slower, t).skipped for t in range(2))

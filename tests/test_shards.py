@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from evr1.config import load_config
 from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256
 from evr1.video.shards import (
     MANIFEST,
@@ -21,6 +22,7 @@ from evr1.video.shards import (
     TaskFiles,
     frames_sha256,
     merge_manifests,
+    sampling_params,
     task_is_complete,
 )
 
@@ -29,7 +31,8 @@ def clip(seed: int, t: int = 4, h: int = 28, w: int = 56) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
 
 
-def write_task(out: Path, task: int, num_tasks: int, clips: dict[str, np.ndarray]) -> None:
+def write_task(out: Path, task: int, num_tasks: int, clips: dict[str, np.ndarray],
+               sampling: dict | None = None) -> None:
     """A minimal task: one shard with the given clips, then failures, then the manifest."""
     files = TaskFiles.of(out, task, num_tasks)
     writer = ShardWriter(files.shard, "lzf")
@@ -42,7 +45,8 @@ def write_task(out: Path, task: int, num_tasks: int, clips: dict[str, np.ndarray
                            backend="pyav", indices=list(range(frames.shape[0])),
                            timestamps_s=[0.5 * i for i in range(frames.shape[0])],
                            source_fps=2.0, source_num_frames=frames.shape[0],
-                           source_size=[frames.shape[1], frames.shape[2]])
+                           source_size=[frames.shape[1], frames.shape[2]],
+                           sampling=sampling or {})
         media[f"{task}-{n}"] = asdict(entry)
         samples[sample_id] = f"{task}-{n}"
     writer.commit()
@@ -171,3 +175,43 @@ def test_reader_in_dataloader_workers(tmp_path, context):
     got = dict(loader)
     assert got == {k: frames_sha256(v) for k, v in clips.items()}
     assert json.loads((tmp_path / MANIFEST).read_text())["version"] == 1
+
+
+def test_reader_refuses_shards_of_another_budget_or_geometry(tmp_path):
+    """Frames sampled at 2 fps for Qwen2.5-VL's patch 14 are not read by a config that asks
+    for 1 fps, another pixel budget, or Qwen3-VL's patch 16: the error names the setting, the
+    folder and both values."""
+    demo = Path(__file__).resolve().parents[1] / "configs/demo_cpu.yaml"
+    made_with = load_config(demo, [])
+    write_task(tmp_path, 0, 1, {"s0": clip(0)}, sampling_params(made_with.data, "video"))
+    merge_manifests(tmp_path, 1)
+    assert ShardReader(tmp_path, made_with.data).get("s0").media.sampling["fps"] == 2.0
+    ShardReader(tmp_path)  # without a config (tools/inspect_shards.py): no check
+    cases = [(["data.video.fps=1.0"], "data.video.fps is 2.0 in these shards", "but 1.0"),
+             (["data.video.max_frames=8"], "data.video.max_frames is 4 in", "but 8"),
+             (["data.video.max_pixels=6272"], "data.video.max_pixels is 3136 in", "but 6272"),
+             (["data.temporal_patch_size=1"], "data.temporal_patch_size is 2 in", "but 1"),
+             (["model.family=qwen3_vl", "data.patch_size=16"], "data.patch_size is 14 in",
+              "but 16")]
+    for overrides, recorded, wanted in cases:
+        reading = load_config(demo, overrides)
+        with pytest.raises(ShardError) as err:
+            ShardReader(tmp_path, reading.data)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path}: ") and recorded in message, message
+        assert wanted in message and "s0.mp4" in message
+    # The image budget does not concern a folder of videos.
+    ShardReader(tmp_path, load_config(demo, ["data.image.max_pixels=50000"]).data)
+
+
+def test_reader_checks_what_shards_of_older_versions_recorded(tmp_path):
+    # Before patch_size / merge_size were recorded, only their product was.
+    cfg = load_config(None, [])
+    old = {k: v for k, v in sampling_params(cfg.data, "video").items()
+           if k not in ("patch_size", "merge_size")}
+    write_task(tmp_path, 0, 1, {"s0": clip(0)}, old)
+    merge_manifests(tmp_path, 1)
+    ShardReader(tmp_path, cfg.data)
+    with pytest.raises(ShardError, match=r"data.patch_size x data.merge_size is 28 .* but 32"):
+        ShardReader(tmp_path, load_config(None, ["model.family=qwen3_vl",
+                                                 "data.patch_size=16"]).data)

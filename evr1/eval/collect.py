@@ -11,12 +11,12 @@ ours, the gap, and a flag where the gap is beyond ``eval.official_gap_bound`` po
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evr1 import tasks
 from evr1.config import Config
 from evr1.eval.judge import judge_rows, make_judge
 from evr1.eval.metrics import summarize
@@ -29,7 +29,7 @@ from evr1.eval.plan import (
     judgments_file,
     merged_predictions,
 )
-from evr1.eval.runner import fingerprint, sampling_settings
+from evr1.eval.runner import sampling_settings, settings, task_files
 from evr1.files import (
     atomic_write_bytes,
     atomic_write_figure,
@@ -72,17 +72,22 @@ class CollectReport:
 # --------------------------------------------------------------------------- shards
 
 
-def _shard_state(cfg: Config, task: Any, files: ShardFiles) -> tuple[str | None, Any]:
+def _shard_state(cfg: Config, task: Any) -> tuple[str | None, Any]:
     """(why the shard is unusable or None, its marker)."""
-    if not files.predictions.is_file() or not files.marker.is_file():
-        return "missing (its task failed or has not run)", None
-    try:
-        marker = json.loads(files.marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "unreadable marker", None
-    if task.bench.prepared.is_file() and marker.get("fingerprint") != fingerprint(cfg, task):
-        return "stale (run with other settings or an older prepared file)", marker
-    return None, marker
+    files = task_files(cfg, task)
+    if not task.bench.prepared.is_file():  # no settings to compare: only presence counts
+        marker = tasks.read_marker(files.marker)
+        if marker is None or not all(p.is_file() for p in files.outputs):
+            return "missing (its task failed or has not run)", None
+        return None, marker
+    found = tasks.state(files, settings(cfg, task))
+    if found.status == tasks.STALE:
+        return ("stale (run with other settings or an older prepared file: "
+                + "; ".join(found.changes) + ")"), found.marker
+    if found.status == tasks.ABSENT:
+        return ("unreadable marker" if found.reason == "unreadable marker"
+                else "missing (its task failed or has not run)"), None
+    return None, found.marker
 
 
 def gather(cfg: Config) -> list[Cell]:
@@ -92,7 +97,7 @@ def gather(cfg: Config) -> list[Cell]:
         cell = cells.setdefault(key, Cell(task.model, task.bench, task.num_shards))
         files = ShardFiles.of(cfg, task.model.label, task.bench.alias, task.shard,
                               task.num_shards)
-        problem, marker = _shard_state(cfg, task, files)
+        problem, marker = _shard_state(cfg, task)
         if problem is not None:
             cell.missing.append({"model": task.model.label, "benchmark": task.bench.alias,
                                  "shard": task.shard, "num_shards": task.num_shards,

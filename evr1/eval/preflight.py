@@ -36,7 +36,8 @@ def eval_inputs(cfg: Config) -> list[PreflightInput]:
                                     "launchers/eval.py --config C --prepare first")
         samples = load_samples(run.prepared, check_media=False)
         needs_frames = any(s.data_type != "text" for s in samples)
-        reader = ShardReader(run.shard_dir) if needs_frames else None
+        # with cfg.data: frames made with another budget or geometry are refused, not counted
+        reader = ShardReader(run.shard_dir, cfg.data) if needs_frames else None
         inputs.append(PreflightInput(f"{run.alias} ({run.prepared})", samples, reader,
                                      cfg.data.video.fps))
     return inputs

@@ -4,7 +4,8 @@ The prepared JSONL is what the rest of the stage reads: the preprocess stage cac
 frames into shards (one decode per video, as for training data) and the array tasks take their
 questions from it. Preparing is cheap and deterministic, so launchers redo it before every
 submission; a changed annotation or prompt style changes the file, and the finished shards
-that were computed from the old file are redone (their marker records the file's checksum).
+that were computed from the old file are refused until ``--force`` redoes them (their marker
+records the file's checksum: ``evr1.tasks``).
 
 One benchmark whose files cannot be read does not stop the others: ``prepare_all`` prepares
 every benchmark it can and reports the ones that failed (their old prepared file, if any, is

@@ -8,13 +8,14 @@ decode / timed out when decoding on the fly, is written as ``media_failed`` with
 and scores 0; a batch whose generation raises is retried question by question, and a question
 that still fails is written as ``error``. Nothing is dropped.
 
-The predictions file is written atomically, then the shard marker (settings, counts, timing);
-a re-run skips a shard whose marker matches the current settings and redoes any other.
+The predictions file is written atomically, then the shard marker (settings, counts, timing;
+``evr1.tasks``). A re-run skips a shard whose marker records the current settings, redoes an
+unfinished one, and refuses one finished with other settings (model folder, prepared file,
+sampling) unless ``force`` is given, which redoes it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -29,12 +30,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evr1.config import Config
+from evr1 import tasks
+from evr1.config import Config, DataConfig
 from evr1.data.dataset import sampled_fps
 from evr1.data.schema import Sample, load_samples
 from evr1.eval.plan import EvalTask, ShardFiles, eval_tasks
 from evr1.eval.scoring import ERROR, MEDIA_FAILED, score_response
-from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256, read_jsonl
+from evr1.files import atomic_write_jsonl, file_sha256, read_jsonl
 from evr1.models.loading import load_model, load_processor, resolve_device
 from evr1.rollout.base import Prompt, SamplingParams, generate_isolating_failures
 from evr1.rollout.hf import HFRolloutEngine
@@ -66,26 +68,34 @@ def sampling_settings(cfg: Config) -> dict[str, Any]:
             "frames": e.frames, "dtype": cfg.model.dtype}
 
 
-def fingerprint(cfg: Config, task: EvalTask) -> dict[str, Any]:
+def settings(cfg: Config, task: EvalTask) -> dict[str, Any]:
+    """What decides a shard's predictions; recorded in its marker (``evr1.tasks``)."""
     return {"model": str(task.model.path), "prepared_sha256": file_sha256(task.bench.prepared),
             "sampling": sampling_settings(cfg), "num_shards": task.num_shards}
 
 
-def shard_is_complete(files: ShardFiles, expected: dict[str, Any]) -> bool:
-    if not (files.marker.is_file() and files.predictions.is_file()):
-        return False
-    try:
-        marker = json.loads(files.marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return marker.get("fingerprint") == expected
+REDO = tasks.redo_hint("python launchers/eval.py --config C --array", "eval.out_dir")
+
+
+def task_files(cfg: Config, task: EvalTask) -> tasks.TaskFiles:
+    files = ShardFiles.of(cfg, task.model.label, task.bench.alias, task.shard, task.num_shards)
+    return tasks.TaskFiles(task.shard, task.num_shards, marker=files.marker,
+                           outputs=(files.predictions,))
+
+
+def check_tasks(cfg: Config, chosen: Sequence[EvalTask], force: bool = False) -> list[int]:
+    """Before the array runs: ``SettingsMismatch`` for the shards finished with other
+    settings, or with ``force`` their files deleted. The prepared files must exist."""
+    cleared = tasks.check_stage([(task_files(cfg, t), settings(cfg, t)) for t in chosen],
+                                force=force, redo=REDO)
+    return cleared
 
 
 def shard_samples(prepared: Path, shard: int, num_shards: int) -> list[Sample]:
     if not prepared.is_file():
         raise FileNotFoundError(f"{prepared} does not exist: run python launchers/eval.py "
                                 "--config C --prepare (the --array launcher does it first)")
-    return load_samples(prepared, check_media=False)[shard::num_shards]
+    return tasks.strided(load_samples(prepared, check_media=False), shard, num_shards)
 
 
 # --------------------------------------------------------------------------- frames
@@ -94,9 +104,10 @@ def shard_samples(prepared: Path, shard: int, num_shards: int) -> list[Sample]:
 class ShardFrames:
     """Frames from the benchmark's shard cache; failures come from failures.jsonl."""
 
-    def __init__(self, shard_dir: Path, default_fps: float) -> None:
-        try:
-            self.reader = ShardReader(shard_dir)
+    def __init__(self, shard_dir: Path, default_fps: float, data: DataConfig | None = None
+                 ) -> None:
+        try:  # with ``data``: frames made with another budget or geometry are refused
+            self.reader = ShardReader(shard_dir, data)
         except ShardError as exc:
             raise ShardError(f"{exc}\n(for a benchmark: python launchers/eval.py --config C "
                              "--preprocess caches every benchmark's frames)") from None
@@ -248,29 +259,28 @@ def evaluate_samples(engine: Any, frames: ShardFrames | DecodedFrames, samples: 
 # --------------------------------------------------------------------------- the task
 
 
-def evaluate_shard(cfg: Config, index: int) -> TaskResult:
-    """Array task ``index`` of ``eval_tasks(cfg)``; safe to re-run."""
-    tasks = eval_tasks(cfg)
-    if not 0 <= index < len(tasks):
-        raise ValueError(f"eval task index {index} is outside 0..{len(tasks) - 1}")
-    task = tasks[index]
-    files = ShardFiles.of(cfg, task.model.label, task.bench.alias, task.shard, task.num_shards)
-    expected = fingerprint(cfg, task)
-    if shard_is_complete(files, expected):
+def evaluate_shard(cfg: Config, index: int, force: bool = False) -> TaskResult:
+    """Array task ``index`` of ``eval_tasks(cfg)``; safe to re-run. A shard finished with
+    other settings raises ``evr1.tasks.SettingsMismatch``; ``force`` redoes it."""
+    listed = eval_tasks(cfg)
+    tasks.check_index(index, len(listed))
+    task = listed[index]
+    files = task_files(cfg, task)
+    expected = settings(cfg, task)
+    if tasks.claim(files, expected, force=force, redo=REDO) == tasks.COMPLETE:
         log.info("%s: already complete (%s), skipped", task.name, files.marker.name)
         return TaskResult(index, task.name, skipped=True)
-    files.marker.unlink(missing_ok=True)  # a stale or partial earlier attempt: redo it
     samples = shard_samples(task.bench.prepared, task.shard, task.num_shards)
     start = time.perf_counter()
 
     torch.manual_seed(cfg.eval.seed * 1_000_003 + task.shard)  # reproducible sampling
-    torch.set_num_threads(cpu_threads(cfg, len(tasks)))
+    torch.set_num_threads(cpu_threads(cfg, len(listed)))
     rows: list[dict[str, Any]] = []
     generate_s = 0.0
     if samples:  # more shards than questions leaves some empty: no model to load for them
         frames: ShardFrames | DecodedFrames = (
             DecodedFrames(cfg) if cfg.eval.frames == "decode"
-            else ShardFrames(task.bench.shard_dir, cfg.data.video.fps))
+            else ShardFrames(task.bench.shard_dir, cfg.data.video.fps, cfg.data))
         engine = make_engine(cfg, task.model.path)
         params = SamplingParams(n=1, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                                 max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.eval.seed)
@@ -279,12 +289,12 @@ def evaluate_shard(cfg: Config, index: int) -> TaskResult:
     seconds = time.perf_counter() - start
     status = Counter(r["status"] for r in rows)
     status["truncated"] = sum(1 for r in rows if r.get("truncated"))
-    atomic_write_jsonl(files.predictions, rows)
+    predictions = files.outputs[0]
+    atomic_write_jsonl(predictions, rows)
     result = TaskResult(index, task.name, items=len(rows), seconds=seconds,
                         generate_seconds=generate_s, counts=dict(status))
-    atomic_write_json(files.marker, {
-        "fingerprint": expected, "model": task.model.label, "benchmark": task.bench.alias,
-        "shard": task.shard, "num_shards": task.num_shards, "sampling": expected["sampling"],
-        "result": asdict(result)})
+    tasks.write_marker(files, expected, model=task.model.label, benchmark=task.bench.alias,
+                       shard=task.shard, num_shards=task.num_shards,
+                       sampling=expected["sampling"], result=asdict(result))
     log.info("%s: %d questions in %.1f s (%s)", task.name, len(rows), seconds, dict(status))
     return result

@@ -352,7 +352,7 @@ def run_checks(counter: TokenCounter, inputs: Sequence[PreflightInput],
 
 def training_inputs(cfg: Config) -> list[PreflightInput]:
     """The training and held-out samples the trainer will prompt with, and their frames."""
-    reader = ShardReader(cfg.shard_dir)
+    reader = ShardReader(cfg.shard_dir, cfg.data)  # refuses frames of another budget
     inputs = []
     for jsonl in (cfg.data.train_jsonl, cfg.data.eval_jsonl):
         if not jsonl:

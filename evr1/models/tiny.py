@@ -22,6 +22,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+from evr1.config import FAMILY_PATCH_SIZE
 from evr1.models.tokenizer import (
     CHAT_TEMPLATE,
     ENDOFTEXT,
@@ -35,7 +36,6 @@ from evr1.models.tokenizer import (
 
 Family = Literal["qwen2_5_vl", "qwen3_vl"]
 FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
-_DEFAULT_PATCH = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _sizes(family: str, overrides: dict[str, Any], shape: str = "tiny") -> TinyS
         raise ValueError("tiny model: attention_head_dim is a Qwen3-VL setting (Qwen2.5-VL "
                          "derives head_dim from hidden_size / num_heads)")
     if sizes.patch_size is None:
-        sizes.patch_size = _DEFAULT_PATCH[family]
+        sizes.patch_size = FAMILY_PATCH_SIZE[family]
     sizes.validate()
     return sizes
 

@@ -16,18 +16,19 @@ from typing import Any
 
 from evr1 import runs
 from evr1.config import Config, ConfigError, load_config
-from evr1.data import curate
+from evr1.data.preprocess import TaskSummary, check_tasks, input_files, preprocess_shard
 from evr1.data.schema import check_files, load_samples
 from evr1.eval.collect import collect
 from evr1.eval.plan import eval_tasks, pin_models, pinned_file, resolve_benchmarks, task_count
 from evr1.eval.preflight import preflight_eval
 from evr1.eval.prepare import prepare_all
+from evr1.eval.runner import check_tasks as check_eval_tasks
 from evr1.eval.runner import evaluate_shard
 from evr1.files import read_jsonl
 from evr1.models.loading import ensure_model
 from evr1.models.preflight import PreflightError
+from evr1.pipeline import curate
 from evr1.pipeline.executor import run_array, submit_array, submit_job
-from evr1.video.preprocess import TaskSummary, input_files, preprocess_shard
 from evr1.video.shards import FAILURES, MANIFEST, ShardError, merge_manifests
 
 
@@ -68,8 +69,10 @@ def run_stage_array(cfg: Config, stage: str, task_fn: Callable[[Config, int], An
     return finish() if finish else 0
 
 
-def preprocess_array(cfg: Config, wait: bool = True) -> int:
-    """Decode every media file once into shards: one array task per shard."""
+def preprocess_array(cfg: Config, wait: bool = True, force: bool = False) -> int:
+    """Decode every media file once into shards: one array task per shard. Tasks finished
+    with other settings are refused before any work, or with ``force`` redone."""
+    check_tasks(cfg, force)
     return run_stage_array(
         cfg, "preprocess", preprocess_shard, list(range(cfg.preprocess.num_tasks)), wait=wait,
         summarize=print_preprocess_summary,
@@ -85,14 +88,16 @@ def submit_preprocess(cfg: Config, after: Sequence[str] = ()) -> list[str]:
     The last task to finish merges the manifest, so a job that depends on this array
     (``afterok``) finds ``manifest.json`` complete.
     """
+    check_tasks(cfg)
     jobs = submit_array(functools.partial(preprocess_shard, cfg),
                         list(range(cfg.preprocess.num_tasks)), cfg.launch,
                         cfg.submitit_dir / "preprocess", name="evr1-preprocess", after=after)
     return [job.job_id for job in jobs]
 
 
-def preprocess_sequential(cfg: Config) -> int:
+def preprocess_sequential(cfg: Config, force: bool = False) -> int:
     """All tasks one after another in this process (debugging, tiny inputs)."""
+    check_tasks(cfg, force)
     print_preprocess_summary([preprocess_shard(cfg, t) for t in range(cfg.preprocess.num_tasks)])
     return merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks)
 
@@ -144,7 +149,7 @@ def eval_prepare(cfg: Config) -> int:
     return 1 if report.failed else 0
 
 
-def eval_preprocess(cfg: Config, wait: bool = True) -> int:
+def eval_preprocess(cfg: Config, wait: bool = True, force: bool = False) -> int:
     """Cache every benchmark's frames with the preprocess stage (one array per benchmark)."""
     status = eval_prepare(cfg)
     if status:
@@ -162,7 +167,7 @@ def eval_preprocess(cfg: Config, wait: bool = True) -> int:
         sub = dataclasses.replace(cfg, preprocess=dataclasses.replace(
             cfg.preprocess, inputs=[str(run.prepared)], out_dir=str(run.shard_dir)))
         print(f"== preprocess {run.alias} -> {run.shard_dir} ==")
-        status = preprocess_array(sub, wait=wait)
+        status = preprocess_array(sub, wait=wait, force=force)
         if status:
             return status
     return 0
@@ -195,8 +200,10 @@ def _check_frames(cfg: Config) -> list[str]:
             for run in resolve_benchmarks(cfg) if not (run.shard_dir / "manifest.json").exists()]
 
 
-def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
-    """Prepare, then run every (model, benchmark, shard) task: as one array, or in-process."""
+def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True,
+                   force: bool = False) -> int:
+    """Prepare, then run every (model, benchmark, shard) task: as one array, or in-process.
+    Shards finished with other settings are refused before any work, or with ``force`` redone."""
     cfg = pin_models(cfg, record=True)
     status = eval_prepare(cfg)
     if status:
@@ -209,10 +216,11 @@ def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     try:  # every question fits max_prompt_length and each model's context
         for budget in preflight_eval(cfg):
             print(budget.summary())
-    except PreflightError as exc:
+    except (PreflightError, ShardError) as exc:  # ShardError: frames of another budget
         print(exc)
         return 1
     tasks = eval_tasks(cfg)
+    check_eval_tasks(cfg, tasks, force)
     print(f"eval: {len(tasks)} task(s): " + ", ".join(t.name for t in tasks))
     if not submit:
         results = [evaluate_shard(cfg, t.index) for t in tasks]
@@ -313,9 +321,12 @@ def prepare_curation(cfg: Config) -> Config:
     return dataclasses.replace(cfg, curate=dataclasses.replace(cfg.curate, model=str(model)))
 
 
-def run_curation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
-    """Pass rates of every sample (one array task per shard), then the collector."""
+def run_curation(cfg: Config, submit: bool = True, wait: bool = True,
+                 force: bool = False) -> int:
+    """Pass rates of every sample (one array task per shard), then the collector. Shards
+    finished with other settings are refused before any work, or with ``force`` redone."""
     cfg = prepare_curation(cfg)
+    curate.check_tasks(cfg, force)
     tasks = list(range(cfg.curate.num_shards))
     if not submit:
         print_curate_summary([curate.curate_shard(cfg, t) for t in tasks])

@@ -96,7 +96,7 @@ class Trainer:
         self.stop_signals = stop_signals
         self.run_dir = Path(cfg.run_dir)
         # Data first: a sample the rewards cannot score fails here, before any model is built.
-        reader = ShardReader(cfg.shard_dir)
+        reader = ShardReader(cfg.shard_dir, cfg.data)  # refuses frames of another budget
         self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
                                         cfg.data.include_tasks, cfg.data.video.fps,
                                         cfg.reward.fallback_type)

@@ -29,7 +29,10 @@ from typing import Any
 import h5py
 import numpy as np
 
+from evr1 import tasks
+from evr1.config import DataConfig
 from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256, fsync_dir, read_jsonl
+from evr1.tasks import part_name
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,10 +44,6 @@ class ShardError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- naming
-
-
-def part_name(kind: str, task: int, num_tasks: int, suffix: str) -> str:
-    return f"{kind}-{task:05d}-of-{num_tasks:05d}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,12 @@ class TaskFiles:
         return cls(shard=out_dir / part_name("shard", task, num_tasks, ".h5"),
                    manifest=out_dir / part_name("manifest", task, num_tasks, ".json"),
                    failures=out_dir / part_name("failures", task, num_tasks, ".jsonl"))
+
+    def marked(self, task: int, num_tasks: int) -> tasks.TaskFiles:
+        """The same files as ``evr1.tasks`` sees them: the manifest part is the marker; a
+        task whose every sample failed writes no shard, so the shard is not required."""
+        return tasks.TaskFiles(task, num_tasks, marker=self.manifest, outputs=(self.failures,),
+                               extra=(self.shard,))
 
 
 def frames_sha256(frames: np.ndarray) -> str:
@@ -90,6 +95,29 @@ class MediaEntry:
     source_num_frames: int
     source_size: list[int]  # [h, w] before resizing
     sampling: dict[str, Any] = field(default_factory=dict)  # the budget that produced it
+
+
+def sampling_params(data: DataConfig, data_type: str) -> dict[str, Any]:
+    """The budget and geometry a media file of ``data_type`` is sampled and resized with:
+    recorded with every entry (``MediaEntry.sampling``), and checked by ``ShardReader``
+    against the config that reads the shards."""
+    budget = data.video if data_type == "video" else data.image
+    # Named settings before the derived factor, so that a mismatch names the field.
+    params: dict[str, Any] = {"patch_size": data.patch_size, "merge_size": data.merge_size,
+                              "factor": data.resize_factor, "min_pixels": budget.min_pixels,
+                              "max_pixels": budget.max_pixels}
+    if data_type == "video":
+        params.update(fps=budget.fps, min_frames=budget.min_frames, max_frames=budget.max_frames,
+                      total_pixels=budget.total_pixels, temporal_patch=data.temporal_patch_size)
+    return params
+
+
+def setting_name(param: str, data_type: str) -> str:
+    """The config field behind a ``sampling_params`` key."""
+    budget = "video" if data_type == "video" else "image"
+    return {"factor": "data.patch_size x data.merge_size", "patch_size": "data.patch_size",
+            "merge_size": "data.merge_size", "temporal_patch": "data.temporal_patch_size",
+            }.get(param, f"data.{budget}.{param}")
 
 
 # --------------------------------------------------------------------------- writing
@@ -203,6 +231,13 @@ def merge_manifests(out_dir: Path, num_tasks: int) -> dict[str, Any]:
         (missing.append(task) if part is None else parts.append(part))
     if missing:
         raise ShardError(f"{out_dir}: tasks {missing} of {num_tasks} have no manifest yet")
+    settings = [tasks.recorded_settings(part) for part in parts]
+    if any(s != settings[0] for s in settings):  # only tasks run by hand with other configs
+        odd = [t for t, s in enumerate(settings) if s != settings[0]]
+        raise ShardError(f"{out_dir}: tasks {odd} of {num_tasks} were made with other settings "
+                         "than task 0: "
+                         + "; ".join(tasks.differences(settings[0] or {}, settings[odd[0]] or {}))
+                         + " (re-run the stage with the settings wanted and --force)")
     samples: dict[str, Any] = {}
     media: dict[str, Any] = {}
     shards = []
@@ -216,6 +251,8 @@ def merge_manifests(out_dir: Path, num_tasks: int) -> dict[str, Any]:
         failures.extend(read_jsonl(TaskFiles.of(out_dir, task, num_tasks).failures))
     merged = {"version": MANIFEST_VERSION, "num_tasks": num_tasks, "shards": shards,
               "media": media, "samples": samples, "num_failures": len(failures)}
+    if settings[0] is not None:
+        merged["settings"] = settings[0]
     atomic_write_json(out_dir / MANIFEST, merged)
     atomic_write_jsonl(out_dir / FAILURES, failures)
     return merged
@@ -235,9 +272,14 @@ class ShardReader:
 
     Safe across DataLoader worker processes: HDF5 handles are opened lazily and per process
     (a handle inherited through fork is never reused), so each worker reads with its own.
+
+    Given the reading config's ``data`` section, the budget and geometry every entry was
+    made with (fps, frame counts, pixel budgets, patch / merge / temporal patch sizes) must
+    be the config's: frames sampled for another model or budget are refused (ShardError
+    naming the setting, the folder and both values), not fed to the model.
     """
 
-    def __init__(self, shard_dir: str | Path) -> None:
+    def __init__(self, shard_dir: str | Path, data: DataConfig | None = None) -> None:
         self.shard_dir = Path(shard_dir)
         manifest_path = self.shard_dir / MANIFEST
         if not manifest_path.exists():
@@ -251,6 +293,29 @@ class ShardReader:
         self.sample_media: dict[str, str] = manifest["samples"]
         self._handles: dict[str, h5py.File] = {}
         self._pid = os.getpid()
+        if data is not None:
+            self.check_settings(data)
+
+    def check_settings(self, data: DataConfig) -> None:
+        """Raise ShardError at the first recorded sampling setting that is not ``data``'s."""
+        seen: set[tuple[str, str]] = set()
+        for entry in self.media.values():
+            key = (entry.data_type, json.dumps(entry.sampling, sort_keys=True))
+            if key in seen:
+                continue
+            seen.add(key)
+            expected = sampling_params(data, entry.data_type)
+            # Shards of older versions record fewer keys; each recorded one is checked.
+            for name, want in expected.items():
+                if name in entry.sampling and entry.sampling[name] != want:
+                    setting = setting_name(name, entry.data_type)
+                    raise ShardError(
+                        f"{self.shard_dir}: {setting} is {entry.sampling[name]} in these shards "
+                        f"(e.g. {entry.data_type} {entry.path}) but {want} in this config: its "
+                        "frames were sampled and resized for the recorded value. Set "
+                        f"{setting} back, or preprocess again with this config (python "
+                        "launchers/preprocess.py --config C --array --force, or another "
+                        "preprocess.out_dir)")
 
     def __len__(self) -> int:
         return len(self.sample_media)

@@ -17,20 +17,23 @@ record with its status and reason; the task goes on.
       report.json, report.md, pass_rates.png      counts per problem type and pass-rate bucket
       curated.jsonl                               the kept samples (curate.output_jsonl)
 
-A re-run skips a shard whose marker matches the current settings; a task that was killed
-resumes from its partial file after the last whole batch (batches are fixed positions in the
-shard and each is seeded from its sample ids, so the resumed records equal the uninterrupted
-ones). The collector merges the shards (it refuses while one is missing), keeps the samples
-whose pass rate is in the configured range, applies the per-type caps (a seeded draw, the same
-on every run), attaches one correct sampled response as ``offline_output`` where the pass rate
-is above 0 and below ``attach_offline_below``, and writes the report. Filter settings are not
-part of a shard's settings: changing them only needs ``--collect`` again.
+A re-run skips a shard whose marker (``evr1.tasks``) records the current settings, refuses
+one finished with other settings (model, input, sampling) unless ``force`` is given, which
+redoes it; a task that was killed resumes from its partial file after the last whole batch
+(batches are fixed positions in the shard and each is seeded from its sample ids, so the
+resumed records equal the uninterrupted ones). The collector merges the shards (it refuses
+while one is missing), keeps the samples whose pass rate is in the configured range, applies
+the per-type caps (a seeded draw, the same on every run), attaches one correct sampled
+response as ``offline_output`` where the pass rate is above 0 and below
+``attach_offline_below``, and writes the report. Filter settings are not part of a shard's
+settings: changing them only needs ``--collect`` again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -38,11 +41,16 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from evr1 import tasks
 from evr1.config import Config, ConfigError
 from evr1.data.dataset import sample_task
 from evr1.data.schema import Sample, check_files, load_samples, write_samples
+from evr1.eval.runner import ShardFrames, cpu_threads
 from evr1.files import (
     atomic_write_bytes,
     atomic_write_figure,
@@ -51,10 +59,17 @@ from evr1.files import (
     file_sha256,
     read_jsonl,
 )
-from evr1.video.shards import part_name
-
-if TYPE_CHECKING:  # evr1.rollout.base imports torch: only the tasks that generate load it
-    from evr1.rollout.base import Response
+from evr1.models.loading import load_model, load_processor, resolve_device
+from evr1.rewards import UnknownProblemType, canonical_type, score_batch
+from evr1.rollout.base import (
+    Prompt,
+    Response,
+    SamplingParams,
+    generate_isolating_failures,
+)
+from evr1.rollout.hf import HFRolloutEngine
+from evr1.tasks import part_name
+from evr1.train.groups import reward_item
 
 log = logging.getLogger("evr1.curate")
 
@@ -118,6 +133,10 @@ class CurateFiles:
                    folder / part_name("shard", shard, num_shards, ".json"),
                    folder / part_name("partial", shard, num_shards, ".jsonl"))
 
+    def marked(self, shard: int, num_shards: int) -> tasks.TaskFiles:
+        return tasks.TaskFiles(shard, num_shards, marker=self.marker, outputs=(self.records,),
+                               extra=(self.partial,))
+
 
 # --------------------------------------------------------------------------- settings
 
@@ -126,10 +145,6 @@ def resolve_engine(engine: str) -> str:
     """``auto``: vLLM where it is installed and a GPU is present, else ``hf``."""
     if engine != "auto":
         return engine
-    import importlib.util
-
-    import torch
-
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
 
 
@@ -142,23 +157,35 @@ def sampling_settings(cfg: Config) -> dict[str, Any]:
             "dtype": cfg.model.dtype}
 
 
-def fingerprint(cfg: Config) -> dict[str, Any]:
+def settings(cfg: Config) -> dict[str, Any]:
+    """What decides a shard's records; recorded in its marker (``evr1.tasks``)."""
     return {"model": str(model_dir(cfg)), "input": str(input_jsonl(cfg)),
             "input_sha256": file_sha256(input_jsonl(cfg)), "sampling": sampling_settings(cfg),
             "num_shards": cfg.curate.num_shards}
 
 
-def _marker_matches(files: CurateFiles, expected: dict[str, Any]) -> str | None:
-    """None when the shard is complete for ``expected``; else why not."""
-    if not files.marker.is_file() or not files.records.is_file():
-        return "not written (its task failed or never ran)"
-    try:
-        marker = json.loads(files.marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "unreadable marker"
-    if marker.get("fingerprint") != expected:
-        return "made with other settings, model or input (stale)"
+REDO = tasks.redo_hint("python launchers/curate.py --config C --array", "curate.out_dir")
+
+
+def _marker_matches(files: CurateFiles, index: int, n: int, expected: dict[str, Any]
+                    ) -> str | None:
+    """None when shard ``index`` of ``n`` is complete for ``expected``; else why not."""
+    found = tasks.state(files.marked(index, n), expected)
+    if found.status == tasks.STALE:
+        return "made with other settings, model or input (stale): " + "; ".join(found.changes)
+    if found.status == tasks.ABSENT:
+        return "unreadable marker" if found.reason == "unreadable marker" else \
+            "not written (its task failed or never ran)"
     return None
+
+
+def check_tasks(cfg: Config, force: bool = False) -> list[int]:
+    """Before the array runs: ``SettingsMismatch`` for the shards finished with other
+    settings, or with ``force`` their files deleted."""
+    n = cfg.curate.num_shards
+    expected = settings(cfg)
+    return tasks.check_stage([(CurateFiles.of(cfg, i, n).marked(i, n), expected)
+                              for i in range(n)], force=force, redo=REDO)
 
 
 def load_input(cfg: Config) -> list[Sample]:
@@ -183,8 +210,6 @@ def check_inputs(cfg: Config) -> list[Sample]:
 
 
 def canonical_caps(cfg: Config) -> dict[str, int]:
-    from evr1.rewards import UnknownProblemType, canonical_type
-
     caps: dict[str, int] = {}
     for name, cap in cfg.curate.caps.items():
         try:
@@ -206,12 +231,9 @@ def batch_seed(seed: int, sample_ids: list[str]) -> int:
 def make_engine(cfg: Config, model_path: Path) -> Any:
     """The rollout engine of ``curate.engine``; the model is loaded once per task."""
     if resolve_engine(cfg.curate.engine) == "vllm":
-        from evr1.rollout.vllm import make_vllm_engine
+        from evr1.rollout.vllm import make_vllm_engine  # optional heavy dependency (vLLM)
 
         return make_vllm_engine(model_path, cfg.rollout, seed=cfg.curate.seed)
-    from evr1.models.loading import load_model, load_processor, resolve_device
-    from evr1.rollout.hf import HFRolloutEngine
-
     device = resolve_device(cfg.curate.device, "curate.device")
     model = load_model(model_path, cfg.model.dtype, device,
                        attn_implementation=cfg.model.attn_implementation)
@@ -241,9 +263,6 @@ def pass_record(sample: Sample, responses: list[Response], accuracies: list[floa
 
 def score_group(sample: Sample, texts: list[str], cfg: Config) -> tuple[list[float], list[float]]:
     """(accuracy, overall reward) of each response: the training reward's own scorer."""
-    from evr1.rewards import score_batch
-    from evr1.train.groups import reward_item
-
     batch = score_batch([reward_item(sample, t) for t in texts], cfg.reward)
     return [r.accuracy for r in batch.results], [r.overall for r in batch.results]
 
@@ -251,10 +270,6 @@ def score_group(sample: Sample, texts: list[str], cfg: Config) -> tuple[list[flo
 def curate_batch(engine: Any, frames: Any, samples: list[Sample], cfg: Config
                  ) -> list[dict[str, Any]]:
     """Records for one batch, in the order of ``samples``."""
-    import torch
-
-    from evr1.rollout.base import Prompt, SamplingParams, generate_isolating_failures
-
     records: dict[str, dict[str, Any]] = {}
     ready: list[tuple[Sample, Prompt]] = []
     for sample in samples:
@@ -303,7 +318,7 @@ class CurateTaskResult:
 
 
 def shard_samples(cfg: Config, shard: int) -> list[Sample]:
-    return load_input(cfg)[shard::cfg.curate.num_shards]
+    return tasks.strided(load_input(cfg), shard, cfg.curate.num_shards)
 
 
 def _read_partial(files: CurateFiles, expected: dict[str, Any]) -> dict[int, list[dict]]:
@@ -332,17 +347,17 @@ def _append_line(handle: Any, obj: dict[str, Any]) -> None:
     os.fsync(handle.fileno())
 
 
-def curate_shard(cfg: Config, index: int) -> CurateTaskResult:
-    """Array task ``index`` of ``curate.num_shards``: pass rates of its share; safe to re-run."""
+def curate_shard(cfg: Config, index: int, force: bool = False) -> CurateTaskResult:
+    """Array task ``index`` of ``curate.num_shards``: pass rates of its share; safe to re-run.
+    A shard finished with other settings raises ``evr1.tasks.SettingsMismatch``; ``force``
+    redoes it."""
     n = cfg.curate.num_shards
-    if not 0 <= index < n:
-        raise ValueError(f"curate task index {index} is outside 0..{n - 1}")
+    tasks.check_index(index, n)
     files = CurateFiles.of(cfg, index, n)
-    expected = fingerprint(cfg)
-    if _marker_matches(files, expected) is None:
+    expected = settings(cfg)
+    if tasks.claim(files.marked(index, n), expected, force=force, redo=REDO) == tasks.COMPLETE:
         log.info("curate shard %d/%d: already complete, skipped", index, n)
         return CurateTaskResult(index, skipped=True)
-    files.marker.unlink(missing_ok=True)
     samples = shard_samples(cfg, index)
     size = cfg.curate.batch_size
     batches = [samples[i:i + size] for i in range(0, len(samples), size)]
@@ -351,14 +366,10 @@ def curate_shard(cfg: Config, index: int) -> CurateTaskResult:
     records: list[dict[str, Any]] = []
     todo = [b for b in range(len(batches)) if b not in done]
     if todo:
-        import torch
-        from tqdm import tqdm
-
-        from evr1.eval.runner import ShardFrames, cpu_threads
-
         torch.set_num_threads(cpu_threads(cfg, n))
         needs_frames = any(s.data_type != "text" for b in todo for s in batches[b])
-        frames = ShardFrames(frames_dir(cfg), cfg.data.video.fps) if needs_frames else None
+        frames = ShardFrames(frames_dir(cfg), cfg.data.video.fps, cfg.data) \
+            if needs_frames else None
         engine = make_engine(cfg, model_dir(cfg))
         # Start the progress file again from what is kept (drops a torn last line), then
         # append one line per finished batch.
@@ -379,8 +390,8 @@ def curate_shard(cfg: Config, index: int) -> CurateTaskResult:
                               resumed_batches=len(batches) - len(todo),
                               seconds=time.perf_counter() - start, counts=dict(counts))
     atomic_write_jsonl(files.records, records)
-    atomic_write_json(files.marker, {"fingerprint": expected, "shard": index, "num_shards": n,
-                                     "result": asdict(result)})
+    tasks.write_marker(files.marked(index, n), expected, shard=index, num_shards=n,
+                       result=asdict(result))
     files.partial.unlink(missing_ok=True)
     log.info("curate shard %d/%d: %d samples in %.1f s (%s)", index, n, len(records),
              result.seconds, dict(counts))
@@ -408,8 +419,6 @@ def decide(samples: list[Sample], records: dict[str, dict[str, Any]], cfg: Confi
            ) -> dict[str, str]:
     """Each sample id -> ``kept``, ``below_range``, ``above_range``, ``capped`` or its failed
     status. Caps keep a seeded draw of each over-full problem type (independent of order)."""
-    from evr1.rewards import canonical_type
-
     c = cfg.curate
     decision: dict[str, str] = {}
     kept_by_type: dict[str, list[str]] = {}
@@ -460,13 +469,13 @@ class CurateReport:
 
 def gather(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(every shard's records, the shards that are missing or stale)."""
-    expected = fingerprint(cfg)
+    expected = settings(cfg)
     n = cfg.curate.num_shards
     records: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
     for shard in range(n):
         files = CurateFiles.of(cfg, shard, n)
-        problem = _marker_matches(files, expected)
+        problem = _marker_matches(files, shard, n, expected)
         if problem:
             missing.append({"shard": shard, "num_shards": n, "file": str(files.records),
                             "reason": problem})
@@ -519,8 +528,6 @@ def build_report(cfg: Config, samples: list[Sample], records: dict[str, dict[str
         return {"samples": 0, **{o: 0 for o in outcomes}, "buckets": {b: 0 for b in BUCKETS},
                 "passes_hist": [0] * (c.k + 1)}
 
-    from evr1.rewards import canonical_type
-
     total = empty()
     by_type: dict[str, dict[str, Any]] = {}  # by canonical type, as the caps are
     for sample in samples:
@@ -572,9 +579,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def histogram(report: dict[str, Any], path: Path) -> None:
     """Samples per number of passes (0..k), stacked by problem type; the kept range shaded."""
+    # heavy import, needed only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy import, needed only when a figure is drawn
     import matplotlib.pyplot as plt
 
     k = report["settings"]["k"]

@@ -2,9 +2,13 @@
 
 The work list is the set of distinct media files referenced by the input JSONL files (several
 questions often share one video: it is decoded and stored once). Task ``i`` of ``N`` takes a
-contiguous slice of that list, so every task can compute its own share from the config alone,
-with no coordinator. A finished task is skipped on a re-run (its manifest part exists and its
-shard matches the recorded checksum); an unfinished one starts over from a clean slate.
+contiguous slice of that list (``evr1.tasks.contiguous``), so every task can compute its own
+share from the config alone, with no coordinator. The manifest part is the task's completion
+marker (``evr1.tasks``): it records the settings that decide the frames (budgets, geometry,
+decoder, compression, the input files' checksums). A re-run skips a task finished with the
+same settings (and whose shard still matches its checksum), starts an unfinished one over
+from a clean slate, and refuses one finished with other settings unless ``force`` is given
+(then it is redone).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from evr1 import tasks
 from evr1.config import Config
 from evr1.data.schema import Sample, load_samples
-from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256
+from evr1.files import atomic_write_jsonl, file_sha256
 from evr1.video.decode import load_visual
 from evr1.video.shards import (
+    FAILURES,
+    MANIFEST,
     MANIFEST_VERSION,
     MediaEntry,
     ShardWriter,
@@ -28,6 +35,7 @@ from evr1.video.shards import (
     frames_sha256,
     merge_manifests,
     remove_stale_temporaries,
+    sampling_params,
     task_is_complete,
 )
 
@@ -89,39 +97,72 @@ def collect_media(samples: list[Sample]) -> list[MediaJob]:
     return list(jobs.values())
 
 
-def task_slice(num_items: int, task: int, num_tasks: int) -> range:
-    """Contiguous, balanced slice of ``num_items`` for array task ``task`` of ``num_tasks``."""
-    if not 0 <= task < num_tasks:
-        raise ValueError(f"task index {task} is outside 0..{num_tasks - 1}")
-    return range(task * num_items // num_tasks, (task + 1) * num_items // num_tasks)
+REDO = tasks.redo_hint("python launchers/preprocess.py --config C --array (for benchmark "
+                       "frames: launchers/eval.py --preprocess)", "preprocess.out_dir")
 
 
-def sampling_params(cfg: Config, data_type: str) -> dict[str, object]:
-    budget = cfg.data.video if data_type == "video" else cfg.data.image
-    params: dict[str, object] = {"factor": cfg.data.resize_factor,
-                                 "min_pixels": budget.min_pixels, "max_pixels": budget.max_pixels}
-    if data_type == "video":
-        params.update(fps=budget.fps, min_frames=budget.min_frames, max_frames=budget.max_frames,
-                      total_pixels=budget.total_pixels,
-                      temporal_patch=cfg.data.temporal_patch_size)
-    return params
+def settings(cfg: Config) -> dict[str, object]:
+    """What decides a task's frames: a task finished with other settings is not reused."""
+    d = cfg.data
+    return {
+        "data": {"video": asdict(d.video),
+                 "image": {"min_pixels": d.image.min_pixels, "max_pixels": d.image.max_pixels},
+                 "patch_size": d.patch_size, "merge_size": d.merge_size,
+                 "temporal_patch_size": d.temporal_patch_size,
+                 "max_source_pixels": d.max_source_pixels, "media_root": d.media_root},
+        "preprocess": {"backend": cfg.preprocess.backend,
+                       "dali_device": cfg.preprocess.dali_device,
+                       "compression": cfg.preprocess.compression,
+                       "num_tasks": cfg.preprocess.num_tasks},
+        # Which media files exist and which task takes each: the inputs' content.
+        "inputs": {path: file_sha256(Path(path)) for path in input_files(cfg)}}
 
 
-def preprocess_shard(cfg: Config, task: int) -> TaskSummary:
-    """Preprocess array task ``task`` of ``cfg.preprocess.num_tasks``; safe to re-run."""
+def task_files(cfg: Config) -> list[tasks.TaskFiles]:
+    n = cfg.preprocess.num_tasks
+    return [TaskFiles.of(cfg.shard_dir, t, n).marked(t, n) for t in range(n)]
+
+
+def check_tasks(cfg: Config, force: bool = False, only: list[int] | None = None) -> list[int]:
+    """Before the array runs: ``SettingsMismatch`` naming every task (of ``only``, default
+    all) finished with other settings and what changed, or with ``force`` their files (and
+    the merged manifest made from them) deleted. Returns the tasks cleared."""
+    current = settings(cfg)
+    chosen = [f for f in task_files(cfg) if only is None or f.task in only]
+    cleared = tasks.check_stage([(f, current) for f in chosen], force=force, redo=REDO)
+    if cleared:
+        drop_merged(cfg.shard_dir)
+    return cleared
+
+
+def drop_merged(out_dir: Path) -> None:
+    for name in (MANIFEST, FAILURES):  # made from tasks that are being redone
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def preprocess_shard(cfg: Config, task: int, force: bool = False) -> TaskSummary:
+    """Preprocess array task ``task`` of ``cfg.preprocess.num_tasks``; safe to re-run.
+
+    A task finished with other settings raises ``evr1.tasks.SettingsMismatch``; with
+    ``force`` it is redone (a task finished with these settings is skipped either way)."""
     num_tasks = cfg.preprocess.num_tasks
+    tasks.check_index(task, num_tasks)
     out_dir = cfg.shard_dir
     files = TaskFiles.of(out_dir, task, num_tasks)
-    if task_is_complete(files, verify=cfg.preprocess.verify_on_skip):
+    current = settings(cfg)
+    status = tasks.claim(files.marked(task, num_tasks), current, force=force, redo=REDO)
+    if status == tasks.COMPLETE and task_is_complete(files, verify=cfg.preprocess.verify_on_skip):
         log.info("task %d/%d already complete (%s): skipped", task, num_tasks, files.manifest.name)
         try_merge(out_dir, num_tasks)
         return TaskSummary(task=task, skipped=True)
+    if status == tasks.STALE:
+        drop_merged(out_dir)
     remove_stale_temporaries(out_dir, files)
     for stale in (files.manifest, files.failures, files.shard):
         stale.unlink(missing_ok=True)  # an incomplete earlier attempt: start clean
 
     jobs = collect_media(load_all_samples(cfg))
-    mine = [jobs[i] for i in task_slice(len(jobs), task, num_tasks)]
+    mine = [jobs[i] for i in tasks.contiguous(len(jobs), task, num_tasks)]
     summary = TaskSummary(task=task, media=len(mine),
                           samples=sum(len(j.sample_ids) for j in mine))
     start = time.perf_counter()
@@ -141,7 +182,7 @@ def preprocess_shard(cfg: Config, task: int) -> TaskSummary:
                              for sid in job.sample_ids]
                 continue
             entry = store_visual(writer, files.shard.name, job, visual,
-                                 sampling_params(cfg, job.data_type))
+                                 sampling_params(cfg.data, job.data_type))
             media_id = f"{task:05d}-{n:06d}"
             media[media_id] = asdict(entry)
             sample_media.update({sid: media_id for sid in job.sample_ids})
@@ -156,12 +197,13 @@ def preprocess_shard(cfg: Config, task: int) -> TaskSummary:
     summary.bytes_written = files.shard.stat().st_size if media else 0
     # Failures first, manifest last: the manifest part is the task's completion marker.
     atomic_write_jsonl(files.failures, failures)
-    atomic_write_json(files.manifest, {
-        "version": MANIFEST_VERSION, "task": task, "num_tasks": num_tasks,
-        "shard": files.shard.name if media else None,
-        "shard_sha256": file_sha256(files.shard) if media else None,
-        "shard_bytes": summary.bytes_written,
-        "media": media, "samples": sample_media, "stats": asdict(summary)})
+    tasks.write_marker(
+        files.marked(task, num_tasks), current,
+        version=MANIFEST_VERSION, task=task, num_tasks=num_tasks,
+        shard=files.shard.name if media else None,
+        shard_sha256=file_sha256(files.shard) if media else None,
+        shard_bytes=summary.bytes_written,
+        media=media, samples=sample_media, stats=asdict(summary))
     try_merge(out_dir, num_tasks)
     return summary
 
