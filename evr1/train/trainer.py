@@ -29,6 +29,7 @@ from evr1.rollout.base import SamplingParams
 from evr1.rollout.hf import HFRolloutEngine
 from evr1.train import checkpoint as ckpt
 from evr1.train.async_eval import AsyncEvaluator
+from evr1.train.backends import fsdp
 from evr1.train.backends.hf import HFBackend
 from evr1.train.batch import make_policy_batches
 from evr1.train.groups import (
@@ -76,21 +77,24 @@ def ensure_model(cfg: Config) -> Path:
     return build_tiny_model(path, corpus, family=cfg.model.family, seed=cfg.seed)
 
 
-def make_backend(cfg: Config, model: torch.nn.Module, model_dir: Path):
+def make_backend(cfg: Config, model: torch.nn.Module | None, model_dir: Path):
     """The configured training backend; ``megatron`` needs torch.distributed (torchrun, srun)."""
     if cfg.train.backend == "megatron":
         from evr1.train.backends.megatron.backend import MegatronBackend
 
         return MegatronBackend(model_dir, cfg.train, cfg.rollout.temperature,
                                dtype=cfg.model.dtype, seed=cfg.seed)
-    return HFBackend(model, cfg.train, cfg.rollout.temperature)
+    # Under FSDP the weights stay gathered between updates only for the hf engine, which
+    # generates with this model; vLLM has its own copy.
+    return HFBackend(model, cfg.train, cfg.rollout.temperature,
+                     gather_for_rollouts=cfg.rollout.engine == "hf")
 
 
 def _no_op() -> None:
     pass
 
 
-def make_engine(cfg: Config, model: torch.nn.Module, processor, model_dir: Path):
+def make_engine(cfg: Config, model: torch.nn.Module | None, processor, model_dir: Path):
     """The configured rollout engine; ``hf`` shares the trainer's model object."""
     if cfg.rollout.engine == "vllm":
         from evr1.rollout.vllm import make_vllm_engine  # only where vLLM is installed
@@ -120,10 +124,17 @@ class Trainer:
         self.model_dir = model_dir
         self.processor = load_processor(model_dir)
         device = resolve_device(cfg.model.device, "model.device")
-        self.model = load_model(model_dir, cfg.model.dtype, device,
-                                attn_implementation=cfg.model.attn_implementation)
+        # torchrun / srun with several ranks: join the process group first, so that a model
+        # loaded to "cuda" lands on this rank's GPU.
+        fsdp.join_process_group()
+        # The whole HF model only where it is used: by the hf backend (which shards it over
+        # the ranks) or the hf rollout engine. Megatron + vLLM hold the weights themselves.
+        self.model = None
+        if cfg.train.backend == "hf" or cfg.rollout.engine == "hf":
+            self.model = load_model(model_dir, cfg.model.dtype, device,
+                                    attn_implementation=cfg.model.attn_implementation)
         self.backend = make_backend(cfg, self.model, model_dir)
-        # Under torch.distributed (the megatron backend) every rank runs this loop with the same
+        # Under torch.distributed (either backend) every rank runs this loop with the same
         # seed, so all ranks sample the same rollouts; rank 0 alone logs, evaluates and writes.
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.engine = make_engine(cfg, self.model, self.processor, model_dir)
