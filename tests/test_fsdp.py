@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_equal_up_to_rounding
+from conftest import assert_equal_up_to_rounding, rounding_bound
 
 from evr1.config import GRPOConfig, TrainConfig
 from evr1.train.backends.megatron import spawn
@@ -100,7 +100,7 @@ def _state(backend: Any) -> dict[str, Any]:
 
     state: dict[str, Any] = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "steps": set(),
                              "lr": backend.scheduler.get_last_lr()}
-    for name, p in backend.model.named_parameters():
+    for name, p in _trained(backend):
         state["weights"][name] = whole(p)
         moments = backend.optimizer.state.get(p, {})
         for m in ("exp_avg", "exp_avg_sq"):
@@ -111,13 +111,21 @@ def _state(backend: Any) -> dict[str, Any]:
     return state
 
 
+def _trained(backend: Any) -> list[tuple[str, torch.Tensor]]:
+    """The optimiser's parameters (under FSDP: the shards, which hold the gradients and key
+    the moments; ``named_parameters`` gives the gathered copies between updates), named."""
+    names = [n for n, _ in backend.model.named_parameters()]
+    params = [p for g in backend.optimizer.param_groups for p in g["params"]]
+    return list(zip(names, params, strict=True))
+
+
 def _step_with_grads(backend: Any, batches: list[Any]) -> tuple[dict, dict]:
     from torch.distributed.tensor import DTensor
 
     backend.optimizer.zero_grad = lambda set_to_none=True: None  # keep this step's gradients
     metrics = backend.train_step(batches, backend.cfg.grpo)
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-             for n, p in backend.model.named_parameters() if p.grad is not None}
+             for n, p in _trained(backend) if p.grad is not None}
     del backend.optimizer.zero_grad
     backend.optimizer.zero_grad(set_to_none=True)
     return metrics, grads
@@ -136,12 +144,9 @@ def _run_dp2(model_dir: Path, out: Path) -> dict[str, Any]:
     result["state1"] = _state(backend)
     result["metrics"] = [result["metrics"], backend.train_step(batches, backend.cfg.grpo)]
     result["state2"] = _state(backend)
-    # The optimiser's parameters (the shards) and their moments, in parameter order.
-    names = [n for n, _ in backend.model.named_parameters()]
-    params = [p for g in backend.optimizer.param_groups for p in g["params"]]
     result["sharded"] = {n: (tuple(p.to_local().shape),
                              tuple(backend.optimizer.state[p]["exp_avg"].to_local().shape))
-                         for n, p in zip(names, params, strict=True)}
+                         for n, p in _trained(backend)}
     return result
 
 
@@ -236,8 +241,11 @@ def test_dp2_update_equals_the_single_process_update(runs):
             mine, ref = got["metrics"][step], single["metrics"][step]
             assert mine["num_tokens"] == ref["num_tokens"] and \
                 mine["train_tokens"] == ref["train_tokens"]
-            for key in ("loss", "pg_loss", "kl", "entropy_mean", "grad_norm", "lr"):
-                assert mine[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+            assert mine.keys() == ref.keys()
+            for key, value in ref.items():  # sums and means over the step's token positions
+                if key != "time_update":
+                    assert mine[key] == pytest.approx(value, rel=rounding_bound(terms, 1.0),
+                                                      abs=1e-7), key
         _assert_states_close(got["state1"], single["state1"], terms, "after step 1")
         _assert_states_close(got["state2"], single["state2"], terms, "after step 2")
 
