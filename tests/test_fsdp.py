@@ -192,11 +192,20 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def _assert_states_close(got: dict, want: dict, terms: int, what: str) -> None:
+    """Moments (linear in the gradients and their squares) up to the rounding of the
+    gradient sums; weights to a tenth of an lr step: AdamW divides by sqrt(v), so a gradient
+    element that is float noise in both runs becomes an lr-sized step of either sign (as in
+    tests/test_megatron.py). A wrong normaliser or a lost micro-batch moves the moments by
+    far more than rounding."""
     assert got["steps"] == want["steps"] and got["lr"] == want["lr"], what
-    for key in ("weights", "exp_avg", "exp_avg_sq"):
+    for key in ("exp_avg", "exp_avg_sq"):
         assert got[key].keys() == want[key].keys(), (what, key)
         for name, tensor in want[key].items():
             assert_equal_up_to_rounding(got[key][name], tensor, terms, f"{what} {key} {name}")
+    assert got["weights"].keys() == want["weights"].keys(), what
+    for name, tensor in want["weights"].items():
+        diff = float((got["weights"][name] - tensor).abs().max())
+        assert diff < 0.1 * _config().lr, f"{what}: weight {name} differs by {diff:.3g}"
 
 
 def _assert_states_equal(got: dict, want: dict, what: str) -> None:
