@@ -64,12 +64,12 @@ from evr1.config import Config, DataConfig, load_config
 from evr1.data.dataset import PromptSampler, PromptSet
 from evr1.data.schema import Sample, write_samples
 from evr1.data.synthetic import real_video_files
-from evr1.launch.stages import merge_or_report
 from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
+from evr1.pipeline.stages import merge_or_report
 from evr1.rollout.base import Prompt
 from evr1.train.trainer import Trainer
 from evr1.video.decode import load_visual
-from evr1.video.preprocess import run_task
+from evr1.video.preprocess import preprocess_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +242,7 @@ def run_series(trainer: Trainer, prompts: TimedPrompts, name: str, warmup: int,
         synchronize(device)
         before = prompts.seconds
         start = time.perf_counter()
-        m = trainer.train_step()
+        m = trainer.train_step().metrics
         synchronize(device)
         step_s = time.perf_counter() - start
         if k < warmup:
@@ -453,7 +453,7 @@ def prepare(args: argparse.Namespace, root: Path, device: str) -> Setup:
     start = time.perf_counter()
     tasks = cfg.preprocess.num_tasks
     with one_thread_pool(max(1, min(tasks, os.cpu_count() or 1))) as pool:
-        summaries = list(pool.map(run_task, [cfg] * tasks, range(tasks)))
+        summaries = list(pool.map(preprocess_shard, [cfg] * tasks, range(tasks)))
     if merge_or_report(cfg.shard_dir, tasks) != 0 or sum(s.failures for s in summaries):
         raise RuntimeError(f"preprocessing failed; see {cfg.shard_dir / 'failures.jsonl'}")
     seconds["preprocess"] = time.perf_counter() - start

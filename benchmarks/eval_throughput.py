@@ -34,11 +34,11 @@ from pathlib import Path
 from evr1.config import Config, load_config
 from evr1.data.schema import load_samples, write_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.eval.layout import eval_dir, eval_tasks, pin_models
+from evr1.eval.plan import eval_dir, eval_tasks, pin_models
 from evr1.eval.prepare import prepare_all
-from evr1.eval.runner import DecodedFrames, ShardFrames, run_eval_task
-from evr1.launch import stages
-from evr1.train.trainer import ensure_model
+from evr1.eval.runner import DecodedFrames, ShardFrames, evaluate_shard
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,16 +93,16 @@ def in_process(cfg: Config, frames: str) -> float:
     run = pin_models(with_eval(cfg, f"eval.frames={frames}",
                                f"eval.out_dir={eval_dir(cfg)}-{frames}"))
     shutil.rmtree(eval_dir(run), ignore_errors=True)
-    prepare_all(run)
+    prepare_all(run).check()
     start = time.perf_counter()
-    result = run_eval_task(run, 0)
+    result = evaluate_shard(run, 0)
     assert not result.skipped
     return time.perf_counter() - start
 
 
 def frames_only(cfg: Config, frames: str) -> float:
     run = pin_models(with_eval(cfg, f"eval.frames={frames}"))
-    prepare_all(run)
+    prepare_all(run).check()
     task = eval_tasks(run)[0]
     samples = load_samples(task.bench.prepared, check_media=False)
     source = (DecodedFrames(run) if frames == "decode"

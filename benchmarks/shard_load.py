@@ -20,7 +20,7 @@ import numpy as np
 from evr1.config import Config, load_config
 from evr1.data.synthetic import make_synthetic
 from evr1.video.decode import load_visual
-from evr1.video.preprocess import collect_media, load_all_samples, run_task
+from evr1.video.preprocess import collect_media, load_all_samples, preprocess_shard
 from evr1.video.shards import ShardReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def main() -> None:
 
 
 def measure(name: str, cfg: Config, repeats: int) -> None:
-    run_task(cfg, 0)
+    preprocess_shard(cfg, 0)
     reader = ShardReader(cfg.shard_dir)
     jobs = [j for j in collect_media(load_all_samples(cfg)) if j.sample_ids[0] in reader]
     backend = {j.path: reader.entry(j.sample_ids[0]).backend.split("-")[0] for j in jobs}

@@ -58,12 +58,13 @@ from evr1.config import Config, DataConfig, load_config
 from evr1.data.dataset import PromptSampler, PromptSet
 from evr1.data.schema import Sample
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
 from evr1.models.inputs import encode, vision_token_ids
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 from evr1.rewards import score
 from evr1.rollout.base import Prompt
 from evr1.train.groups import reward_item
-from evr1.train.trainer import Trainer, ensure_model
+from evr1.train.trainer import Trainer
 from evr1.video.decode import Backend, load_visual
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def cycled(samples: list[Sample], count: int) -> list[Sample]:
 
 def timed_evr1_step(trainer: Trainer) -> Timing:
     start = time.perf_counter()
-    m = trainer.train_step()
+    m = trainer.train_step().metrics
     return Timing(time.perf_counter() - start, m["time_rollout"], m["time_reward"],
                   int(m.get("train_tokens", 0)))
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from evr1 import runs
+
 # A number in exponent form without a dot (3e-4, 1E6), which YAML 1.1 leaves a string.
 _YAML11_FLOAT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -83,6 +85,10 @@ class DataConfig:
     # auto falls back to PyAV), so memory does not grow with the source; larger images are
     # read at a reduced JPEG scale, or refused. Frames of sources up to this size are unchanged.
     max_source_pixels: int = 7680 * 4320
+    # Longest prompt (text + vision tokens) a training or eval job may build; 0: only the
+    # model's context bounds it (prompt + max_new_tokens <= max_position_embeddings). Checked
+    # for every sample before a job starts (evr1.models.preflight), never truncated.
+    max_prompt_length: int = 0
 
     @property
     def resize_factor(self) -> int:
@@ -96,6 +102,9 @@ class DataConfig:
         if self.max_source_pixels < 1:
             raise ConfigError(f"data.max_source_pixels must be >= 1, got "
                               f"{self.max_source_pixels}")
+        if self.max_prompt_length < 0:
+            raise ConfigError(f"data.max_prompt_length must be >= 0 (0: the model's context "
+                              f"only), got {self.max_prompt_length}")
 
 
 @dataclass
@@ -333,7 +342,7 @@ class MegatronConfig:
     pipeline_parallel: int = 1
     sequence_packing: bool = True
     # Checkpoints also hold a megatron-core distributed checkpoint (`megatron/`: each rank
-    # writes its own weight and AdamW shards, resharded on load to another TP/PP layout); false
+    # writes its own weight and AdamW shards, resharded on load to another TP/PP split); false
     # gathers the AdamW moments onto rank 0 under HF names instead. The HF model folder is
     # written either way, and resume reads whichever the checkpoint has.
     dist_checkpoint: bool = True
@@ -341,7 +350,7 @@ class MegatronConfig:
 
 @dataclass
 class AsyncEvalConfig:
-    """Benchmark evaluation of checkpoints while training goes on (``evr1.train.async_eval``).
+    """Benchmark evaluation of checkpoints while training goes on (``evr1.eval.while_training``).
 
     When a checkpoint is written the trainer submits an eval array for it plus a collect job
     that waits on it (Slurm ``afterok``), or starts a local background job without Slurm, and
@@ -512,7 +521,7 @@ class EvalBenchmarkConfig:
     alias: str = ""  # name in results and file names (default: name); unique within a run
     annotation: str = ""  # official annotation file or folder (synthetic: data.eval_jsonl)
     video_root: str = ""  # folder the annotation's media paths are relative to
-    official_score: float | None = None  # the reported score, shown beside ours
+    official_score: float | None = None  # the reported score (0-100), shown beside ours
     limit: int = 0  # evaluate only the first `limit` items (0: all)
     shard_dir: str = ""  # cached frames (default: <eval.out_dir>/shards/<alias>)
 
@@ -550,6 +559,9 @@ class EvalConfig:
     prompt_style: Literal["tags", "official"] = "tags"  # answer in <answer> tags, or as published
     frames: Literal["shards", "decode"] = "shards"  # decode: on the fly (slow; for comparison)
     decode_timeout_s: float = 300.0
+    # results.md flags a benchmark whose score differs from its official_score by more than
+    # this many points (either way): a protocol or loader difference worth a look.
+    official_gap_bound: float = 1.0
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def validate(self) -> None:
@@ -560,12 +572,18 @@ class EvalConfig:
             raise ConfigError("eval: need temperature >= 0 and 0 < top_p <= 1")
         if self.decode_timeout_s <= 0 or self.judge.timeout_s <= 0:
             raise ConfigError("eval: decode_timeout_s and judge.timeout_s must be > 0")
+        if not (self.official_gap_bound >= 0 and math.isfinite(self.official_gap_bound)):
+            raise ConfigError(f"eval.official_gap_bound must be a number of points >= 0, got "
+                              f"{self.official_gap_bound}")
         seen: set[str] = set()
         for i, bench in enumerate(self.benchmarks):
             if not bench.name:
                 raise ConfigError(f"eval.benchmarks[{i}].name is empty")
             if bench.limit < 0:
                 raise ConfigError(f"eval.benchmarks[{i}].limit must be >= 0")
+            if bench.official_score is not None and not 0 <= bench.official_score <= 100:
+                raise ConfigError(f"eval.benchmarks[{i}].official_score must be a percentage "
+                                  f"in [0, 100], got {bench.official_score}")
             alias = bench.alias or bench.name
             if alias in seen:
                 raise ConfigError(f"eval.benchmarks[{i}]: {alias!r} appears twice; give one an "
@@ -689,23 +707,31 @@ class Config:
 
     # Paths in a config are relative to the working directory the launcher runs in.
     def path(self, p: str) -> Path:
-        return Path(p).expanduser()
+        return runs.path(p)
 
     @property
     def shard_dir(self) -> Path:
-        return self.path(self.preprocess.out_dir or f"{self.run_dir}/shards")
+        return runs.shard_dir(self.run_dir, self.preprocess.out_dir)
 
     @property
     def model_path(self) -> Path:
-        return self.path(self.model.path or f"{self.run_dir}/tiny_model")
+        return runs.model_dir(self.run_dir, self.model.path)
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.path(f"{self.run_dir}/checkpoints")
+        return runs.checkpoint_dir(self.run_dir)
 
     @property
     def submitit_dir(self) -> Path:
-        return self.path(self.launch.log_dir or f"{self.run_dir}/submitit")
+        return runs.submitit_dir(self.run_dir, self.launch.log_dir)
+
+    @property
+    def eval_dir(self) -> Path:
+        return runs.eval_dir(self.run_dir, self.eval.out_dir)
+
+    @property
+    def curate_dir(self) -> Path:
+        return runs.curate_dir(self.run_dir, self.curate.out_dir)
 
 
 # --------------------------------------------------------------------------- loading

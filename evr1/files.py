@@ -8,6 +8,7 @@ a final name that a re-run would trust.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -43,8 +44,7 @@ def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def atomic_write_figure(path: Path, fig: Any, dpi: int = 110) -> None:
     """Save a matplotlib figure as PNG (atomically) and close it."""
-    import io
-
+    # heavy import, needed only when a figure is drawn
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()

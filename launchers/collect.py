@@ -6,7 +6,7 @@
 Writes <eval.out_dir>/results.json, results.md (benchmark x model, with the officially reported
 score beside ours where the config gives one) and results.png, prints the table, and exits
 non-zero while any shard is missing (each missing shard is named with its array task index).
-With eval.judge.backend set, open-ended answers are judged first (see docs/benchmarks.md).
+With eval.judge.backend set, open-ended answers are judged first (see docs/eval_benchmarks.md).
 
 ``--leaderboard RUN_DIR``: every checkpoint a training run evaluated while it trained
 (train.async_eval) as a checkpoint x benchmark table with the best checkpoint per benchmark and
@@ -19,9 +19,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from evr1.cli.launcher import base_parser, load_from_args, setup_logging
 from evr1.config import ConfigError
-from evr1.launch import stages
-from evr1.launch.cli import base_parser, load_from_args, setup_logging
+from evr1.pipeline import stages
 
 
 def main(argv: list[str] | None = None) -> int:

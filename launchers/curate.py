@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evr1.launch import stages
-from evr1.launch.cli import run_launcher
+from evr1.cli.launcher import run_launcher
+from evr1.pipeline import stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg, args) -> int:
-    from evr1.data.curate import run_curate_task
+    from evr1.data.curate import curate_shard
 
     if args.collect:
         return stages.collect_curation(cfg)
     if args.task is not None:
-        stages.print_curate_summary([run_curate_task(stages.prepare_curation(cfg), args.task)])
+        stages.print_curate_summary([curate_shard(stages.prepare_curation(cfg), args.task)])
         return 0
     return stages.run_curation(cfg, submit=args.array, wait=not args.no_wait)
 

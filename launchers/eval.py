@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evr1.launch import stages
-from evr1.launch.cli import run_launcher
+from evr1.cli.launcher import run_launcher
+from evr1.pipeline import stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg, args) -> int:
-    from evr1.eval.layout import eval_tasks, pin_models
-    from evr1.eval.runner import run_eval_task
+    from evr1.eval.plan import eval_tasks, pin_models
+    from evr1.eval.runner import evaluate_shard
 
     if args.prepare:
         return stages.eval_prepare(cfg)
@@ -51,7 +51,7 @@ def run(cfg, args) -> int:
             print(f"{task.index}: {task.name} ({task.model.path})")
         return 0
     if args.task is not None:
-        stages.print_eval_summary([run_eval_task(pin_models(cfg), args.task)])
+        stages.print_eval_summary([evaluate_shard(pin_models(cfg), args.task)])
         return 0
     return stages.run_evaluation(cfg, submit=args.array, wait=not args.no_wait)
 

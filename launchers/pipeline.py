@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from evr1.cli.launcher import base_parser, load_from_args, setup_logging
 from evr1.config import Config
 from evr1.data.schema import DatasetError
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
-from evr1.launch.cli import base_parser, load_from_args, setup_logging
-from evr1.launch.executor import dependency, resolve_cluster
+from evr1.pipeline import stages, training
+from evr1.pipeline.executor import dependency, resolve_cluster
 
 STAGES = ("preprocess", "train", "eval", "collect")
 
@@ -62,7 +62,7 @@ def run_stages(cfg: Config, wanted: list[str]) -> int:
             return status
     if "train" in wanted:
         print("== train ==")
-        status = stages.train_job(cfg)
+        status = training.train_and_wait(cfg)
         if status:
             return status
     if "eval" in wanted:
@@ -87,7 +87,7 @@ def submit_stages(cfg: Config, wanted: list[str]) -> int:
         after = stages.submit_preprocess(cfg)
         print(f"preprocess: Slurm array, job ids {' '.join(after)}")
     if "train" in wanted:
-        train_id = stages.submit_training(cfg, after=after)
+        train_id = training.submit_training_job(cfg, after=after)
         print(f"train: Slurm job {train_id}"
               + (f" (--dependency={dependency(after)})" if after else ""))
         after = [train_id]

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from evr1.cli.launcher import run_launcher
 from evr1.config import Config, dump_config
-from evr1.launch import stages
-from evr1.launch.cli import run_launcher
-from evr1.video.preprocess import run_task
+from evr1.pipeline import stages
+from evr1.video.preprocess import preprocess_shard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     if args.merge:
         return stages.merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks)
     if args.task is not None:
-        stages.print_preprocess_summary([run_task(cfg, args.task)])
+        stages.print_preprocess_summary([preprocess_shard(cfg, args.task)])
         return 0
     if args.array:
         return stages.preprocess_array(cfg, wait=not args.no_wait)

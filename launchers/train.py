@@ -9,7 +9,7 @@
 Resumes from the newest complete checkpoint in <run_dir>/checkpoints (train.resume=auto).
 ``--slurm`` submits through submitit's SlurmExecutor and waits: launch.nodes x
 launch.tasks_per_node ranks (one per GPU), each started by srun, which find each other from the
-SLURM_* variables (evr1.launch.rendezvous; the same rules as slurm/train_8node.sh).
+SLURM_* variables (evr1.pipeline.rendezvous; the same rules as slurm/train_8node.sh).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import argparse
 import dataclasses
 import sys
 
+from evr1.cli.launcher import run_launcher
 from evr1.config import Config
-from evr1.launch.cli import run_launcher
-from evr1.launch.stages import check_data, train_job
+from evr1.pipeline.stages import check_data
+from evr1.pipeline.training import train_and_wait
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     if args.slurm:
         cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, cluster="slurm"))
     check_data(cfg, "train")  # before a job is submitted or a model built
-    return train_job(cfg, submit=args.submit or args.slurm)
+    return train_and_wait(cfg, submit=args.submit or args.slurm)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,17 @@ from pathlib import Path
 import pytest
 from conftest import small_config
 
+from evr1 import leases
 from evr1.config import ConfigError, EvalBenchmarkConfig, load_config
 from evr1.data.synthetic import make_synthetic
+from evr1.eval import while_training as async_eval
 from evr1.eval.leaderboard import leaderboard, markdown
-from evr1.launch import stages
-from evr1.train import async_eval
+from evr1.models.loading import ensure_model
+from evr1.pipeline import checkpoint_eval, stages
+from evr1.pipeline.training import build_trainer
 from evr1.train import checkpoint as ckpt
 from evr1.train.metrics import MetricsLogger, read_metrics
-from evr1.train.trainer import Trainer, ensure_model
+from evr1.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,17 +102,17 @@ def test_pruning_keeps_last_best_and_leased(tmp_path):
     root = tmp_path / "checkpoints"
     fake_checkpoints(root, [1, 2, 3, 4, 5, 6])
     # Step 2 is read by a running job (this process); step 3's holder is gone.
-    leased = ckpt.take_lease(ckpt.step_dir(root, 2), "eval-step-2", pid=os.getpid())
+    leased = leases.take_lease(ckpt.step_dir(root, 2), "eval-step-2", pid=os.getpid())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    ckpt.take_lease(ckpt.step_dir(root, 3), "eval-step-3", pid=dead.pid)
+    leases.take_lease(ckpt.step_dir(root, 3), "eval-step-3", pid=dead.pid)
     scores = {1: 10.0, 3: 50.0, 4: 90.0, 5: 20.0}
     removed = ckpt.prune_checkpoints(root, keep_last=2, keep_best=1, scores=scores)
     assert sorted(p.name for p in removed) == ["step-00000001", "step-00000003"]
     assert [p.name for p in ckpt.list_checkpoints(root)] == [
         "step-00000002", "step-00000004", "step-00000005", "step-00000006"]
     # Once its lease is given back, the leased checkpoint goes too.
-    ckpt.release_lease(leased)
+    leases.release_lease(leased)
     ckpt.prune_checkpoints(root, keep_last=2, keep_best=1, scores=scores)
     assert [p.name for p in ckpt.list_checkpoints(root)] == [
         "step-00000004", "step-00000005", "step-00000006"]
@@ -118,7 +121,7 @@ def test_pruning_keeps_last_best_and_leased(tmp_path):
 def test_lease_held_on_another_host_or_unreadable_protects(tmp_path):
     root = tmp_path / "checkpoints"
     fake_checkpoints(root, [1, 2, 3])
-    lease = ckpt.take_lease(ckpt.step_dir(root, 1), "x", pid=1)
+    lease = leases.take_lease(ckpt.step_dir(root, 1), "x", pid=1)
     record = json.loads(lease.read_text())
     lease.write_text(json.dumps({**record, "host": f"not-{socket.gethostname()}"}))
     (ckpt.step_dir(root, 2) / "leases").mkdir()
@@ -193,7 +196,7 @@ def test_training_goes_on_while_checkpoints_are_evaluated(prepared, tmp_path, mo
         return real_step(trainer)
 
     monkeypatch.setattr(Trainer, "train_step", step_after_eval_started)
-    result = Trainer(cfg).run()
+    result = build_trainer(cfg).run()
     assert result.steps == 6  # the failed evaluation did not stop training
 
     records = read_metrics(Path(cfg.run_dir))
@@ -250,12 +253,12 @@ def test_leaderboard_of_an_empty_run_says_so(tmp_path, capsys):
 def test_full_slots_skip_and_resume_catches_up(prepared, tmp_path, monkeypatch):
     """when_full=skip drops a checkpoint when the slot is busy; a new trainer process logs the
     results that arrived after the old one stopped."""
-    monkeypatch.setattr(async_eval, "local_command", lambda out_dir: [
+    monkeypatch.setattr(checkpoint_eval, "local_command", lambda out_dir: [
         sys.executable, "-c", "import time; time.sleep(3)"])
     cfg = eval_config(prepared, tmp_path / "run", "train.async_eval.enabled=true",
                        "train.async_eval.when_full=skip", "train.save_every=1")
     metrics = MetricsLogger(Path(cfg.run_dir), "disabled")
-    evaluator = async_eval.AsyncEvaluator(cfg, metrics)
+    evaluator = async_eval.AsyncEvaluator(cfg, metrics, checkpoint_eval.EvalJobs(cfg))
     fake_checkpoints(cfg.checkpoint_dir, [1, 2])
     evaluator.submit(1, ckpt.step_dir(cfg.checkpoint_dir, 1))
     evaluator.submit(2, ckpt.step_dir(cfg.checkpoint_dir, 2))
@@ -268,7 +271,8 @@ def test_full_slots_skip_and_resume_catches_up(prepared, tmp_path, monkeypatch):
     results = {"results": [{"benchmark": "synthetic", "score": 25.0, "complete": True}]}
     (job.out_dir / "results.json").write_text(json.dumps(results))
     async_eval.write_status(job.out_dir, "done", finished_at=time.time())
-    resumed = async_eval.AsyncEvaluator(cfg, MetricsLogger(Path(cfg.run_dir), "disabled"))
+    resumed = async_eval.AsyncEvaluator(cfg, MetricsLogger(Path(cfg.run_dir), "disabled"),
+                                       checkpoint_eval.EvalJobs(cfg))
     assert resumed.outstanding == 0 and resumed.scores == {1: 25.0}
     logged = read_metrics(Path(cfg.run_dir), "checkpoint_eval")
     assert [(r["step"], r["status"]) for r in logged] == [(2, "skipped"), (1, "done")]
@@ -284,7 +288,7 @@ def test_slurm_eval_array_and_dependent_collect(slurm_cluster, prepared, tmp_pat
                        "train.async_eval.max_samples=2", "train.async_eval.final_full_suite=false",
                        "launch.cpus_per_task=1", "launch.mem_gb=2", "launch.time_min=10",
                        "launch.setup=[export OMP_NUM_THREADS=1]")
-    result = Trainer(cfg).run()  # waits at the end for the outstanding job (wait_at_end)
+    result = build_trainer(cfg).run()  # waits at the end for the outstanding job (wait_at_end)
     assert result.steps == 2
     out_dir = Path(cfg.run_dir) / "eval/steps/step-00000002"
     request = json.loads((out_dir / "request.json").read_text())
@@ -306,11 +310,12 @@ def test_slurm_eval_array_and_dependent_collect(slurm_cluster, prepared, tmp_pat
 
 
 def test_final_full_suite_is_submitted_and_awaited(prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(async_eval, "local_command", lambda out_dir: [
+    monkeypatch.setattr(checkpoint_eval, "local_command", lambda out_dir: [
         sys.executable, "-c", "import sys; sys.exit('no evaluation here')"])
     cfg = eval_config(prepared, tmp_path / "run", "train.async_eval.enabled=true",
                        "train.async_eval.max_samples=2", "train.save_every=1")
-    evaluator = async_eval.AsyncEvaluator(cfg, MetricsLogger(Path(cfg.run_dir), "disabled"))
+    evaluator = async_eval.AsyncEvaluator(cfg, MetricsLogger(Path(cfg.run_dir), "disabled"),
+                                       checkpoint_eval.EvalJobs(cfg))
     fake_checkpoints(cfg.checkpoint_dir, [3])
     evaluator.finish(3, ckpt.step_dir(cfg.checkpoint_dir, 3), wait=True)
     assert evaluator.outstanding == 0

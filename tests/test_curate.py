@@ -20,8 +20,8 @@ from evr1.data import curate
 from evr1.data.schema import load_samples, write_samples
 from evr1.data.synthetic import make_synthetic
 from evr1.files import atomic_write_json, atomic_write_jsonl, read_jsonl
-from evr1.launch import stages
-from evr1.train.trainer import ensure_model
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ["launch.cluster=local", "launch.max_retries=0"]
@@ -202,14 +202,14 @@ def test_killed_task_rerun_completes_only_the_missing_shard(run_config, monkeypa
 
     monkeypatch.setattr(curate, "curate_batch", dies_in_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        curate.run_curate_task(cfg, 1)
+        curate.curate_shard(cfg, 1)
     monkeypatch.setattr(curate, "curate_batch", real)
     assert shard1.partial.exists() and not shard1.records.exists()
     assert launch(run_config, "--collect") == 1
     assert "MISSING: curate shard 1 of 2" in capsys.readouterr().out
     # The re-run: shard 0 is skipped untouched; shard 1 resumes after its first batch and
     # ends with the records the uninterrupted run wrote.
-    results = [curate.run_curate_task(cfg, i) for i in range(2)]
+    results = [curate.curate_shard(cfg, i) for i in range(2)]
     assert [r.skipped for r in results] == [True, False]
     assert results[1].resumed_batches == 1
     assert shard0.records.stat().st_mtime_ns == mtime0

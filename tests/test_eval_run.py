@@ -23,8 +23,8 @@ from test_eval_scoring import _FakeJudge
 from evr1.config import load_config
 from evr1.data.schema import load_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
-from evr1.train.trainer import ensure_model
+from evr1.models.loading import ensure_model
+from evr1.pipeline import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -136,11 +136,11 @@ def test_deleted_shard_is_reported_then_redone(run_config, capsys):
     assert not results(run_config)["complete"]
     # Re-running evaluates only that shard; everything finished is skipped.
     cfg = load_config(run_config, BASE[-2:])
-    from evr1.eval.layout import pin_models
-    from evr1.eval.runner import run_eval_task
+    from evr1.eval.plan import pin_models
+    from evr1.eval.runner import evaluate_shard
 
     cfg = pin_models(cfg)
-    ran = [run_eval_task(cfg, i) for i in range(6)]
+    ran = [evaluate_shard(cfg, i) for i in range(6)]
     assert [r.skipped for r in ran] == [True] * 5 + [False]
     assert launch("collect", run_config) == 0
 

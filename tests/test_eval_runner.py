@@ -10,7 +10,7 @@ import numpy as np
 from evr1.config import load_config
 from evr1.data.schema import Sample
 from evr1.eval.benchmarks import get_benchmark
-from evr1.eval.layout import BenchmarkRun, EvalTask, ModelRun
+from evr1.eval.plan import BenchmarkRun, EvalTask, ModelRun
 from evr1.eval.runner import DecodedFrames, cpu_threads, evaluate_samples
 from evr1.rollout.base import Rollouts, SamplingParams
 
@@ -94,7 +94,7 @@ def test_local_tasks_share_the_cores(monkeypatch):
 
 
 def test_latest_is_pinned_for_the_collector(tmp_path):
-    from evr1.eval.layout import pin_models, resolve_models
+    from evr1.eval.plan import pin_models, resolve_models
 
     def checkpoint(step: int) -> None:
         folder = tmp_path / f"checkpoints/step-{step:08d}"
@@ -112,8 +112,8 @@ def test_latest_is_pinned_for_the_collector(tmp_path):
 
 
 def test_chained_submission_counts_tasks_before_the_checkpoint_exists(tmp_path, monkeypatch):
-    from evr1.eval.layout import pinned_file
-    from evr1.launch import stages
+    from evr1.eval.plan import pinned_file
+    from evr1.pipeline import stages
 
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text('{"id": "t1", "problem_type": "boolean", "problem": "Is 2 > 1?", '

@@ -9,11 +9,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from evr1.config import JudgeConfig, load_config
-from evr1.eval.benchmarks import MetricSpec, get_benchmark, vsi_mean_relative_accuracy
+from evr1.eval.benchmarks import MetricSpec, get_benchmark
 from evr1.eval.extraction import extract_answer
 from evr1.eval.judge import ServerJudge, judge_rows, parse_verdict
 from evr1.eval.metrics import summarize
 from evr1.eval.scoring import score_response
+from evr1.rewards.numeric import score_vsibench_mra
 
 OPTS = ["A. red", "B. green", "C. blue", "D. yellow"]
 
@@ -86,16 +87,16 @@ def test_score_response_statuses():
 def test_vsi_mra_matches_the_official_thresholds():
     # VSI-Bench counts |pred - gold| / gold <= 1 - c for c in numpy.linspace(0.5, 0.95, 10).
     # 15 for 10: error 0.5 <= 1 - 0.5 only: 1 of 10; the training reward's strict "<" gives 0.
-    assert vsi_mean_relative_accuracy("15", "10").accuracy == pytest.approx(0.1)
+    assert score_vsibench_mra("15", "10").accuracy == pytest.approx(0.1)
     assert score_response("regression", "<answer>15</answer>", 10).score == 0.0
     # 11 for 10: error 0.1; with linspace's floats 1 - 0.9 is just above 0.1: 9 of 10 (the
     # reward: 8). 12 for 10: error 0.2 is just above 1 - 0.8 in floats: 6 of 10 in both.
-    assert vsi_mean_relative_accuracy("11", "10").accuracy == pytest.approx(0.9)
+    assert score_vsibench_mra("11", "10").accuracy == pytest.approx(0.9)
     assert score_response("regression", "<answer>11</answer>", 10).score == pytest.approx(0.8)
-    assert vsi_mean_relative_accuracy("12", "10").accuracy == pytest.approx(0.6)
-    assert vsi_mean_relative_accuracy("10", "10").accuracy == 1.0
-    assert vsi_mean_relative_accuracy("16", "10").accuracy == 0.0  # error 0.6 > 0.5
-    assert vsi_mean_relative_accuracy("none", "10").parsed is False
+    assert score_vsibench_mra("12", "10").accuracy == pytest.approx(0.6)
+    assert score_vsibench_mra("10", "10").accuracy == 1.0
+    assert score_vsibench_mra("16", "10").accuracy == 0.0  # error 0.6 > 0.5
+    assert score_vsibench_mra("none", "10").parsed is False
 
 
 def test_tube_ious_by_hand():

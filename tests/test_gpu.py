@@ -22,7 +22,7 @@ import torch
 from conftest import small_config
 
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
+from evr1.pipeline import stages
 from evr1.train import checkpoint as ckpt
 from evr1.train.trainer import Trainer
 

@@ -20,6 +20,7 @@ from evr1.train.grpo import (
     importance_weights,
     kl_penalty,
     loss_normaliser,
+    masked_mean,
     overlong_reward,
     policy_loss,
     rollout_correction,
@@ -654,3 +655,15 @@ def test_clip_coefficient_zero_means_off():
 def test_summed_metrics_are_loss_metrics():
     names = {f for f in LossMetrics.__dataclass_fields__}
     assert set(SUMMED_METRICS) == {"pg_loss", "num_tokens"} and set(SUMMED_METRICS) <= names
+
+
+def test_masked_mean_reads_only_unmasked_values_and_is_zero_when_all_are_masked():
+    """Masked-out positions (padding) may hold inf or NaN logits-derived values: they must not
+    reach the mean (``values * mask`` would turn NaN * 0 into NaN), and an all-masked batch
+    gives 0, not 0/0."""
+    values = torch.tensor([[1.0, 4.0, float("nan")], [float("nan"), float("inf"), 1.0]])
+    mask = torch.tensor([[True, True, False], [False, False, True]])
+    assert masked_mean(values, mask).item() == 2.0  # (1 + 4 + 1) / 3, exact in fp32
+    nothing = torch.zeros_like(mask)
+    assert masked_mean(values, nothing).item() == 0.0
+    assert masked_mean(values[:1], mask[:1]).item() == 2.5

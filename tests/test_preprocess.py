@@ -20,7 +20,7 @@ import pytest
 from evr1.config import Config, dump_config, load_config
 from evr1.data.schema import load_samples
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
+from evr1.pipeline import stages
 from evr1.video.decode import load_visual
 from evr1.video.preprocess import collect_media, task_slice
 from evr1.video.shards import FAILURES, MANIFEST, ShardReader, TaskFiles, frames_sha256

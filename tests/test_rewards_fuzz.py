@@ -15,6 +15,7 @@ SAMPLES = {
     "multiple_choice": ("B", {"options": ["red", "green", "blue", "yellow"]}),
     "numerical": (12.5, {"abs_tol": 0.1}),
     "regression": (7, {}),
+    "vsibench_mra": (4, {}),
     "temporal_grounding": ([2, 6], {}),
     "spatial_grounding": ([0.1, 0.1, 0.5, 0.5], {}),
     "spatial_temporal_grounding": ({"span": [1, 3], "boxes": {"1": [0, 0, 0.5, 0.5]}}, {}),

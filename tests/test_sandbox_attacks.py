@@ -551,7 +551,7 @@ def test_signals_from_the_trainer_side_still_clean_up():
 def test_training_with_code_problems_stops_at_start_without_the_sandbox(monkeypatch, tmp_path):
     from conftest import small_config
 
-    from evr1.launch import stages
+    from evr1.pipeline import stages
     from evr1.train.trainer import Trainer
 
     records = [{"id": f"add-{i}", "problem_type": "code", "data_type": "text",

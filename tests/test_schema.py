@@ -252,6 +252,7 @@ SOLUTIONS: dict[str, tuple[Any, dict[str, Any], list[Any], list[Any]]] = {
     "numerical": (None, {"rel_tol": 0.05}, [5, 2.5, "1,234", "3/4"],
                   [[5], "many", "1 or 2", True, {"value": 5}]),
     "regression": (None, {}, [12, "0.5", "about ten"], [[1, 2], "a lot", {"value": 3}]),
+    "vsibench_mra": (None, {}, [4, "2.5"], [[1, 2], "a lot"]),
     "temporal_grounding": (None, {}, [[1, 2.5], {"start": 0, "end": 3}, {"span": [1, 2]},
                                       "0:12 - 0:20"],
                            [[5, 2], [1, 2, 3], "soon", 4]),

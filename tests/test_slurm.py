@@ -29,11 +29,11 @@ from safetensors.torch import load_file
 
 from evr1.config import Config, dump_config, load_config
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import rendezvous, stages
-from evr1.launch.executor import dependency
-from evr1.launch.preemption import PreemptionWatcher
+from evr1.models.loading import ensure_model
+from evr1.pipeline import rendezvous, stages
+from evr1.pipeline.executor import dependency
+from evr1.pipeline.preemption import PreemptionWatcher
 from evr1.train import checkpoint as ckpt
-from evr1.train.trainer import ensure_model
 from evr1.video.shards import MANIFEST, TaskFiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,7 +368,7 @@ def test_multinode_sbatch_script_trains_megatron_tp2_across_two_nodes(slurm_clus
 @pytest.mark.slurm
 def test_submitit_launcher_runs_one_job_across_two_nodes(slurm_cluster, prepared, tmp_path):
     """launchers/train.py --slurm with launch.nodes=2: one submitit job, srun starts a rank on
-    each node, they meet through evr1.launch.rendezvous (Megatron TP=2 over gloo)."""
+    each node, they meet through evr1.pipeline.rendezvous (Megatron TP=2 over gloo)."""
     pytest.importorskip("megatron.core")
     need_two_nodes(slurm_cluster)
     cfg = small_config(prepared, tmp_path / "run", "launch.nodes=2", "launch.tasks_per_node=1",

@@ -12,7 +12,7 @@ from conftest import assert_equal_up_to_rounding, rounding_bound, small_config
 
 from evr1.config import ConfigError, OfflineConfig, load_config
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
+from evr1.pipeline import stages
 from evr1.train import checkpoint as ckpt
 from evr1.train.groups import groups_to_mix, offline_response_ids
 from evr1.train.trainer import Trainer
@@ -48,7 +48,7 @@ def test_offline_slot_holds_the_expert_answer(prepared, tmp_path):
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=1",
                        "train.offline.mode=always", "train.resume=never")
     trainer = Trainer(cfg)
-    metrics = trainer.train_step()
+    metrics = trainer.train_step().metrics
     assert metrics["offline_groups"] == cfg.train.prompts_per_step
     # The expert answers are correct, so their reward is the maximum.
     assert metrics["offline_reward"] == pytest.approx(1.0)
@@ -59,7 +59,7 @@ def test_offline_slot_holds_the_expert_answer(prepared, tmp_path):
 
     never = Trainer(small_config(prepared, f"run_dir={tmp_path / 'never'}",
                                  "train.offline.mode=never", "train.resume=never"))
-    assert never.train_step()["offline_groups"] == 0
+    assert never.train_step().metrics["offline_groups"] == 0
 
 
 @pytest.mark.parametrize("frozen", [True, False])
@@ -480,7 +480,7 @@ def test_shared_prefix_train_step_matches_plain(prepared, tmp_path):
             return update(batches, grpo)
 
         backend.train_step = counting
-        metrics = trainer.train_step()
+        metrics = trainer.train_step().metrics
         # After Adam's first step its first moment is (1 - beta1) * the (clipped) gradient.
         beta1 = trainer.cfg.train.betas[0]
         grads = {n: backend.optimizer.state[p]["exp_avg"] / (1 - beta1)
@@ -592,7 +592,7 @@ def test_grad_clip_zero_turns_clipping_off(prepared, tmp_path):
     trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
                                    "train.grad_clip=0"))
     before = weights(trainer)
-    metrics = trainer.train_step()
+    metrics = trainer.train_step().metrics
     assert metrics["grad_norm"] > 0
     moved = max(float((weights(trainer)[k] - v).abs().max()) for k, v in before.items())
     # Adam's first step moves a weight with a non-zero gradient by about lr
@@ -608,7 +608,7 @@ def test_logged_pg_loss_and_tokens_do_not_depend_on_micro_batches(prepared, tmp_
     for size in (64, 3):
         trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / str(size)}",
                                        "train.resume=never", f"train.micro_batch_size={size}"))
-        out[size] = trainer.train_step()
+        out[size] = trainer.train_step().metrics
     one, several = out[64], out[3]
     assert several["train_tokens"] == one["train_tokens"] == one["num_tokens"] == \
         several["num_tokens"]
@@ -628,7 +628,7 @@ def _uniform_scores(samples, texts, cfg):
 def test_step_without_signal_still_advances_the_lr_schedule(prepared, tmp_path, monkeypatch):
     """Every group dropped: no optimiser step, but the scheduler follows the step counter."""
     from evr1.train import trainer as trainer_module
-    from evr1.train.backends.hf import lr_lambda
+    from evr1.train.backends.base import lr_lambda
 
     monkeypatch.setattr(trainer_module, "score_responses", _uniform_scores)
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
@@ -637,7 +637,7 @@ def test_step_without_signal_still_advances_the_lr_schedule(prepared, tmp_path, 
     trainer = Trainer(cfg)
     before = weights(trainer)
     for _ in range(2):
-        metrics = trainer.train_step()
+        metrics = trainer.train_step().metrics
         trainer.state.step += 1
         assert metrics["trained_rows"] == 0 and metrics["skipped_update"] == 1
         assert metrics["groups_with_signal"] == 0
@@ -648,14 +648,14 @@ def test_step_without_signal_still_advances_the_lr_schedule(prepared, tmp_path, 
 
 
 def _group(n: int, signal: list[bool], tag: int):
-    """A GroupBatch of len(signal) groups; a group has signal iff its flag is set."""
+    """A Groups of len(signal) groups; a group has signal iff its flag is set."""
     from evr1.data.schema import Sample
     from evr1.rollout.base import Prompt
-    from evr1.train.groups import GroupBatch, Scores
+    from evr1.train.groups import Groups, Scores
 
     rewards = torch.tensor([[1.0] + [0.0] * (n - 1) if s else [0.5] * n for s in signal])
     rows = len(signal) * n
-    return GroupBatch(
+    return Groups(
         n, [Sample(id=f"{tag}-{g}", problem_type="numerical", problem="?", solution=1,
                    data_type="text") for g in range(len(signal))],
         [Prompt(f"{tag}-{g}", "?", "text") for g in range(len(signal))],
@@ -696,7 +696,7 @@ def test_dynamic_sampling_in_the_trainer(prepared, tmp_path):
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
                        "train.dynamic_sampling=true", "train.max_sampling_rounds=3")
     trainer = Trainer(cfg)
-    metrics = trainer.train_step()
+    metrics = trainer.train_step().metrics
     rounds = metrics["sampling_rounds"]
     assert 1 <= rounds <= 3
     assert metrics["data_position"] == rounds * cfg.train.prompts_per_step
@@ -716,11 +716,11 @@ def test_overlong_mask_leaves_truncated_responses_out_of_the_loss(prepared, tmp_
     kept = len(group.responses) - truncated
     masked2 = Trainer(small_config(prepared, f"run_dir={tmp_path / 'm2'}", *common,
                                    "train.overlong=mask"))
-    metrics = masked2.train_step()  # the same draw (same seed)
+    metrics = masked2.train_step().metrics  # the same draw (same seed)
     assert metrics["trained_rows"] == kept
     assert metrics["truncated"] == pytest.approx(truncated / len(group.responses))
     plain = Trainer(small_config(prepared, f"run_dir={tmp_path / 'p'}", *common))
-    assert plain.train_step()["trained_rows"] == len(group.responses)
+    assert plain.train_step().metrics["trained_rows"] == len(group.responses)
 
 
 def test_overlong_shaping_adds_the_dapo_penalty_to_the_reward(prepared, tmp_path):
@@ -748,7 +748,7 @@ def test_rollout_correction_uses_the_engine_logprobs(prepared, tmp_path):
     for level in ("none", "token", "sequence"):
         trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / level}",
                                        "train.resume=never", f"train.grpo.rollout_is={level}"))
-        out[level] = trainer.train_step()
+        out[level] = trainer.train_step().metrics
     for level, m in out.items():
         assert 0.5 < m["rollout_ratio_mean"] <= 1 + 1e-5, (level, m["rollout_ratio_mean"])
         assert m["rollout_trunc_frac"] == 0.0 and m["rollout_kl"] >= 0
@@ -765,7 +765,7 @@ def test_luffy_shaping_of_offline_rows_changes_the_update(prepared, tmp_path):
                                        "train.resume=never", "train.offline.mode=always",
                                        f"train.grpo.offline_loss={mode}"))
         start = weights(trainer)
-        metrics = trainer.train_step()
+        metrics = trainer.train_step().metrics
         out[mode] = metrics, {k: weights(trainer)[k] - v for k, v in start.items()}
     assert out["clip"][0]["offline_groups"] > 0
     assert out["clip"][0]["pg_loss"] != out["shaping"][0]["pg_loss"]
@@ -781,7 +781,7 @@ def test_offline_importance_weight_reaches_the_loss(prepared, tmp_path):
         trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / clip}",
                                        "train.resume=never", "train.offline.mode=always",
                                        f"train.grpo.offline_is_clip={clip}"))
-        out[clip] = trainer.train_step()
+        out[clip] = trainer.train_step().metrics
     assert out["null"]["is_weight_mean"] == 1.0
     assert out["0.5"]["is_weight_mean"] < 1.0
     assert out["0.5"]["pg_loss"] != out["null"]["pg_loss"]

@@ -30,7 +30,7 @@ import torch
 
 from evr1.config import load_config
 from evr1.data.synthetic import make_synthetic
-from evr1.launch import stages
+from evr1.pipeline import stages
 from evr1.train.batch import make_policy_batches
 from evr1.train.groups import offline_response_ids
 from evr1.train.metrics import read_metrics

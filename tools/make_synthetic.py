@@ -15,9 +15,9 @@ import argparse
 import dataclasses
 import sys
 
+from evr1.cli.launcher import base_parser, load_from_args
 from evr1.config import ConfigError, SyntheticConfig
 from evr1.data.synthetic import make_synthetic
-from evr1.launch.cli import base_parser, load_from_args
 
 # flag destination -> SyntheticConfig field; a flag left unset keeps the config's value.
 _FIELDS = {

@@ -81,7 +81,7 @@ def bucket(pass_rate: float) -> str:
 
 
 def curate_dir(cfg: Config) -> Path:
-    return cfg.path(cfg.curate.out_dir or f"{cfg.run_dir}/curate")
+    return cfg.curate_dir
 
 
 def input_jsonl(cfg: Config) -> Path:
@@ -332,7 +332,7 @@ def _append_line(handle: Any, obj: dict[str, Any]) -> None:
     os.fsync(handle.fileno())
 
 
-def run_curate_task(cfg: Config, index: int) -> CurateTaskResult:
+def curate_shard(cfg: Config, index: int) -> CurateTaskResult:
     """Array task ``index`` of ``curate.num_shards``: pass rates of its share; safe to re-run."""
     n = cfg.curate.num_shards
     if not 0 <= index < n:

@@ -28,6 +28,7 @@ or write absolute paths.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -446,8 +447,6 @@ def _checked_lines(samples: Iterable[Sample], target: Path, fallback_type: str) 
 def main(argv: list[str] | None = None) -> int:
     """``python -m evr1.data.schema FILE... [--media-root DIR] [--no-check-media]
     [--fallback-type TYPE]``."""
-    import argparse
-
     parser = argparse.ArgumentParser(description="Check sample JSONL files; list every problem.")
     parser.add_argument("files", nargs="+")
     parser.add_argument("--media-root", default=None)

@@ -5,7 +5,7 @@
     python launchers/eval.py --config C --array        # one task per (model, benchmark, shard)
     python launchers/collect.py --config C             # merge, judge, score: results.{json,md,png}
 
-See docs/benchmarks.md for every benchmark's format, metric and how to point the config at it.
+See docs/eval_benchmarks.md for every benchmark's format, metric and how to point the config at it.
 """
 
 from evr1.eval.benchmarks import BENCHMARKS, Benchmark, MetricSpec, get_benchmark

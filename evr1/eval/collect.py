@@ -5,7 +5,8 @@ that is missing (its task failed or never ran) or stale (it ran with other setti
 older prepared file), merges the rest into one predictions file, lets the judge score the
 open-ended answers when one is configured, and computes the benchmark's metric. It writes
 ``results.json`` (everything), ``results.md`` (benchmark x model, the official score beside
-ours) and ``results.png`` (a bar chart). The exit status is non-zero while any shard is missing.
+ours, the gap, and a flag where the gap is beyond ``eval.official_gap_bound`` points) and
+``results.png`` (a bar chart). The exit status is non-zero while any shard is missing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 from evr1.config import Config
 from evr1.eval.judge import judge_rows, make_judge
-from evr1.eval.layout import (
+from evr1.eval.metrics import summarize
+from evr1.eval.plan import (
     BenchmarkRun,
     ModelRun,
     ShardFiles,
@@ -27,7 +29,6 @@ from evr1.eval.layout import (
     judgments_file,
     merged_predictions,
 )
-from evr1.eval.metrics import summarize
 from evr1.eval.runner import fingerprint, sampling_settings
 from evr1.files import (
     atomic_write_bytes,
@@ -129,14 +130,33 @@ def collect(cfg: Config) -> CollectReport:
     return CollectReport(cells, results, files)
 
 
+@dataclass(frozen=True)
+class OfficialGap:
+    """Our score minus the officially reported one, in points, and whether it is beyond the
+    bound (``eval.official_gap_bound``); None where either score is missing."""
+
+    gap: float | None
+    flagged: bool
+
+    @classmethod
+    def of(cls, score: float | None, official: float | None, bound: float) -> OfficialGap:
+        if score is None or official is None:
+            return cls(None, False)
+        gap = round(score - official, 4)
+        return cls(gap, abs(gap) > bound)
+
+
 def results_json(cfg: Config, cells: list[Cell]) -> dict[str, Any]:
     rows = []
+    bound = cfg.eval.official_gap_bound
     for cell in cells:
         sampling = cell.sampling[0] if cell.sampling else {}
+        gap = OfficialGap.of(cell.summary.get("score"), cell.bench.official_score, bound)
         rows.append({
             "model": cell.model.label, "model_path": str(cell.model.path),
             "benchmark": cell.bench.alias, "benchmark_name": cell.bench.bench.name,
             "title": cell.bench.bench.title, "official_score": cell.bench.official_score,
+            "official_gap": gap.gap, "official_gap_flagged": gap.flagged,
             "complete": cell.complete, "shards": cell.num_shards,
             "missing_shards": [m["shard"] for m in cell.missing],
             "sampling": sampling,
@@ -147,7 +167,7 @@ def results_json(cfg: Config, cells: list[Cell]) -> dict[str, Any]:
     benches = list(dict.fromkeys(c.bench.alias for c in cells))
     return {"complete": not missing, "missing_shards": missing, "models": models,
             "benchmarks": benches, "sampling": sampling_settings(cfg),
-            "judge": cfg.eval.judge.backend, "results": rows}
+            "judge": cfg.eval.judge.backend, "official_gap_bound": bound, "results": rows}
 
 
 def _fmt(score: float | None, complete: bool, n_unjudged: int) -> str:
@@ -168,12 +188,23 @@ def _decoding(sampling: dict[str, Any]) -> str:
             f"{sampling.get('frames')}.")
 
 
+def _fmt_gap(row: dict[str, Any] | None) -> str:
+    if row is None or row.get("official_gap") is None:
+        return ""
+    text = f"{row['official_gap']:+.1f}"
+    return f"**{text}** ⚠" if row["official_gap_flagged"] else text
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """Benchmark x model table (official score beside ours), then the item counts."""
+    """Benchmark x model table (official score and the gap to it beside ours), then the
+    item counts."""
     models, rows = results["models"], results["results"]
     by = {(r["benchmark"], r["model"]): r for r in rows}
     has_official = any(r["official_score"] is not None for r in rows)
-    head = ["benchmark", "metric", *models] + (["official"] if has_official else [])
+    # results.json written before the gap existed has no bound: the default.
+    bound = results.get("official_gap_bound", 1.0)
+    gap_heads = (["gap"] if len(models) == 1 else [f"gap {m}" for m in models])
+    head = ["benchmark", "metric", *models] + (["official", *gap_heads] if has_official else [])
     lines = ["# Evaluation results", "", _decoding(results["sampling"]), "",
              "| " + " | ".join(head) + " |",
              "|---|---|" + "---:|" * (len(head) - 2)]
@@ -185,10 +216,21 @@ def markdown(results: dict[str, Any]) -> str:
         if has_official:
             official = first["official_score"]
             row.append("" if official is None else f"{official:.1f}")
+            row += [_fmt_gap(c) for c in cells]
         lines.append("| " + " | ".join(row) + " |")
     if any(r["n_unjudged"] for r in rows):
         lines += ["", "† open-ended items without a judge are left out of that score (see the "
                   "unjudged column)."]
+    if has_official:
+        lines += ["", f"gap = ours - official, in points; ⚠ beyond ±{bound:g} "
+                  "(eval.official_gap_bound): the protocol (frames, pixels, prompt, decoding) or "
+                  "the loader may differ from the report's (docs/eval_benchmarks.md)."]
+        flagged = [r for r in rows if r.get("official_gap_flagged")]
+        if flagged:
+            lines += ["", f"## Beyond ±{bound:g} points of the official score", ""]
+            lines += [f"- {r['benchmark']} / {r['model']}: {r['score']:.1f} vs "
+                      f"{r['official_score']:.1f} official ({r['official_gap']:+.1f})"
+                      + ("" if r["complete"] else ", partial") for r in flagged]
     lines += ["", "| benchmark | model | items | scored | unextracted | media failed | errors | "
               "unjudged | missing shards |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -214,9 +256,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 def bar_chart(results: dict[str, Any], path: Path) -> None:
     """Grouped bars: one group per benchmark, one bar per model, the official score hatched."""
+    # heavy import, needed only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy import, needed only when a figure is drawn
     import matplotlib.pyplot as plt
 
     models, benches = results["models"], results["benchmarks"]

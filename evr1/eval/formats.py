@@ -23,6 +23,15 @@ from typing import Any
 LETTERS = string.ascii_uppercase
 TABLE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt")
 
+# A published layout: globs relative to the folder a user downloaded; the files of the first
+# group that matches anything are read. ``Layouts`` lists the groups in order of preference.
+Layouts = Sequence[Sequence[str]]
+TABLES_HERE: tuple[str, ...] = ("*.json", "*.jsonl", "*.parquet", "*.csv", "*.tsv")
+# Where Hugging Face puts a dataset's files: <config>/<split>-00000-of-00003.parquet (or
+# data/<split>-...), and <config>/<split>/0000.parquet on its refs/convert/parquet branch.
+_HUB_SHARD = re.compile(r"^[A-Za-z0-9_.]+-\d{5}-of-\d{5}\.parquet$")
+_CONVERTED_SHARD = re.compile(r"^\d{4}\.parquet$")
+
 
 class FormatError(ValueError):
     """An annotation file does not have the fields its benchmark's loader expects."""
@@ -58,6 +67,37 @@ def read_records(path: Path, suffixes: Sequence[str] = TABLE_SUFFIXES) -> list[d
         row.setdefault("_file", str(path))
         row.setdefault("_row", i)
     return rows
+
+
+def find_annotation_files(path: Path, layouts: Layouts) -> list[Path]:
+    """The annotation files of ``path``: itself if a file, else those of the first layout
+    group (globs relative to the folder) that matches, sorted. Hidden files are left out."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FormatError(f"annotation file {path} does not exist")
+    for group in layouts:
+        files = sorted({p for pattern in group for p in path.glob(pattern)
+                        if p.is_file() and not p.name.startswith(".")})
+        if files:
+            return files
+    here = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                  if not p.name.startswith("."))
+    wanted = " | ".join(", ".join(group) for group in layouts)
+    listing = ", ".join(here[:12]) + (" ..." if len(here) > 12 else "")
+    raise FormatError(f"{path}: no annotation files in any published layout of this benchmark "
+                      f"(looked for {wanted}); the folder holds: {listing or 'nothing'}")
+
+
+def config_name(file: Path) -> str:
+    """What a file's records belong to (a task, a track): the config folder of a Hugging Face
+    shard (``multi-choice/test-00000-of-00001.parquet``, ``Perception/test/0000.parquet``),
+    else the file's stem (``multi-choice.json``)."""
+    if _HUB_SHARD.match(file.name):
+        return file.parent.name
+    if _CONVERTED_SHARD.match(file.name):
+        return file.parent.parent.name
+    return file.stem
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
@@ -101,6 +141,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
+        # heavy import, only for parquet annotation files
         import pyarrow.parquet as pq
     except ImportError as exc:  # pragma: no cover - pyarrow is a dependency
         raise FormatError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from exc
@@ -153,7 +194,7 @@ class Record:
             return default
         present = ", ".join(sorted(k for k in self.raw if not k.startswith("_"))) or "none"
         raise FormatError(f"{self.where}: {self.benchmark}: no field {' / '.join(names)} "
-                          f"(fields present: {present}); see docs/benchmarks.md for the "
+                          f"(fields present: {present}); see docs/eval_benchmarks.md for the "
                           "format this loader reads")
 
     def text(self, *names: str, default: Any = ...) -> str:
@@ -223,6 +264,14 @@ def split_inline_options(text: str) -> tuple[str, list[str]]:
     return stem_text, options
 
 
+_ANSWER_TAG = re.compile(r"</?answer>", re.IGNORECASE)
+
+
+def strip_tags(value: Any) -> Any:
+    """A reference answer without ``<answer>`` tags (converted layouts keep them)."""
+    return _ANSWER_TAG.sub("", value).strip() if isinstance(value, str) else value
+
+
 def letter_of(answer: Any, options: Sequence[str]) -> str | None:
     """The letter an answer names: "B", "(B)", "B. red", an index, or an option's text."""
     if isinstance(answer, bool):
@@ -258,21 +307,41 @@ class MediaResolver:
     missing: int = 0
     checked: int = 0
     _cache: dict[tuple[str, ...], str] = field(default_factory=dict)
+    _by_name: dict[str, list[Path]] | None = None
 
-    def find(self, *candidates: str) -> str:
+    def find(self, *candidates: str, search: Sequence[str] = ()) -> str:
+        """The first candidate that exists; else, for a release that sorts its media into
+        folders the annotation does not name (Video-MMMU's subject folders), the one file
+        under the root named like one of ``search`` (only when exactly one matches)."""
         key = tuple(c for c in candidates if c)
         if not key:
             raise FormatError("no media path candidates")
-        if key in self._cache:
-            return self._cache[key]
+        cache_key = (*key, "\0", *search)
+        if cache_key in self._cache:
+            return self._cache[cache_key]
         self.checked += 1
         paths = [Path(c) if os.path.isabs(c) else self.root / c for c in key]
         found = next((p for p in paths if p.is_file()), None)
+        if found is None and search:
+            found = self._unique_by_name(search)
         if found is None:
             self.missing += 1
             found = paths[0]
-        self._cache[key] = str(found)
+        self._cache[cache_key] = str(found)
         return str(found)
+
+    def _unique_by_name(self, names: Sequence[str]) -> Path | None:
+        if self._by_name is None:  # one walk of the root, on the first search
+            self._by_name = {}
+            if self.root.is_dir():
+                for folder, _, files in os.walk(self.root):
+                    for name in files:
+                        self._by_name.setdefault(name, []).append(Path(folder) / name)
+        for name in names:
+            hits = self._by_name.get(name, [])
+            if len(hits) == 1:
+                return hits[0]
+        return None
 
 
 def with_suffixes(stem: str, suffixes: Sequence[str] = (".mp4", ".MP4", ".mkv", ".webm",

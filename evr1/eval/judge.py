@@ -121,6 +121,7 @@ class VLLMJudge:
 
     def _engine(self) -> Any:
         if self.llm is None:
+            # optional heavy dependency: vLLM is installed only on GPU machines
             from vllm import LLM
 
             args = {"gpu_memory_utilization": self.cfg.gpu_memory_utilization, "seed": 0,
@@ -132,6 +133,7 @@ class VLLMJudge:
     def replies(self, items: Sequence[JudgeItem]) -> list[str]:
         if not items:
             return []
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0, max_tokens=self.cfg.max_new_tokens)

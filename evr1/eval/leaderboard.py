@@ -1,6 +1,6 @@
 """Every evaluated checkpoint of a training run in one table, and score vs step per benchmark.
 
-Reads the per-checkpoint eval folders that ``evr1.train.async_eval`` writes
+Reads the per-checkpoint eval folders that ``evr1.eval.while_training`` writes
 (``<eval.out_dir>/steps/step-XXXXXXXX[-full]/``: ``request.json``, ``status.json``,
 ``results.json``) and writes ``leaderboard.md``, ``leaderboard.json`` and ``leaderboard.png``
 beside them. A checkpoint whose evaluation failed, was skipped or has not finished is shown as
@@ -145,9 +145,11 @@ def markdown(board: dict[str, Any]) -> str:
 
 def plot(board: dict[str, Any], path: Path) -> None:
     """Score vs step, one panel per benchmark of the quick suite (and the average)."""
+    # heavy import, needed only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy import, needed only when a figure is drawn
     import matplotlib.pyplot as plt
 
     part = board["quick"]

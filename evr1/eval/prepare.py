@@ -5,6 +5,10 @@ frames into shards (one decode per video, as for training data) and the array ta
 questions from it. Preparing is cheap and deterministic, so launchers redo it before every
 submission; a changed annotation or prompt style changes the file, and the finished shards
 that were computed from the old file are redone (their marker records the file's checksum).
+
+One benchmark whose files cannot be read does not stop the others: ``prepare_all`` prepares
+every benchmark it can and reports the ones that failed (their old prepared file, if any, is
+removed, so nothing downstream reads questions made from other files).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from evr1.config import Config
 from evr1.data.schema import Sample, SampleError, check_reward, write_samples
 from evr1.eval.benchmarks import LoadContext, load_benchmark
 from evr1.eval.formats import FormatError, MediaResolver
-from evr1.eval.layout import BenchmarkRun, eval_dir, resolve_benchmarks
+from evr1.eval.plan import BenchmarkRun, eval_dir, resolve_benchmarks
 
 log = logging.getLogger("evr1.eval")
 
@@ -69,5 +73,40 @@ def prepare_benchmark(cfg: Config, run: BenchmarkRun) -> PrepareSummary:
     return summary
 
 
-def prepare_all(cfg: Config) -> list[PrepareSummary]:
-    return [prepare_benchmark(cfg, run) for run in resolve_benchmarks(cfg)]
+@dataclass
+class PrepareFailure:
+    alias: str
+    name: str
+    error: str
+
+    def line(self) -> str:
+        return f"{self.alias} ({self.name}): {self.error}"
+
+
+@dataclass
+class PrepareReport:
+    prepared: list[PrepareSummary] = field(default_factory=list)
+    failed: list[PrepareFailure] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Raise a FormatError naming every benchmark that failed (for scripts)."""
+        if self.failed:
+            raise FormatError("could not prepare " + "; ".join(f.line() for f in self.failed))
+
+
+def prepare_all(cfg: Config) -> PrepareReport:
+    """Prepare every configured benchmark; a benchmark that fails is reported and skipped."""
+    report = PrepareReport()
+    for run in resolve_benchmarks(cfg):
+        try:
+            report.prepared.append(prepare_benchmark(cfg, run))
+        except (FormatError, SampleError, OSError) as exc:  # files not as the loader expects
+            log.error("%s (%s): %s", run.alias, run.bench.name, exc)
+            report.failed.append(PrepareFailure(run.alias, run.bench.name, str(exc)))
+            run.prepared.unlink(missing_ok=True)  # never leave questions from older files
+        except Exception as exc:  # a loader bug on an unforeseen record: the others go on
+            log.exception("%s (%s): the loader failed", run.alias, run.bench.name)
+            report.failed.append(PrepareFailure(run.alias, run.bench.name,
+                                                f"{type(exc).__name__}: {exc}"))
+            run.prepared.unlink(missing_ok=True)  # never leave questions from older files
+    return report

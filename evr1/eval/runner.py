@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -25,14 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from evr1.config import Config
 from evr1.data.dataset import sampled_fps
 from evr1.data.schema import Sample, load_samples
-from evr1.eval.layout import EvalTask, ShardFiles, eval_tasks
+from evr1.eval.plan import EvalTask, ShardFiles, eval_tasks
 from evr1.eval.scoring import ERROR, MEDIA_FAILED, score_response
 from evr1.files import atomic_write_json, atomic_write_jsonl, file_sha256, read_jsonl
+from evr1.models.loading import load_model, load_processor, resolve_device
 from evr1.rollout.base import Prompt, SamplingParams, generate_isolating_failures
+from evr1.rollout.hf import HFRolloutEngine
+from evr1.video.decode import load_visual
 from evr1.video.shards import ShardError, ShardReader
 
 log = logging.getLogger("evr1.eval")
@@ -116,8 +122,6 @@ class DecodedFrames:
         self.cfg = cfg
 
     def get(self, sample: Sample) -> tuple[np.ndarray, float] | str:
-        from evr1.video.decode import load_visual
-
         box: dict[str, Any] = {}
 
         def work() -> None:
@@ -149,13 +153,11 @@ def cpu_threads(cfg: Config, num_tasks: int) -> int:
     """Torch threads for one task: its share of the CPUs it may use.
 
     An explicit ``OMP_NUM_THREADS`` wins. Local array tasks run side by side (as many as
-    cores, see ``evr1.launch.executor``); each torch process would otherwise start one thread
+    cores, see ``evr1.pipeline.executor``); each torch process would otherwise start one thread
     per core, and oversubscribed OpenMP threads spin against each other (measured: 2 tasks on
     2 cores took 3x longer than 1 task). On a Slurm node the allocation's CPUs (the affinity
     mask) are this task's own.
     """
-    import os
-
     explicit = os.environ.get("OMP_NUM_THREADS", "")
     if explicit.isdigit() and int(explicit) > 0:
         return int(explicit)
@@ -171,11 +173,10 @@ def cpu_threads(cfg: Config, num_tasks: int) -> int:
 
 def make_engine(cfg: Config, model_path: Path) -> Any:
     if cfg.eval.engine == "vllm":
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from evr1.rollout.vllm import make_vllm_engine
 
         return make_vllm_engine(model_path, cfg.rollout, seed=cfg.eval.seed)
-    from evr1.models.loading import load_model, load_processor, resolve_device
-    from evr1.rollout.hf import HFRolloutEngine
 
     device = resolve_device(cfg.eval.device, "eval.device")
     model = load_model(model_path, cfg.model.dtype, device,
@@ -213,8 +214,6 @@ def evaluate_samples(engine: Any, frames: ShardFrames | DecodedFrames, samples: 
                      task: EvalTask, params: SamplingParams, batch_size: int
                      ) -> tuple[list[dict[str, Any]], float]:
     """Rows in the order of ``samples``, and the seconds spent generating."""
-    from tqdm import tqdm
-
     rows: dict[str, dict[str, Any]] = {}
     generate_s = 0.0
     bar = tqdm(total=len(samples), desc=f"eval {task.name}", unit="q", mininterval=2.0)
@@ -249,7 +248,7 @@ def evaluate_samples(engine: Any, frames: ShardFrames | DecodedFrames, samples: 
 # --------------------------------------------------------------------------- the task
 
 
-def run_eval_task(cfg: Config, index: int) -> TaskResult:
+def evaluate_shard(cfg: Config, index: int) -> TaskResult:
     """Array task ``index`` of ``eval_tasks(cfg)``; safe to re-run."""
     tasks = eval_tasks(cfg)
     if not 0 <= index < len(tasks):
@@ -263,7 +262,6 @@ def run_eval_task(cfg: Config, index: int) -> TaskResult:
     files.marker.unlink(missing_ok=True)  # a stale or partial earlier attempt: redo it
     samples = shard_samples(task.bench.prepared, task.shard, task.num_shards)
     start = time.perf_counter()
-    import torch
 
     torch.manual_seed(cfg.eval.seed * 1_000_003 + task.shard)  # reproducible sampling
     torch.set_num_threads(cpu_threads(cfg, len(tasks)))

@@ -8,11 +8,19 @@ job spends its time importing and allocating, with a message that says what was 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from transformers import AutoProcessor
+
+from evr1.config import Config
+from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
+
+log = logging.getLogger("evr1.models")
 
 # model_type in config.json -> transformers class that loads it.
 MODEL_CLASSES: dict[str, str] = {
@@ -82,8 +90,6 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
 
     ``dtype`` is a torch dtype, its name ('bfloat16') or 'auto' (the dtype saved in the folder).
     """
-    import transformers
-
     model_type = read_model_type(path)
     model_cls = getattr(transformers, MODEL_CLASSES[model_type])
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "device_map": str(device)}
@@ -94,8 +100,6 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto",
 
 def load_processor(path: str | Path) -> Any:
     """Load the processor (tokenizer + image and video processors) of a Qwen-VL folder."""
-    from transformers import AutoProcessor
-
     read_model_type(path)
     try:
         processor = AutoProcessor.from_pretrained(str(Path(path).expanduser()))
@@ -108,3 +112,16 @@ def load_processor(path: str | Path) -> Any:
         raise ModelLoadError(f"the processor in {path} ({type(processor).__name__}) has no "
                              f"{', '.join(missing)}; a Qwen-VL folder needs all three")
     return processor
+
+
+def ensure_model(cfg: Config) -> Path:
+    """The model folder; with ``model.tiny`` a random-init tiny model is built once."""
+    path = cfg.model_path
+    if (path / "config.json").exists():
+        return path
+    if not cfg.model.tiny:
+        raise FileNotFoundError(f"model.path {path} has no config.json (set model.tiny=true "
+                                "to build a tiny random-init model there)")
+    corpus = corpus_from_jsonl([p for p in (cfg.data.train_jsonl, cfg.data.eval_jsonl) if p])
+    log.info("building a tiny %s model in %s", cfg.model.family, path)
+    return build_tiny_model(path, corpus, family=cfg.model.family, seed=cfg.seed)

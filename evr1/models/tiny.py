@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import transformers
+from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 from evr1.models.tokenizer import (
     CHAT_TEMPLATE,
@@ -171,8 +176,6 @@ def _vision_config(family: str, s: TinySizes) -> dict[str, Any]:
 
 
 def _build_model(family: str, s: TinySizes, tokenizer: Any, seed: int) -> torch.nn.Module:
-    import transformers
-
     ids = _token_ids(tokenizer)
     vocab = max(len(tokenizer), s.vocab_size or 0)
     vocab = -(-vocab // s.vocab_multiple) * s.vocab_multiple
@@ -196,11 +199,6 @@ def _build_model(family: str, s: TinySizes, tokenizer: Any, seed: int) -> torch.
 
 def _build_processor(family: str, s: TinySizes, tokenizer: Any) -> Any:
     """The real Qwen image/video processors, with the tiny model's patch geometry."""
-    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
     geometry = dict(patch_size=s.patch_size, merge_size=s.merge_size,
                     temporal_patch_size=s.temporal_patch_size)
     factor = s.patch_size * s.merge_size

@@ -32,6 +32,7 @@ def _looks_like_expression(text: str) -> bool:
 
 
 def _parse(text: str, inner_s: int) -> list[Any]:
+    # heavy import (sympy), only in the math worker process
     from math_verify import parse
 
     # math-verify finds LaTeX between delimiters, so a bare "2\sqrt{3}" needs them added
@@ -45,6 +46,7 @@ def _parse(text: str, inner_s: int) -> list[Any]:
 
 
 def check(gold: str, pred: str, inner_s: int) -> dict[str, Any]:
+    # heavy import (sympy), only in the math worker process
     from math_verify import verify
 
     gold_parsed, pred_parsed = _parse(gold, inner_s), _parse(pred, inner_s)

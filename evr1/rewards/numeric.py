@@ -1,4 +1,4 @@
-"""Numbers in free text, and the ``numerical`` and ``regression`` problem types.
+"""Numbers in free text, and the ``numerical``, ``regression`` and ``vsibench_mra`` problem types.
 
 Reading numbers is shared with the grounding types. Every pattern below is linear: no nested
 quantifiers, each optional part anchored by a literal, whitespace runs collapsed first.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import re
 from typing import Any
+
+import numpy as np
 
 from .base import InvalidSolution, RewardInputError, Verdict
 
@@ -153,3 +155,31 @@ def score_regression(answer: str, solution: Any, **_: Any) -> Verdict:
         return Verdict(0.0, parsed=False)
     pred, raw = found
     return Verdict(mean_relative_accuracy(pred, gold), parsed=True, extracted=raw)
+
+
+# VSI-Bench's thresholds: numpy.linspace(0.5, 0.95, 10), computed the same way so that answers
+# on a threshold (12 for 10 at 0.8) fall on the same side as in the official code.
+_VSI_CONFIDENCE = np.linspace(0.5, 0.95, 10)
+
+
+def check_vsibench_mra(solution: Any, **_: Any) -> None:
+    """Raise ``InvalidSolution`` unless ``solution`` is one finite number."""
+    solution_number(solution, "vsibench_mra")
+
+
+def score_vsibench_mra(answer: str, solution: Any, **_: Any) -> Verdict:
+    """VSI-Bench MRA: mean over thresholds c of 1[|pred - gold| / gold <= 1 - c].
+
+    Differs from the ``regression`` reward only on the thresholds themselves: ``<=`` and
+    numpy's linspace floats as in the official evaluation, where the reward uses ``<`` (15 for
+    10: 0.1 here, 0.0 as a reward). Small integer counts land on thresholds often.
+    """
+    gold = solution_number(solution, "vsibench_mra")
+    found = last_number(answer)
+    if found is None:
+        return Verdict(0.0, parsed=False)
+    pred, raw = found
+    if gold == 0:
+        return Verdict(float(pred == 0), parsed=True, extracted=raw)
+    error = abs(pred - gold) / abs(gold)
+    return Verdict(float((error <= 1 - _VSI_CONFIDENCE).mean()), parsed=True, extracted=raw)

@@ -446,6 +446,8 @@ _BUILTINS: list[tuple[str, ScoreFn, CheckFn, tuple[str, ...]]] = [
     ("code", code.score_code, code.check_code, ("coding", "program", "svg", "html", "python")),
     ("preference", preference.score_preference, preference.check_preference,
      ("pairwise", "critic", "pairwise_preference")),
+    # VSI-Bench's own MRA (``<=`` on numpy's thresholds), for its numeric questions.
+    ("vsibench_mra", numeric.score_vsibench_mra, numeric.check_vsibench_mra, ()),
 ]
 
 for _name, _fn, _check, _aliases in _BUILTINS:

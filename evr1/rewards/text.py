@@ -53,6 +53,7 @@ def _rouge_scorer() -> Any:
     # short-answer-only runs should not pay for.
     global _scorer
     if _scorer is None:
+        # heavy import, only when a ROUGE reward is scored
         from rouge_score import rouge_scorer
 
         _scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"],

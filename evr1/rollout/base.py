@@ -16,21 +16,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 
+from evr1.data.dataset import Prompt  # the engines' input; defined where PromptSet makes it
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Prompt:
-    """One prompt: the problem text and its (already sampled, resized) frames."""
-
-    sample_id: str
-    problem: str
-    data_type: str  # video | image | text
-    frames: np.ndarray | None = None  # uint8 [T, H, W, 3]; None for text
-    fps: float = 2.0  # sampling rate of the frames (video only)
 
 
 @dataclass

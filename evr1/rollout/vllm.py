@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from evr1.config import RolloutConfig
 from evr1.models.inputs import build_prompt_messages, stop_token_ids, vision_token_ids
@@ -146,8 +147,6 @@ def multimodal_fields(prompt: Prompt, factor: int | None) -> dict[str, Any]:
     no_resize = {"images_kwargs": {"do_resize": False},
                  "videos_kwargs": {"do_resize": False, "do_sample_frames": False}}
     if prompt.data_type == "image":
-        from PIL import Image
-
         return {"multi_modal_data": {"image": Image.fromarray(frames[0])},
                 "mm_processor_kwargs": no_resize}
     if prompt.data_type == "video":
@@ -217,6 +216,7 @@ class VLLMRolloutEngine:
             request = self._engine_prompt(prompt)
             request["prompt_token_ids"] = request["prompt_token_ids"] + list(response)
             requests.append(request)
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm import SamplingParams as VLLMSamplingParams
 
         params = VLLMSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
@@ -243,6 +243,7 @@ class VLLMRolloutEngine:
         return request
 
     def _sampling_params(self, params: SamplingParams) -> Any:
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm import SamplingParams as VLLMSamplingParams
 
         greedy = params.temperature == 0
@@ -417,7 +418,10 @@ def make_vllm_engine(model_path: str | Path, rollout_cfg: RolloutConfig, seed: i
     os.environ.setdefault(MULTIPROCESSING_ENV, "0")
     in_process = os.environ[MULTIPROCESSING_ENV].strip().lower() in ("0", "false")
     try:
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm import LLM
+
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm.platforms import current_platform
     except ImportError as exc:
         raise ImportError(f"rollout.engine=vllm needs vLLM: pip install vllm (GPU) or run "

@@ -78,7 +78,10 @@ class WeightSyncExtension:
     vllm_config: Any
 
     def evr1_begin_weight_sync(self) -> None:
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm.config import set_current_vllm_config
+
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         with set_current_vllm_config(self.vllm_config):
@@ -92,6 +95,7 @@ class WeightSyncExtension:
         slice, so the trainer sends plain, unsharded HF tensors. Returns the number of vLLM
         parameters written; an unknown name raises inside ``load_weights``.
         """
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm.config import set_current_vllm_config
 
         with set_current_vllm_config(self.vllm_config):
@@ -105,7 +109,10 @@ class WeightSyncExtension:
     def evr1_finish_weight_sync(self) -> None:
         """Process the layers still pending, then drop state derived from the old weights
         (vision-encoder outputs, multimodal processor cache)."""
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm.config import set_current_vllm_config
+
+        # optional heavy dependency: vLLM is installed only on GPU machines
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         runner = self.model_runner

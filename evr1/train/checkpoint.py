@@ -10,7 +10,7 @@ One checkpoint is a folder ``step-00000050`` holding::
                       only); megatron: ``megatron/`` + ``optimizer/``
     trainer_state.pt  step, data position, RNG states (tensors and numbers only)
     meta.json         step and what produced it; written last, inside the temporary folder
-    leases/           one file per eval job that still reads model/ (see ``take_lease``)
+    leases/           one file per eval job that still reads model/ (see ``evr1.leases``)
 
 The folder appears under its final name only by an atomic rename after everything in it is
 fsynced, so ``latest`` never picks a half-written checkpoint; every ``.pt`` file loads with
@@ -28,7 +28,7 @@ starts a new branch of the run: ``abandon_after`` moves the later checkpoints in
 ``abandoned-<UTC time>/`` (kept, not deleted), so that ``resume: auto`` never returns to them.
 
 Pruning keeps the last ``keep_last`` checkpoints, the ``keep_best`` best by a score, and every
-checkpoint with a live lease: an evaluation job submitted for it (``evr1.train.async_eval``)
+checkpoint with a live lease: an evaluation job submitted for it (``evr1.eval.while_training``)
 takes a lease before it is queued and gives it back when it ends; a lease whose holder is gone
 (a local process that died, a Slurm job no longer in the queue) no longer protects.
 """
@@ -41,8 +41,6 @@ import os
 import random
 import re
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -52,6 +50,7 @@ import numpy as np
 import torch
 
 from evr1.files import fsync_dir
+from evr1.leases import live_leases
 
 log = logging.getLogger(__name__)
 
@@ -227,65 +226,6 @@ def prune_checkpoints(root: Path, keep_last: int, keep_best: int = 0,
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-# --------------------------------------------------------------------------- leases
-
-
-def take_lease(folder: Path, name: str, **holder: object) -> Path:
-    """Mark ``folder`` as read by ``name`` until ``release_lease``; ``holder`` says who holds
-    it: ``pid`` (a process on this host) and/or ``slurm_jobs`` (job ids)."""
-    lease = folder / "leases" / f"{name}.json"
-    lease.parent.mkdir(exist_ok=True)
-    record = {"name": name, "host": socket.gethostname(), "created": time.time(), **holder}
-    tmp = lease.with_name(f".{lease.name}.tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, lease)
-    return lease
-
-
-def release_lease(lease: Path | str) -> None:
-    Path(lease).unlink(missing_ok=True)
-
-
-def live_leases(folder: Path) -> list[Path]:
-    """The leases on ``folder`` whose holder still runs; stale ones are removed."""
-    live = []
-    for lease in sorted((folder / "leases").glob("*.json")):
-        try:
-            record = json.loads(lease.read_text())
-        except (OSError, json.JSONDecodeError):
-            live.append(lease)  # being written: count it
-            continue
-        if _holder_alive(record):
-            live.append(lease)
-        else:
-            release_lease(lease)
-    return live
-
-
-def _holder_alive(record: dict) -> bool:
-    jobs = record.get("slurm_jobs") or []
-    if jobs:
-        try:
-            out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)],
-                                 capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return True  # cannot tell: keep the checkpoint
-        # squeue lists pending and running jobs; finished ones drop out (or are unknown).
-        if out.returncode != 0 and "Invalid job id" not in out.stderr:
-            return True  # no answer from the controller: keep the checkpoint
-        return bool(out.stdout.strip())
-    pid = record.get("pid")
-    if pid is None or record.get("host") != socket.gethostname():
-        return True  # held by someone we cannot check from here: keep the checkpoint
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_trainer_state(folder: Path) -> TrainerState:

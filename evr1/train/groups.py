@@ -1,6 +1,8 @@
 """From sampled responses to GRPO groups: rewards, offline mixing, filtering.
 
-A group is the ``n`` responses of one prompt (rows ``g*n .. g*n+n-1``). Mixed offline-online
+A group is the ``n`` responses of one prompt. :class:`Groups` holds them as flat rows
+(group ``g``'s response ``j`` is row ``g*n + j``) and owns that arithmetic: nothing else needs
+``rollout.n`` or computes a row index. Mixed offline-online
 training puts the sample's expert trajectory (``offline_output``) in the group's last slot,
 either always or only when the on-policy responses' accuracy is below a threshold; the mixed
 rows are flagged so the loss can weight or shape them (``train.grpo.offline_*``).
@@ -23,7 +25,7 @@ from torch import Tensor
 from evr1.config import OfflineConfig, RewardConfig
 from evr1.data.schema import Sample
 from evr1.rewards import check_items, score_batch
-from evr1.rollout.base import Prompt
+from evr1.rollout.base import Prompt, Rollouts
 from evr1.train.batch import PolicyBatch
 from evr1.train.grpo import group_has_signal
 
@@ -36,8 +38,9 @@ class Scores:
 
 
 @dataclass
-class GroupBatch:
-    """The groups of one or more draws: ``n`` rows per prompt, everything per row."""
+class Groups:
+    """The groups of one or more draws, ``[G, n]`` stored flat: ``n`` rows per prompt,
+    everything per row (``slot(g, j)`` is the row of group ``g``'s response ``j``)."""
 
     n: int
     samples: list[Sample]  # one per group
@@ -50,18 +53,58 @@ class GroupBatch:
     logprobs: list[list[float]] | None  # the engine's, per row ([] for offline rows)
     times: dict[str, float] = field(default_factory=dict)  # seconds spent, by phase
 
+    @classmethod
+    def from_rollouts(cls, samples: list[Sample], prompts: list[Prompt],
+                      rollouts: Rollouts) -> Groups:
+        """The engine's responses, unscored (zeros), no offline slot yet."""
+        rows = len(rollouts.response_ids)
+        zeros = torch.zeros(rows, dtype=torch.float32)
+        return cls(rollouts.n, list(samples), list(prompts), list(rollouts.response_ids),
+                   list(rollouts.texts), Scores(zeros, zeros.clone(), zeros.clone()),
+                   torch.zeros(rows, dtype=torch.bool),
+                   torch.tensor(rollouts.truncated or [False] * rows, dtype=torch.bool),
+                   None if rollouts.logprobs is None else [list(lp) for lp in rollouts.logprobs])
+
+    # ------------------------------------------------------------------ slot arithmetic
+
     @property
     def num_groups(self) -> int:
         return len(self.samples)
 
-    def has_signal(self) -> Tensor:
-        return group_has_signal(self.scores.overall.view(-1, self.n))
+    def slot(self, g: int, j: int) -> int:
+        """The row of group ``g``'s response ``j``."""
+        return g * self.n + j
 
-    def select(self, groups: list[int]) -> GroupBatch:
+    def rows(self, g: int) -> range:
+        """The rows of group ``g``."""
+        return range(g * self.n, (g + 1) * self.n)
+
+    def grouped(self, values: Tensor) -> Tensor:
+        """A per-row tensor ``[G*n]`` as ``[G, n]``."""
+        return values.view(-1, self.n)
+
+    def row_samples(self) -> list[Sample]:
+        """The sample each row answers."""
+        return [s for s in self.samples for _ in range(self.n)]
+
+    def put_offline(self, g: int, response: list[int], text: str) -> int:
+        """Put an expert answer in group ``g``'s last slot (flagged offline, never truncated,
+        no engine log-probs); returns its row."""
+        row = self.slot(g, self.n - 1)
+        self.responses[row], self.texts[row] = response, text
+        self.offline[row], self.truncated[row] = True, False
+        if self.logprobs is not None:
+            self.logprobs[row] = []
+        return row
+
+    def has_signal(self) -> Tensor:
+        return group_has_signal(self.grouped(self.scores.overall))
+
+    def select(self, groups: list[int]) -> Groups:
         """The given groups, in that order."""
-        rows = [g * self.n + i for g in groups for i in range(self.n)]
+        rows = [r for g in groups for r in self.rows(g)]
         index = torch.tensor(rows, dtype=torch.long)
-        return GroupBatch(
+        return Groups(
             self.n, [self.samples[g] for g in groups], [self.prompts[g] for g in groups],
             [self.responses[r] for r in rows], [self.texts[r] for r in rows],
             Scores(*(getattr(self.scores, k)[index] for k in ("overall", "accuracy", "format"))),
@@ -69,7 +112,7 @@ class GroupBatch:
             None if self.logprobs is None else [self.logprobs[r] for r in rows], dict(self.times))
 
     @staticmethod
-    def concat(parts: list[GroupBatch]) -> GroupBatch:
+    def concat(parts: list[Groups]) -> Groups:
         first = parts[0]
         logprobs = None
         if all(p.logprobs is not None for p in parts):
@@ -78,7 +121,7 @@ class GroupBatch:
         for p in parts:
             for k, v in p.times.items():
                 times[k] = times.get(k, 0.0) + v
-        return GroupBatch(
+        return Groups(
             first.n, [s for p in parts for s in p.samples], [q for p in parts for q in p.prompts],
             [r for p in parts for r in p.responses], [t for p in parts for t in p.texts],
             Scores(*(torch.cat([getattr(p.scores, k) for p in parts])
@@ -89,8 +132,8 @@ class GroupBatch:
 
 @dataclass
 class Collected:
-    drawn: GroupBatch  # every group sampled this step (for the reward metrics)
-    train: GroupBatch  # the groups the step trains on
+    drawn: Groups  # every group sampled this step (for the reward metrics)
+    train: Groups  # the groups the step trains on
     rounds: int  # draws of prompts_per_step prompts
 
     def metrics(self) -> dict[str, float]:
@@ -99,7 +142,7 @@ class Collected:
                 "groups_with_signal": signal, "groups_trained": self.train.num_groups}
 
 
-def collect_groups(draw: Callable[[], GroupBatch], target: int, *, filter_no_signal: bool,
+def collect_groups(draw: Callable[[], Groups], target: int, *, filter_no_signal: bool,
                    dynamic: bool, max_rounds: int) -> Collected:
     """The groups one step trains on.
 
@@ -109,8 +152,8 @@ def collect_groups(draw: Callable[[], GroupBatch], target: int, *, filter_no_sig
     ``target`` groups with signal are in hand or ``max_rounds`` draws were made, and trains on
     the first ``target`` of them (fewer if the rounds ran out; the metrics count the rounds).
     """
-    parts: list[GroupBatch] = []
-    kept: list[GroupBatch] = []
+    parts: list[Groups] = []
+    kept: list[Groups] = []
     have = 0
     rounds = max_rounds if dynamic else 1
     for _ in range(rounds):
@@ -126,11 +169,11 @@ def collect_groups(draw: Callable[[], GroupBatch], target: int, *, filter_no_sig
         have += len(groups)
         if have >= target:
             break
-    drawn = GroupBatch.concat(parts)
-    return Collected(drawn=drawn, train=GroupBatch.concat(kept), rounds=len(parts))
+    drawn = Groups.concat(parts)
+    return Collected(drawn=drawn, train=Groups.concat(kept), rounds=len(parts))
 
 
-def fill_policy_batches(batches: list[PolicyBatch], group: GroupBatch, advantages: Tensor,
+def fill_policy_batches(batches: list[PolicyBatch], group: Groups, advantages: Tensor,
                         ) -> None:
     """Give each micro-batch its rows' advantages, offline flags and, where the engine
     returned them, its log-probs (``extras['rollout_logp']`` [B, R], zero-padded, with

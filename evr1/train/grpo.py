@@ -201,9 +201,9 @@ def rollout_correction(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, has
     weights = torch.ones_like(ratio)
     if level != "none":
         weights = torch.where(mask, per_token.clamp(max=cap), 1.0)
-    return RolloutCorrection(weights=weights, ratio_mean=_masked_mean(per_token, mask),
-                             trunc_frac=_masked_mean(truncated.float(), mask),
-                             kl=_masked_mean(ratio - 1.0 - log_r, mask))
+    return RolloutCorrection(weights=weights, ratio_mean=masked_mean(per_token, mask),
+                             trunc_frac=masked_mean(truncated.float(), mask),
+                             kl=masked_mean(ratio - 1.0 - log_r, mask))
 
 
 def sample_weights(old_logp: Tensor, mask: Tensor, cfg: GRPOConfig, *,
@@ -282,7 +282,9 @@ def aggregate_loss(values: Tensor, mask: Tensor, loss_agg: LossAgg,
     return total / normaliser
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` is true; 0 when nothing is (never NaN: values at
+    masked-out positions, padding that may hold inf or NaN, do not reach the sum)."""
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
@@ -410,15 +412,15 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     with torch.no_grad():
         metrics = LossMetrics(
             pg_loss=aggregate_loss(pg, mask, cfg.loss_agg, normaliser),
-            clip_frac_low=_masked_mean(
+            clip_frac_low=masked_mean(
                 ((adv < 0) & (ratio < 1.0 - cfg.clip_low) & can_clip).float(), mask),
-            clip_frac_high=_masked_mean(
+            clip_frac_high=masked_mean(
                 ((adv > 0) & (ratio > 1.0 + cfg.clip_high) & can_clip).float(), mask),
-            ratio_mean=_masked_mean(ratio, mask),
-            kl_mean=_masked_mean(kl, mask),
-            entropy_mean=_masked_mean(ent, mask),
-            approx_kl=_masked_mean(ratio - 1.0 - log_ratio, mask),
-            is_weight_mean=_masked_mean(weights, mask),
+            ratio_mean=masked_mean(ratio, mask),
+            kl_mean=masked_mean(kl, mask),
+            entropy_mean=masked_mean(ent, mask),
+            approx_kl=masked_mean(ratio - 1.0 - log_ratio, mask),
+            is_weight_mean=masked_mean(weights, mask),
             num_tokens=mask.sum(),
         )
     return loss, metrics

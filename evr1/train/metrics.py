@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from evr1 import runs
 from evr1.files import atomic_write_bytes
 
 log = logging.getLogger("evr1.train")
@@ -33,8 +34,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, wandb_mode: str = "offline", project: str = "evr1",
                  config: dict[str, Any] | None = None, enabled: bool = True) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
-        self.completions_path = run_dir / "completions.jsonl"  # sampled texts, see below
+        self.path = run_dir / runs.METRICS
+        self.completions_path = run_dir / runs.COMPLETIONS  # sampled texts, see below
         self.enabled = enabled  # False on every rank but the first of a distributed run
         self.last_step = 0  # the newest training step logged
         self._wandb = None
@@ -104,16 +105,17 @@ class MetricsLogger:
 
 def _start_wandb(run_dir: Path, mode: str, project: str, config: dict[str, Any] | None):
     try:
+        # optional dependency: only with train.wandb_mode != disabled
         import wandb
     except ImportError:
-        log.warning("wandb is not installed: metrics go to %s only", run_dir / "metrics.jsonl")
+        log.warning("wandb is not installed: metrics go to %s only", run_dir / runs.METRICS)
         return None
     return wandb.init(project=project, dir=str(run_dir), mode=mode, config=config or {},
                       name=run_dir.name, resume="allow")
 
 
 def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / runs.METRICS
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -131,7 +133,7 @@ def rewind_logs(run_dir: Path, step: int, archive: Path) -> int:
     row that is not a JSON object with a numeric ``step`` (a torn last line) is dropped.
     """
     moved = 0
-    for name in ("metrics.jsonl", "completions.jsonl"):
+    for name in (runs.METRICS, runs.COMPLETIONS):
         path = run_dir / name
         if not path.exists():
             continue

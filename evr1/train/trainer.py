@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,22 +20,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from evr1 import runs
 from evr1.config import Config, dump_config
 from evr1.data.dataset import PromptSampler, PromptSet
-from evr1.launch.preemption import PreemptionWatcher
 from evr1.models.inputs import stop_token_ids
-from evr1.models.loading import load_model, load_processor, resolve_device
-from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
+from evr1.models.loading import ensure_model, load_model, load_processor, resolve_device
 from evr1.rollout.base import SamplingParams
-from evr1.rollout.hf import HFRolloutEngine
 from evr1.train import checkpoint as ckpt
-from evr1.train.async_eval import AsyncEvaluator
 from evr1.train.backends import fsdp
-from evr1.train.backends.hf import HFBackend
 from evr1.train.batch import make_policy_batches
+from evr1.train.build import make_backend, make_engine
 from evr1.train.groups import (
     Collected,
-    GroupBatch,
+    Groups,
     check_samples,
     collect_groups,
     fill_policy_batches,
@@ -44,6 +42,7 @@ from evr1.train.groups import (
 )
 from evr1.train.grpo import compute_advantages, overlong_reward
 from evr1.train.heldout import evaluate_heldout
+from evr1.train.hooks import CheckpointHook, CheckpointHookFactory, NoStopSignals, StopSignals
 from evr1.train.metrics import MetricsLogger, rewind_logs
 from evr1.train.plots import plot_runs
 from evr1.video.shards import ShardReader
@@ -57,6 +56,15 @@ _PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config
 
 
 @dataclass
+class StepResult:
+    """What one training step returns: its metrics (metrics.jsonl) and the sampled texts of
+    its first groups (completions.jsonl)."""
+
+    metrics: dict[str, Any]
+    completions: list[dict[str, Any]]
+
+
+@dataclass
 class TrainResult:
     steps: int
     before: dict[str, float] = field(default_factory=dict)
@@ -64,48 +72,21 @@ class TrainResult:
     checkpoint: str = ""
 
 
-def ensure_model(cfg: Config) -> Path:
-    """The model folder; with ``model.tiny`` a random-init tiny model is built once."""
-    path = cfg.model_path
-    if (path / "config.json").exists():
-        return path
-    if not cfg.model.tiny:
-        raise FileNotFoundError(f"model.path {path} has no config.json (set model.tiny=true "
-                                "to build a tiny random-init model there)")
-    corpus = corpus_from_jsonl([p for p in (cfg.data.train_jsonl, cfg.data.eval_jsonl) if p])
-    log.info("building a tiny %s model in %s", cfg.model.family, path)
-    return build_tiny_model(path, corpus, family=cfg.model.family, seed=cfg.seed)
-
-
-def make_backend(cfg: Config, model: torch.nn.Module | None, model_dir: Path):
-    """The configured training backend; ``megatron`` needs torch.distributed (torchrun, srun)."""
-    if cfg.train.backend == "megatron":
-        from evr1.train.backends.megatron.backend import MegatronBackend
-
-        return MegatronBackend(model_dir, cfg.train, cfg.rollout.temperature,
-                               dtype=cfg.model.dtype, seed=cfg.seed)
-    # Under FSDP the weights stay gathered between updates only for the hf engine, which
-    # generates with this model; vLLM has its own copy.
-    return HFBackend(model, cfg.train, cfg.rollout.temperature,
-                     gather_for_rollouts=cfg.rollout.engine == "hf")
-
-
 def _no_op() -> None:
     pass
 
 
-def make_engine(cfg: Config, model: torch.nn.Module | None, processor, model_dir: Path):
-    """The configured rollout engine; ``hf`` shares the trainer's model object."""
-    if cfg.rollout.engine == "vllm":
-        from evr1.rollout.vllm import make_vllm_engine  # only where vLLM is installed
-
-        return make_vllm_engine(model_dir, cfg.rollout, cfg.seed)
-    return HFRolloutEngine(model, processor)
-
-
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
+    """The loop over one run's steps. Given (besides the config, from which it builds its
+    backend and rollout engine through ``evr1.train.build``): ``checkpoint_hook``, called with
+    the metrics logger to make the hook told about each checkpoint (eval-while-training), and
+    ``stop_signals``, the context that asks to stop after a step (Slurm preemption). Both
+    default to nothing; ``evr1.pipeline.training.build_trainer`` gives the configured ones."""
+
+    def __init__(self, cfg: Config, *, checkpoint_hook: CheckpointHookFactory | None = None,
+                 stop_signals: Callable[[], StopSignals] = NoStopSignals) -> None:
         self.cfg = cfg
+        self.stop_signals = stop_signals
         self.run_dir = Path(cfg.run_dir)
         # Data first: a sample the rewards cannot score fails here, before any model is built.
         reader = ShardReader(cfg.shard_dir)
@@ -145,8 +126,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, cfg.train.wandb_mode, cfg.train.wandb_project,
                                      asdict(cfg), enabled=self.is_main)
         # Benchmark eval of checkpoints as background/Slurm jobs (rank 0 submits and collects).
-        self.async_eval = AsyncEvaluator(cfg, self.metrics) \
-            if cfg.train.async_eval.enabled and self.is_main else None
+        self.checkpoint_hook: CheckpointHook | None = checkpoint_hook(self.metrics) \
+            if checkpoint_hook is not None and self.is_main else None
         # Seeded last: the sampling stream must not depend on what set-up did (building the
         # tiny model draws random numbers; loading it does not).
         torch.manual_seed(cfg.seed)
@@ -157,7 +138,7 @@ class Trainer:
     def run(self, stop_after: int = 0) -> TrainResult:
         """Train to ``train.steps`` (or ``stop_after`` more steps), resuming if configured."""
         self.resume()
-        dump_config(self.cfg, self.run_dir / "config.yaml")
+        dump_config(self.cfg, self.run_dir / runs.CONFIG)
         result = TrainResult(steps=self.state.step)
         if self.state.step == 0:
             result.before = self.evaluate()
@@ -165,16 +146,15 @@ class Trainer:
         if stop_after > 0:
             last = min(last, self.state.step + stop_after)
         stopped = False
-        with PreemptionWatcher() as preemption:  # Slurm's SIGUSR1/SIGTERM: see preemption.py
+        with self.stop_signals() as preemption:  # Slurm's SIGUSR1/SIGTERM (pipeline/preemption.py)
             while self.state.step < last and not stopped:
-                metrics = self.train_step()
-                completions = metrics.pop("completions")  # texts: completions.jsonl, not metrics
+                step = self.train_step()
                 self.state.step += 1
                 if self.state.step % self.cfg.train.log_every == 0:
-                    self.metrics.log(self.state.step, metrics)
-                    self.metrics.log_completions(self.state.step, completions)
-                if self.async_eval:
-                    self.async_eval.poll()  # logs finished checkpoint evals; never waits
+                    self.metrics.log(self.state.step, step.metrics)
+                    self.metrics.log_completions(self.state.step, step.completions)
+                if self.checkpoint_hook:
+                    self.checkpoint_hook.poll()  # logs finished checkpoint evals; never waits
                 every = self.cfg.train.eval_every
                 if every and self.state.step % every == 0 and \
                         self.state.step < self.cfg.train.steps:
@@ -183,29 +163,29 @@ class Trainer:
                 if stopped or self.state.step % self.cfg.train.save_every == 0 or \
                         self.state.step == last:
                     result.checkpoint = str(self.save())
-                    if self.async_eval and self.async_eval.wants(self.state.step):
-                        self.async_eval.submit(self.state.step, Path(result.checkpoint))
+                    if self.checkpoint_hook:
+                        self.checkpoint_hook.on_save(self.state.step, Path(result.checkpoint))
         result.steps = self.state.step
-        if self.async_eval:
+        if self.checkpoint_hook:
             done = self.state.step >= self.cfg.train.steps
-            self.async_eval.finish(self.state.step, Path(result.checkpoint) if done and
+            self.checkpoint_hook.finish(self.state.step, Path(result.checkpoint) if done and
                                    result.checkpoint else None, wait=done)
             self.prune()  # now that the scores are in
         if self.state.step >= self.cfg.train.steps:
             result.after = self.evaluate()
             task = self.cfg.data.include_tasks[0] if self.cfg.data.include_tasks else ""
             if self.is_main:
-                plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / "learning_curve.png",
+                plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / runs.LEARNING_CURVE,
                           task)
         self.metrics.close()
         if stopped and self.state.step < self.cfg.train.steps:
             preemption.stop(self.state.step)  # under Slurm: requeues, raises JobRequeued
         return result
 
-    def train_step(self) -> dict[str, Any]:
-        """One GRPO step; returns its metrics plus ``completions``, the records of the first
+    def train_step(self) -> StepResult:
+        """One GRPO step: its metrics, and ``completions``, the records of the first
         ``train.log_completions`` groups (sampled texts, rewards, advantages)."""
-        cfg, n = self.cfg, self.cfg.rollout.n
+        cfg = self.cfg
         t0 = time.perf_counter()
         collected = collect_groups(self._draw_groups, cfg.train.prompts_per_step,
                                    filter_no_signal=cfg.train.filter_no_signal,
@@ -213,15 +193,16 @@ class Trainer:
                                    max_rounds=cfg.train.max_sampling_rounds)
         self.state.data_position = self.sampler.position
         group = collected.train
-        advantages = compute_advantages(group.scores.overall.view(-1, n),
+        advantages = compute_advantages(group.grouped(group.scores.overall),
                                         estimator=cfg.train.grpo.estimator,
                                         eps=cfg.train.grpo.eps).view(-1)
         # train.overlong=mask: truncated responses stay in their group's baseline, not the loss
         rows = [r for r in range(len(group.responses))
                 if not (cfg.train.overlong == "mask" and group.truncated[r])]
         if rows:
-            batches = make_policy_batches(self.processor, group.prompts, n, group.responses, rows,
-                                          cfg.train.micro_batch_size, self.pad_id)
+            batches = make_policy_batches(self.processor, group.prompts, group.n,
+                                          group.responses, rows, cfg.train.micro_batch_size,
+                                          self.pad_id)
             fill_policy_batches(batches, group, advantages)
             self.engine.sleep()  # colocated engines free their memory for the update
             update = self.backend.train_step(batches, cfg.train.grpo)
@@ -230,68 +211,59 @@ class Trainer:
         else:  # nothing to train on: the lr schedule still follows the step counter
             update = self.backend.skip_update()
         times = dict(collected.drawn.times, time_step=time.perf_counter() - t0)
-        metrics = self._step_metrics(collected, len(rows), update, times)
-        metrics["completions"] = self._completion_records(group, advantages)
-        return metrics
+        return StepResult(self._step_metrics(collected, len(rows), update, times),
+                          self._completion_records(group, advantages))
 
-    def _draw_groups(self) -> GroupBatch:
+    def _draw_groups(self) -> Groups:
         """Sample ``prompts_per_step`` new prompts' groups, score them, mix in the offline
         answers, shape the reward of long responses (``train.overlong=shaping``)."""
-        cfg, n = self.cfg, self.cfg.rollout.n
+        cfg = self.cfg
         t0 = time.perf_counter()
         indices = self.sampler.next(cfg.train.prompts_per_step)
         prompts = [self.train_set.prompt(i) for i in indices]
         samples = [self.train_set.samples[i] for i in indices]
         rollouts = self.engine.generate(prompts, SamplingParams(
-            n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             max_new_tokens=cfg.rollout.max_new_tokens))
         t_rollout = time.perf_counter() - t0
 
-        responses, texts = list(rollouts.response_ids), list(rollouts.texts)
-        row_samples = [s for s in samples for _ in range(n)]
-        scores = score_responses(row_samples, texts, cfg.reward)
-        offline_rows = self._mix_offline(samples, scores.accuracy.view(-1, n), responses, texts)
-        if offline_rows:
-            mixed = score_responses([row_samples[r] for r in offline_rows],
-                                    [texts[r] for r in offline_rows], cfg.reward)
-            for k, r in enumerate(offline_rows):
-                for name in ("overall", "accuracy", "format"):
-                    getattr(scores, name)[r] = getattr(mixed, name)[k]
-        offline = torch.zeros(len(responses), dtype=torch.bool)
-        offline[offline_rows] = True
-        truncated = torch.tensor(rollouts.truncated or [False] * len(responses)) & ~offline
-        logprobs = None if rollouts.logprobs is None else \
-            [[] if offline[r] else list(lp) for r, lp in enumerate(rollouts.logprobs)]
+        groups = Groups.from_rollouts(samples, prompts, rollouts)
+        groups.scores = score_responses(groups.row_samples(), groups.texts, cfg.reward)
+        self._mix_offline(groups)
         if cfg.train.overlong == "shaping":
-            scores.overall += overlong_reward(torch.tensor([len(r) for r in responses]),
-                                              cfg.rollout.max_new_tokens,
-                                              cfg.train.overlong_buffer,
-                                              cfg.train.overlong_penalty)
-        t_reward = time.perf_counter() - t0 - t_rollout
-        return GroupBatch(n, samples, prompts, responses, texts, scores, offline, truncated,
-                          logprobs, {"time_rollout": t_rollout, "time_reward": t_reward})
+            groups.scores.overall += overlong_reward(
+                torch.tensor([len(r) for r in groups.responses]), cfg.rollout.max_new_tokens,
+                cfg.train.overlong_buffer, cfg.train.overlong_penalty)
+        groups.times = {"time_rollout": t_rollout,
+                        "time_reward": time.perf_counter() - t0 - t_rollout}
+        return groups
 
-    def _mix_offline(self, samples, accuracy, responses, texts) -> list[int]:
-        """Put expert trajectories in the last slot of the chosen groups; returns those rows."""
-        n = self.cfg.rollout.n
+    def _mix_offline(self, groups: Groups) -> None:
+        """Put expert trajectories in the last slot of the chosen groups and score them."""
+        samples = groups.samples
         has_offline = torch.tensor([s.offline_output is not None for s in samples])
-        chosen = groups_to_mix(accuracy, has_offline, self.cfg.train.offline)
-        rows = []
-        for g in torch.nonzero(chosen).flatten().tolist():
-            row = g * n + n - 1
-            responses[row] = offline_response_ids(self.processor.tokenizer,
-                                                  samples[g].offline_output, self.stop_id)
-            texts[row] = samples[g].offline_output
-            rows.append(row)
-        return rows
+        chosen = groups_to_mix(groups.grouped(groups.scores.accuracy), has_offline,
+                               self.cfg.train.offline)
+        rows = [groups.put_offline(g, offline_response_ids(self.processor.tokenizer,
+                                                           samples[g].offline_output,
+                                                           self.stop_id),
+                                   samples[g].offline_output)
+                for g in torch.nonzero(chosen).flatten().tolist()]
+        if not rows:
+            return
+        row_samples = groups.row_samples()
+        mixed = score_responses([row_samples[r] for r in rows], [groups.texts[r] for r in rows],
+                                self.cfg.reward)
+        for k, r in enumerate(rows):
+            for name in ("overall", "accuracy", "format"):
+                getattr(groups.scores, name)[r] = getattr(mixed, name)[k]
 
-    def _completion_records(self, group: GroupBatch, advantages) -> list[dict[str, Any]]:
+    def _completion_records(self, group: Groups, advantages) -> list[dict[str, Any]]:
         """The first ``train.log_completions`` trained groups of the step, for
         completions.jsonl."""
-        n = self.cfg.rollout.n
         records = []
         for g, sample in enumerate(group.samples[:self.cfg.train.log_completions]):
-            rows = range(g * n, (g + 1) * n)
+            rows = group.rows(g)
             records.append({
                 "sample_id": sample.id, "solution": sample.solution,
                 "responses": [group.texts[r] for r in rows],
@@ -302,7 +274,7 @@ class Trainer:
 
     def _step_metrics(self, collected: Collected, trained_rows, update, times) -> dict[str, Any]:
         """Reward metrics over every group drawn this step; the update's over those trained."""
-        n, drawn = self.cfg.rollout.n, collected.drawn
+        drawn = collected.drawn
         scores, offline = drawn.scores, drawn.offline
         lengths = torch.tensor([len(r) for r in drawn.responses], dtype=torch.float32)
         out: dict[str, Any] = {
@@ -318,7 +290,7 @@ class Trainer:
         by_type: dict[str, list[float]] = {}
         for g, sample in enumerate(drawn.samples):
             by_type.setdefault(sample.problem_type, []).extend(
-                scores.overall[g * n:(g + 1) * n].tolist())
+                drawn.grouped(scores.overall)[g].tolist())
         out.update({f"reward/{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})
         out["tokens_per_s"] = update.get("train_tokens", 0) / max(times["time_step"], 1e-9)
         return out
@@ -341,10 +313,10 @@ class Trainer:
                                     **self._keep_best())
 
     def _keep_best(self) -> dict[str, Any]:
-        if not self.async_eval:
+        if not self.checkpoint_hook:
             return {}
         return {"keep_best": self.cfg.train.async_eval.keep_best,
-                "scores": self.async_eval.scores}
+                "scores": self.checkpoint_hook.scores}
 
     def prune(self) -> None:
         if self.is_main:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from evr1.video.decode import DecodeError
+from evr1.video.types import DecodeError
 
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 # NVDEC ("mixed" operator); whether AV1 works depends on the GPU generation (Ampere and later).
@@ -43,6 +43,7 @@ NUM_THREADS = max(1, min(2, os.cpu_count() or 1))
 def cuda_device_count() -> int:
     """GPUs DALI can see (0 on a machine without CUDA driver); never initialises torch."""
     try:
+        # optional heavy dependency: DALI is imported only when it decodes
         from nvidia.dali import backend
         return int(backend.GetCUDADeviceCount())
     except Exception:  # no driver / library: DALI raises several kinds of errors here
@@ -73,6 +74,7 @@ class _Decoder:
     """One built pipeline: file bytes + index list in, frames out. Not re-entrant: locked."""
 
     def __init__(self, device: str, device_id: int | None) -> None:
+        # optional heavy dependency: DALI is imported only when it decodes
         from nvidia.dali import fn, pipeline_def, types
 
         @pipeline_def(batch_size=1, num_threads=NUM_THREADS, device_id=device_id,
@@ -117,6 +119,7 @@ def _decoder(device: str) -> _Decoder:
 
 
 def _current_gpu() -> int:
+    # optional heavy dependency: DALI is imported only when it decodes
     from nvidia.dali import backend
     return int(backend.GetCUDACurrentDevice())
 

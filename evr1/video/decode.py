@@ -21,58 +21,21 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from evr1.config import DataConfig
-from evr1.video import sampling
+from evr1.video import dali_backend, pyav_backend, sampling
+from evr1.video.types import Backend, DaliDevice, DecodeError, VideoInfo, Visual, check_file
 
 log = logging.getLogger(__name__)
-
-Backend = Literal["auto", "pyav", "dali"]
-DaliDevice = Literal["auto", "cpu", "gpu"]
-
-
-class DecodeError(RuntimeError):
-    """A media file cannot be turned into frames; ``reason`` says why and what to do."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        super().__init__(f"{os.fspath(path)}: {reason}")
-        self.path = os.fspath(path)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    codec: str  # FFmpeg codec name: h264, hevc, vp9, mjpeg, ...
-    num_frames: int
-    fps: float
-    duration_s: float
-    width: int
-    height: int
-
-
-@dataclass
-class Visual:
-    """Model-ready frames of one media file, and where they came from."""
-
-    frames: np.ndarray  # uint8 [T, H, W, 3], resized; images have T = 1
-    indices: list[int]  # source frame index of each frame
-    timestamps_s: list[float]  # index / source_fps (constant frame rate); [0.0] for images
-    source_fps: float  # 0.0 for images
-    source_num_frames: int
-    source_size: tuple[int, int]  # (height, width) before resizing
-    backend: str  # pyav | dali-cpu | dali-gpu | pil
-
 
 # --------------------------------------------------------------------------- videos
 
 
 def probe(path: str | os.PathLike[str]) -> VideoInfo:
     """Stream facts of a video file; DecodeError if it cannot be read."""
-    from evr1.video import pyav_backend
     return pyav_backend.probe(os.fspath(path))
 
 
@@ -85,7 +48,6 @@ def choose_backend(codec: str, backend: Backend = "auto",
         raise ValueError(f"dali_device must be auto, cpu or gpu, got {dali_device!r}")
     if backend == "pyav":
         return "pyav", None
-    from evr1.video import dali_backend
     devices = ["gpu", "cpu"] if dali_device == "auto" else [dali_device]
     for device in devices:
         if dali_backend.can_decode(codec, device):
@@ -105,8 +67,6 @@ def decode_frames(path: str | os.PathLike[str], indices: list[int], backend: Bac
     ``data.max_source_pixels``). Only PyAV does that: DALI returns all frames at full size in
     one tensor, so ``auto`` uses PyAV and ``dali`` refuses with a DecodeError.
     """
-    from evr1.video import dali_backend, pyav_backend
-
     path = os.fspath(path)
     info = info or probe(path)
     indices = [int(i) for i in indices]
@@ -172,8 +132,6 @@ def read_image(path: str, max_pixels: int | None = None) -> tuple[np.ndarray, tu
     1/2, 1/4 or 1/8 scale (never held at full size) when that brings it under, else refused
     with a DecodeError: other formats cannot be decoded smaller than they are.
     """
-    from PIL import Image, UnidentifiedImageError
-
     check_file(path)
     try:
         with Image.open(path) as img:
@@ -233,17 +191,6 @@ def load_visual(path: str | os.PathLike[str], data_type: str, data_cfg: DataConf
         return load_image(path, data_cfg)
     raise ValueError(f"{path}: data_type {data_type!r} has no media to load "
                      "(expected 'video' or 'image')")
-
-
-def check_file(path: str) -> None:
-    """DecodeError for the failures visible before opening: missing, directory, empty."""
-    if not os.path.exists(path):
-        raise DecodeError(path, "file not found (check the path and data.media_root)")
-    if os.path.isdir(path):
-        raise DecodeError(path, "is a directory, not a media file")
-    if os.path.getsize(path) == 0:
-        raise DecodeError(path, "file is empty (0 bytes): the copy or download did not "
-                                "finish; fetch it again")
 
 
 def _checked(path: str, compute: Callable[[], tuple[int, int]]) -> tuple[int, int]:

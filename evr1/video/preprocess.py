@@ -107,7 +107,7 @@ def sampling_params(cfg: Config, data_type: str) -> dict[str, object]:
     return params
 
 
-def run_task(cfg: Config, task: int) -> TaskSummary:
+def preprocess_shard(cfg: Config, task: int) -> TaskSummary:
     """Preprocess array task ``task`` of ``cfg.preprocess.num_tasks``; safe to re-run."""
     num_tasks = cfg.preprocess.num_tasks
     out_dir = cfg.shard_dir

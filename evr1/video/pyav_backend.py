@@ -31,7 +31,7 @@ import av
 import numpy as np
 from av.video.reformatter import Interpolation
 
-from evr1.video.decode import DecodeError, VideoInfo, check_file
+from evr1.video.types import DecodeError, VideoInfo, check_file
 
 # Below this many frames of gap, decoding through is cheaper than a seek (which restarts at a
 # keyframe that may lie before the current position anyway).

@@ -19,6 +19,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as tvf
 
 from evr1.config import VisionBudget
 
@@ -134,10 +137,6 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     the same pixels whether frames come from this cache or from its own processor. Antialias
     matters when shrinking (720p to ~500x280): without it fine texture aliases into moire.
     """
-    import torch
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as tvf
-
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} "
                          f"{list(frames.shape)}")

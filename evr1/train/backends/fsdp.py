@@ -39,7 +39,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 DCP_DIR = "dcp"
 
@@ -65,9 +69,6 @@ class Sharding:
     """``model`` sharded over every rank of the default process group (FSDP2)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,9 +148,6 @@ def save_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     """Write the weights and AdamW moments (this rank's shards) to ``folder``; returns the
     optimiser's ``param_groups`` (numbers and parameter names) for the caller's JSON file.
     Collective under torch.distributed."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state["state"]}, checkpoint_id=str(folder))
     return {"param_groups": optim_state["param_groups"]}
@@ -159,9 +157,6 @@ def load_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
              saved: dict) -> None:
     """Read :func:`save_dcp` output into ``model`` and ``optimizer``, whatever the world size
     that wrote it. ``saved`` is what ``save_dcp`` returned (from the JSON file)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     with_moments = any(name for group in saved["param_groups"] for name in group["params"]) \
         and saved.get("optimizer_steps", 1) > 0
     if with_moments:

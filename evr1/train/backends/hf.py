@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -28,35 +27,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from evr1.config import GRPOConfig, TrainConfig
 from evr1.train.backends import fsdp
+from evr1.train.backends.base import accumulate_metrics, grpo_terms, lr_lambda, step_metrics
 from evr1.train.batch import PolicyBatch
 from evr1.train.grpo import (
-    SUMMED_METRICS,
-    LossMetrics,
     loss_normaliser,
-    policy_loss,
-    sample_weights,
+    masked_mean,
     token_entropy,
     token_logprobs,
 )
-
-
-def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up, then constant, cosine or linear decay to ``min_lr_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" \
-            else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
-
-    return factor
 
 
 class HFBackend:
@@ -168,7 +150,7 @@ class HFBackend:
             loss.backward()
             if entropy is None:
                 with torch.no_grad():
-                    metrics.entropy_mean = _masked_mean(token_entropy(logits.detach()),
+                    metrics.entropy_mean = masked_mean(token_entropy(logits.detach()),
                                                         batch.mask)
             n = batch.num_tokens
             tokens += n
@@ -300,37 +282,6 @@ class HFBackend:
 OPTIMIZER_JSON = "optimizer.json"
 
 
-def grpo_terms(logp: Tensor, old_logp: Tensor, batch: PolicyBatch, grpo: GRPOConfig, *,
-               ref_logp: Tensor | None, entropy: Tensor | None,
-               normaliser: float | Tensor) -> tuple[Tensor, LossMetrics]:
-    """``policy_loss`` of one micro-batch with its per-row options: offline rows' weights or
-    LUFFY shaping, and the rollout/trainer correction from the engine's log-probs (extras
-    ``offline``, ``rollout_logp``, ``has_rollout_logp``, see the trainer). Both backends."""
-    offline = batch.extras.get("offline")
-    weights, correction = sample_weights(
-        old_logp, batch.mask, grpo, offline=offline,
-        rollout_logp=batch.extras.get("rollout_logp"),
-        has_rollout=batch.extras.get("has_rollout_logp"))
-    shaped = offline if grpo.offline_loss == "shaping" else None
-    loss, metrics = policy_loss(logp, old_logp, batch.advantages, batch.mask, grpo,
-                                ref_logp=ref_logp, entropy=entropy, is_weights=weights,
-                                normaliser=normaliser, shaped=shaped)
-    metrics.add_correction(correction)
-    return loss, metrics
-
-
-def accumulate_metrics(totals: dict[str, float], metrics: LossMetrics, tokens: int) -> None:
-    """Add one micro-batch's metrics: step totals summed, token means weighted by tokens."""
-    for key, value in metrics.as_floats().items():
-        totals[key] = totals.get(key, 0.0) + value * (1 if key in SUMMED_METRICS else tokens)
-
-
-def step_metrics(totals: dict[str, float], tokens: int) -> dict[str, float]:
-    """The step's metrics from ``accumulate_metrics`` totals (``loss`` is left to the caller)."""
-    return {k: v if k in SUMMED_METRICS else v / max(tokens, 1)
-            for k, v in totals.items() if k != "loss"}
-
-
 _VISION_INPUTS = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
                   ("video", "pixel_values_videos", "video_grid_thw", "get_video_features"))
 
@@ -344,8 +295,6 @@ def shared_vision_inputs(model: torch.nn.Module, inputs: dict, owners: list[int]
     over the rows that use it, exactly what the repeated computation gives. At n=8 this removes
     7/8 of the vision tower's forward and backward work.
     """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     inputs = dict(inputs)
     encoded = {}
     for kind, pixel_key, grid_key, encoder in _VISION_INPUTS:
@@ -449,7 +398,3 @@ def shared_prefix_logits(model: torch.nn.Module, inputs: dict, owners: list[int]
     rest = model(input_ids=ids[:, prompt_len:total - 1], attention_mask=response_mask,
                  position_ids=response_positions, cache=cache, use_cache=True)
     return torch.cat([first_logits, rest.logits.float()], dim=1)
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)

@@ -16,6 +16,7 @@ Needs ``megatron-core`` 0.16.1 to 0.19 (a dependency of evr1; tested: constraint
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,12 +28,11 @@ __all__ = ["MegatronBackend"]
 def __getattr__(name: str) -> Any:
     # Lazy: importing the package (e.g. for cpu_shims) must not import megatron-core.
     if name == "MegatronBackend":
-        import importlib.util
-
         if importlib.util.find_spec("megatron") is None or \
                 importlib.util.find_spec("megatron.core") is None:
             raise ImportError("train.backend=megatron needs megatron-core: pip install "
                               "'megatron-core>=0.16.1,<0.20'")
+        # heavy: megatron-core is imported only when the megatron backend runs
         from evr1.train.backends.megatron.backend import MegatronBackend
 
         return MegatronBackend

@@ -48,10 +48,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from transformers import AutoConfig
 
 from evr1.config import GRPOConfig, TrainConfig
-from evr1.train.backends.hf import grpo_terms, lr_lambda
+from evr1.train.backends.base import grpo_terms, lr_lambda
 from evr1.train.backends.megatron import model as mg_model
 from evr1.train.backends.megatron import parallel
 from evr1.train.backends.megatron.deepstack import Deepstack, add_after_layers, visual_index
@@ -75,7 +78,13 @@ from evr1.train.backends.megatron.weights import (
     write_hf_folder,
 )
 from evr1.train.batch import PolicyBatch
-from evr1.train.grpo import SUMMED_METRICS, LossMetrics, clip_coefficient, loss_normaliser
+from evr1.train.grpo import (
+    SUMMED_METRICS,
+    LossMetrics,
+    clip_coefficient,
+    loss_normaliser,
+    masked_mean,
+)
 
 VISUAL = "model.visual."
 _METRICS = [f.name for f in dataclasses.fields(LossMetrics)]
@@ -100,8 +109,6 @@ class MegatronBackend:
 
     def __init__(self, model_path: str | Path, cfg: TrainConfig, temperature: float = 1.0, *,
                  dtype: torch.dtype | str = "float32", seed: int = 0):
-        from transformers import AutoConfig
-
         self.cfg = cfg
         self.temperature = temperature if temperature > 0 else 1.0
         self.dtype = _to_dtype(dtype)
@@ -151,8 +158,6 @@ class MegatronBackend:
         return [p for _, p in self._named_params() if p.requires_grad]
 
     def _read_shapes(self, checkpoint: HFCheckpoint) -> dict[str, torch.Size]:
-        from safetensors import safe_open
-
         shapes = {}
         for name in checkpoint.names():
             file, key = checkpoint._where[name]
@@ -325,6 +330,7 @@ class MegatronBackend:
         return buffer.requires_grad_(grad)
 
     def _tp_group(self) -> Any:
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         return ps.get_tensor_model_parallel_group() if self.grid.tp > 1 else None
@@ -351,6 +357,7 @@ class MegatronBackend:
         """Broadcast per-micro-batch ``[B, R]`` results from the last pipeline stage."""
         if self.grid.pp == 1:
             return values
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         out = []
@@ -423,7 +430,7 @@ class MegatronBackend:
                 with torch.no_grad():
                     ent = layout.scatter(vocab_parallel_entropy(logits.detach(),
                                                                 self._tp_group()))
-                    metrics.entropy_mean = _masked_mean(ent, layout.response_mask)
+                    metrics.entropy_mean = masked_mean(ent, layout.response_mask)
             values = metrics.as_floats()
             n = batch.num_tokens
             for j, key in enumerate(_METRICS):  # step totals summed, token means weighted
@@ -458,6 +465,7 @@ class MegatronBackend:
     def _reduce_metrics(self, totals: Tensor) -> Tensor:
         """Sum token-weighted metrics over data-parallel replicas and pipeline stages (only
         the last stage has them); TP ranks hold identical copies."""
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         t = totals.to(self.device)
@@ -470,6 +478,7 @@ class MegatronBackend:
     def _reduce_and_clip(self) -> float:
         """Make every rank's gradients the full-batch gradient of its shards, clip by the
         global norm (as ``torch.nn.utils.clip_grad_norm_``) and return that norm."""
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         g = self.grid
@@ -512,6 +521,7 @@ class MegatronBackend:
     def _sum_tied_embedding_grads(self) -> None:
         """With PP > 1 the tied matrix lives on the first and last stage: sum both
         gradients so that the two copies take identical steps."""
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         if not ps.is_rank_in_embedding_group():
@@ -525,6 +535,7 @@ class MegatronBackend:
     def _sum_head_norm_grads(self) -> None:
         """Each TP rank's Q/K norm gradient covers only its own heads: sum them, so that
         every rank holds the full gradient of the replicated weight."""
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         params = dict(self.gpt.named_parameters())
@@ -556,6 +567,7 @@ class MegatronBackend:
 
     def _gather(self, local: Callable[[str], Tensor | None]) -> Iterator[tuple[str, Tensor]]:
         """Full HF tensors from ``local(name)`` shards: vision tower, then the decoder."""
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import parallel_state as ps
 
         g = self.grid
@@ -614,8 +626,6 @@ class MegatronBackend:
         for moment in _MOMENTS:
             tensors = self.named_hf_moments(moment)
             if writer:
-                from safetensors.torch import save_file
-
                 folder.mkdir(parents=True, exist_ok=True)
                 save_file({n: t.cpu().contiguous() for n, t in tensors},
                           str(folder / f"{moment}.safetensors"))
@@ -624,6 +634,7 @@ class MegatronBackend:
                     pass
 
     def _save_dist(self, folder: Path) -> None:
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import dist_checkpointing
 
         if dist.get_rank() == 0:
@@ -642,7 +653,10 @@ class MegatronBackend:
         the replicated vision tower (HF names) and, given ``moment(param, name)``, the AdamW
         moments of the trainable parameters under ``optimizer.state.<moment>.<key>`` (the keys
         of Megatron's non-distributed optimiser)."""
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
         model = self.gpt.sharded_state_dict()
@@ -711,6 +725,7 @@ class MegatronBackend:
         self._set_steps(meta["steps"])
 
     def _load_dist(self, folder: Path, with_moments: bool) -> None:
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import dist_checkpointing
 
         state = self.optimizer.state
@@ -746,8 +761,6 @@ class MegatronBackend:
     def _load_moments(self, folder: Path) -> None:
         params = dict(self._named_params())
         for moment in _MOMENTS:
-            from safetensors.torch import load_file
-
             hf = _DictCheckpoint(load_file(str(folder / f"{moment}.safetensors")))
             for p in params.values():
                 if p.requires_grad:  # a frozen vision tower has no optimiser state
@@ -793,17 +806,16 @@ class _DictCheckpoint(HFCheckpoint):
 # --------------------------------------------------------------------------- helpers
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
 
 def _next_rank() -> int:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     return ps.get_pipeline_model_parallel_next_rank()
 
 
 def _prev_rank() -> int:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     return ps.get_pipeline_model_parallel_prev_rank()

@@ -53,6 +53,7 @@ def installed() -> bool:
 
 
 def _patch_memory_buffer() -> None:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import utils
 
     def get_tensor(self: Any, tensor_shape: Any, dtype: torch.dtype, name: str,
@@ -70,6 +71,7 @@ def _patch_memory_buffer() -> None:
 
 
 def _patch_rng_fork() -> None:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core.tensor_parallel import random
 
     @contextlib.contextmanager
@@ -102,6 +104,7 @@ def _on_host(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _patch_mrope_init() -> None:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
 
     rope.MultimodalRotaryEmbedding.__init__ = _on_host(rope.MultimodalRotaryEmbedding.__init__)
@@ -110,6 +113,8 @@ def _patch_mrope_init() -> None:
 def _patch_dist_checkpointing() -> None:
     # Both names: callers use ``dist_checkpointing.save`` (the package re-exports them).
     from megatron.core import dist_checkpointing
+
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core.dist_checkpointing import serialization
 
     for name in ("save", "load"):

@@ -128,6 +128,7 @@ def transformer_engine_available() -> bool:
 
 
 def transformer_config(spec: LMSpec, tp: int, pp: int, dtype: torch.dtype) -> Any:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core.transformer import TransformerConfig
 
     spec.check_parallel(tp, pp)
@@ -153,6 +154,7 @@ def transformer_config(spec: LMSpec, tp: int, pp: int, dtype: torch.dtype) -> An
 
 
 def layer_spec(use_te: bool, qk_norm: bool) -> Any:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -170,6 +172,7 @@ def build_gpt(spec: LMSpec, config: Any, *, tp: int, first_stage: bool, last_sta
     Interleaved M-RoPE (Qwen3-VL) replaces megatron's rotary module by
     :class:`InterleavedMRoPE`.
     """
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core.models.gpt import GPTModel
 
     gpt = GPTModel(

@@ -97,6 +97,7 @@ def _block_causal_mask(lengths: Tensor) -> Tensor:
 
 
 def _thd_params(lengths: Tensor) -> Any:
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)

@@ -9,6 +9,7 @@ is NCCL, one GPU per rank (``LOCAL_RANK``).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from evr1.config import MegatronConfig
-from evr1.launch import rendezvous
 from evr1.train.backends.megatron import cpu_shims
 
 
@@ -50,14 +50,14 @@ def device() -> torch.device:
 
 def init_distributed(timeout_min: int = 30) -> None:
     """Join the default process group from torchrun/srun environment variables
-    (:mod:`evr1.launch.rendezvous` for Slurm tasks).
+    (Slurm tasks get them from ``evr1.pipeline.rendezvous``, called by the training stage
+    before the trainer is built, or from the sbatch script).
 
     A single process with no launcher variables becomes a world of one (on a free local
     port), so the backend also runs from a plain ``python`` call.
     """
     if dist.is_initialized():
         return
-    rendezvous.export_from_slurm()  # srun / submitit tasks: RANK, MASTER_ADDR, ... from SLURM_*
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -73,6 +73,7 @@ def init_distributed(timeout_min: int = 30) -> None:
 def setup_model_parallel(cfg: MegatronConfig) -> Layout:
     """Initialise megatron-core's groups for ``cfg`` (tp x pp x dp = world) and return the
     layout of this rank. Installs the CPU shims when there is no GPU."""
+    # heavy: megatron-core is imported only when the megatron backend runs
     from megatron.core import parallel_state as ps
 
     init_distributed()
@@ -102,14 +103,13 @@ def seed_model_parallel(seed: int) -> None:
     """Seed the CPU RNG (and, on GPU, megatron's per-TP-rank CUDA RNG streams)."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
+        # heavy: megatron-core is imported only when the megatron backend runs
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -15,6 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -24,16 +28,12 @@ def _free_port() -> int:
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str,
            threads: int, args: tuple) -> None:
-    import torch
-
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
         result = fn(*args)
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -43,9 +43,6 @@ def run(fn: Callable[..., Any], world_size: int, *args: Any, threads: int = 1) -
     """``fn(*args)`` on ``world_size`` processes; returns the results in rank order.
 
     ``fn`` must be importable by name (a module-level function)."""
-    import torch
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_entry, args=(fn, world_size, _free_port(), out, threads, args),
                            nprocs=world_size, join=True, start_method="spawn")

@@ -18,9 +18,11 @@ the rotation), the vision tower only the first.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
+import transformers
 from torch import Tensor
 
 from evr1.train.backends.megatron.weights import HFCheckpoint
@@ -47,7 +49,6 @@ class VisionFrontEnd(torch.nn.Module):
     def __init__(self, hf_config: Any, checkpoint: HFCheckpoint | None, *, with_tower: bool,
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
-        import transformers
 
         self.config = hf_config
         model_class, _, _ = _CLASSES[hf_config.model_type]
@@ -65,8 +66,6 @@ class VisionFrontEnd(torch.nn.Module):
     @staticmethod
     def _load_tower(hf_config: Any, checkpoint: HFCheckpoint | None, dtype: torch.dtype,
                     device: torch.device) -> torch.nn.Module:
-        import importlib
-
         _, module, tower_class = _CLASSES[hf_config.model_type]
         modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
         tower = getattr(modeling, tower_class)._from_config(hf_config.vision_config)

@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 LM = "model.language_model."
@@ -58,8 +62,6 @@ class HFCheckpoint:
     """Lazy reader of the safetensors files of an HF folder (one or sharded)."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
@@ -82,8 +84,6 @@ class HFCheckpoint:
         return name in self._where
 
     def get(self, name: str) -> Tensor:
-        from safetensors import safe_open
-
         if name not in self._where:
             raise KeyError(f"{self.folder}: no tensor {name!r} in the checkpoint")
         file, key = self._where[name]
@@ -267,8 +267,6 @@ def gather_hf(rules: list[Rule], local: Callable[[str], Tensor | None], g: Geome
     tensor is then broadcast from the owning stage to the others (``pp_src(stage)`` is that
     stage's global rank in this rank's pipeline group).
     """
-    import torch.distributed as dist
-
     for rule in rules:
         tensors: list[Tensor] | None = None
         if rule.stage == pp_rank:
@@ -309,10 +307,6 @@ def write_hf_folder(folder: Path, source: Path, tensors: Iterator[tuple[str, Ten
     """Write ``tensors`` (in-memory HF names) as safetensors under ``disk_names[name]`` (the
     source folder's names), plus every non-weight file of ``source`` (config, tokenizer,
     processor, templates)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file() and not re.search(r"\.safetensors(\.index\.json)?$", path.name):

@@ -1,16 +1,22 @@
 """Benchmark evaluation of checkpoints while training goes on.
 
-When the trainer has written checkpoint ``step-N`` it calls ``AsyncEvaluator.submit``, which
-gives the checkpoint an eval folder ``<eval.out_dir>/steps/step-N/`` (its own eval config,
-predictions, results) and a lease (``evr1.train.checkpoint.take_lease``: pruning will not
-delete a checkpoint that an eval job still reads), then
+``AsyncEvaluator`` is the trainer's checkpoint hook (``evr1.train.hooks.CheckpointHook``).
+When the trainer has written checkpoint ``step-N`` it calls ``on_save``, which (every
+``async_eval.every`` steps) gives the checkpoint an eval folder ``<eval.out_dir>/steps/step-N/``
+(its own eval config, predictions, results) and a lease (``evr1.leases.take_lease``: pruning
+will not delete a checkpoint that an eval job still reads), then
 
 - on Slurm submits the eval array for that checkpoint and one collect job that waits for it
   (``--dependency=afterok``), through the same submitit helpers as ``launchers/eval.py``;
-- without Slurm starts a local background process (``python -m evr1.train.async_eval DIR``)
+- without Slurm starts a local background process (``python -m evr1.pipeline.checkpoint_eval
+  DIR``)
   that runs the eval tasks and the collector one after another, with ``threads`` torch
   threads. At most ``max_concurrent`` run at once; a checkpoint that finds every slot busy is
   queued (its lease is taken at once) or skipped (``when_full``), and the log says which.
+
+How jobs are submitted and what the local process runs is the pipeline's business: the
+evaluator is given a :class:`EvalJobs` (``evr1.pipeline.checkpoint_eval.EvalJobs``), so this
+module needs nothing above ``evr1.eval``.
 
 The trainer does not wait: ``poll`` (every step, non-blocking) looks for finished jobs and logs
 their scores to the run's metrics keyed by the checkpoint's step (``kind: checkpoint_eval``). A
@@ -33,16 +39,19 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from evr1.config import AsyncEvalConfig, Config, EvalBenchmarkConfig, dump_config, load_config
+from evr1 import runs
+from evr1.config import AsyncEvalConfig, Config, EvalBenchmarkConfig, dump_config
+from evr1.eval.leaderboard import read_entry
+from evr1.eval.plan import eval_dir
 from evr1.files import atomic_write_json
-from evr1.train import checkpoint as ckpt
+from evr1.leases import release_lease, take_lease
+from evr1.train.metrics import MetricsLogger, read_metrics
 
 log = logging.getLogger("evr1.train")
 
@@ -53,9 +62,7 @@ SLURM_POLL_S = 10.0  # squeue at most this often while Slurm jobs are outstandin
 
 
 def steps_dir(cfg: Config) -> Path:
-    from evr1.eval.layout import eval_dir
-
-    return eval_dir(cfg) / "steps"
+    return runs.checkpoint_evals_dir(eval_dir(cfg))
 
 
 def job_label(step: int, full: bool) -> str:
@@ -78,8 +85,6 @@ def checkpoint_eval_config(cfg: Config, checkpoint: Path, out_dir: Path, full: b
     """The eval config for one checkpoint: the quick suite (``async_eval.benchmarks`` capped at
     ``max_samples`` each) or, with ``full``, every configured benchmark. Frame caches stay
     where ``launchers/eval.py --preprocess`` put them (the run's eval folder)."""
-    from evr1.eval.layout import eval_dir
-
     ae = cfg.train.async_eval
     main = eval_dir(cfg)
     chosen = []
@@ -104,57 +109,19 @@ def checkpoint_eval_config(cfg: Config, checkpoint: Path, out_dir: Path, full: b
 # --------------------------------------------------------------------------- the jobs
 
 
-def finish_checkpoint_eval(out_dir: str) -> int:
-    """Collect one checkpoint's predictions, record the outcome, give the lease back.
+class EvalJobs(Protocol):
+    """How checkpoint evaluations run: ``cluster`` is ``slurm`` or ``local``."""
 
-    The local job's last step, and the Slurm collect job's body."""
-    from evr1.launch.stages import collect_results
+    cluster: str
 
-    folder = Path(out_dir)
-    request = read_json(folder / "request.json")
-    try:
-        status = collect_results(load_config(folder / "config.yaml"))
-        if status:
-            write_status(folder, "failed", finished_at=time.time(),
-                         error="the collector found missing shards (an eval task failed)")
-        else:
-            write_status(folder, "done", finished_at=time.time())
-        return status
-    except Exception as exc:
-        write_status(folder, "failed", finished_at=time.time(),
-                     error=f"collect: {type(exc).__name__}: {exc}")
-        raise
-    finally:
-        if request.get("lease"):
-            ckpt.release_lease(request["lease"])
+    def submit(self, sub: Config, out_dir: Path) -> tuple[list[str], str]:
+        """Slurm: the eval array of config ``sub`` and a collect job after it (afterok);
+        returns (the array's job ids, the collect job's id)."""
+        ...
 
-
-def run_checkpoint_eval(out_dir: str) -> int:
-    """A local background job: every eval task of one checkpoint here, then the collector."""
-    from evr1.launch.stages import run_evaluation
-
-    folder = Path(out_dir)
-    request = read_json(folder / "request.json")
-    write_status(folder, "running", started_at=time.time(), pid=os.getpid(),
-                 host=socket.gethostname())
-    try:
-        if run_evaluation(load_config(folder / "config.yaml"), submit=False):
-            sys.stdout.flush()  # what it printed is the reason: job.log is our stdout
-            write_status(folder, "failed", finished_at=time.time(),
-                         error=f"evaluation failed: {_tail(folder / 'job.log', 1)}")
-            return 1
-    except Exception as exc:
-        write_status(folder, "failed", finished_at=time.time(),
-                     error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        if read_json(folder / "status.json").get("state") == "failed" and request.get("lease"):
-            ckpt.release_lease(request["lease"])
-    return finish_checkpoint_eval(out_dir)
-
-
-def local_command(out_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "evr1.train.async_eval", str(out_dir)]
+    def local_command(self, out_dir: Path) -> list[str]:
+        """The command of a local background job that evaluates ``out_dir``'s config."""
+        ...
 
 
 # --------------------------------------------------------------------------- the trainer side
@@ -175,13 +142,12 @@ class Job:
 class AsyncEvaluator:
     """Submits checkpoint evaluations and logs their results as they arrive."""
 
-    def __init__(self, cfg: Config, metrics: Any) -> None:
-        from evr1.launch.executor import resolve_cluster
-
+    def __init__(self, cfg: Config, metrics: MetricsLogger, jobs: EvalJobs) -> None:
         self.cfg = cfg
         self.ae = cfg.train.async_eval
         self.metrics = metrics
-        self.cluster = resolve_cluster(cfg.launch)
+        self.jobs = jobs
+        self.cluster = jobs.cluster
         self.root = steps_dir(cfg)
         self.running: list[Job] = []
         self.queued: deque[Job] = deque()
@@ -196,6 +162,11 @@ class AsyncEvaluator:
     def wants(self, step: int) -> bool:
         return self.ae.every == 0 or step % self.ae.every == 0
 
+    def on_save(self, step: int, checkpoint: Path) -> None:
+        """The hook's side: evaluate ``checkpoint`` if ``async_eval.every`` wants its step."""
+        if self.wants(step):
+            self.submit(step, checkpoint)
+
     # ------------------------------------------------------------------ submission
 
     def submit(self, step: int, checkpoint: Path, full: bool = False) -> None:
@@ -205,7 +176,7 @@ class AsyncEvaluator:
         for stale in ("status.json", "results.json"):  # a re-run of the same step
             (out_dir / stale).unlink(missing_ok=True)
         sub = checkpoint_eval_config(self.cfg, checkpoint, out_dir, full)
-        dump_config(sub, out_dir / "config.yaml")
+        dump_config(sub, out_dir / runs.CONFIG)
         request = {"step": step, "label": label, "suite": "full" if full else "quick",
                    "checkpoint": str(checkpoint), "backend": self.cluster,
                    "benchmarks": [b.alias for b in sub.eval.benchmarks],
@@ -219,7 +190,7 @@ class AsyncEvaluator:
                         "(train.async_eval.when_full=skip)", label, len(self.running))
             self._log_outcome(step, label, out_dir)
             return
-        lease = ckpt.take_lease(checkpoint, f"eval-{label}", pid=os.getpid())
+        lease = take_lease(checkpoint, f"eval-{label}", pid=os.getpid())
         request["lease"] = str(lease)
         atomic_write_json(out_dir / "request.json", request)
         job = Job(step, label, out_dir, lease, self.cluster)
@@ -234,23 +205,15 @@ class AsyncEvaluator:
                      self.ae.max_concurrent)
 
     def _submit_slurm(self, job: Job, sub: Config, request: dict[str, Any]) -> None:
-        import functools
-
-        from evr1.launch.executor import submit_job
-        from evr1.launch.stages import submit_eval
-
         try:
-            array = submit_eval(sub)
-            collect = submit_job(functools.partial(finish_checkpoint_eval, str(job.out_dir)),
-                                 sub.launch, sub.submitit_dir / "collect",
-                                 name="evr1-collect", after=array).job_id
+            array, collect = self.jobs.submit(sub, job.out_dir)
         except Exception as exc:  # e.g. a benchmark that does not prepare: report, train on
             write_status(job.out_dir, "failed", finished_at=time.time(),
                          error=f"submission: {type(exc).__name__}: {exc}")
             self._done(job)
             return
         job.slurm_jobs = sorted({j.split("_")[0] for j in array}) + [collect]
-        ckpt.take_lease(Path(request["checkpoint"]), f"eval-{job.label}",
+        take_lease(Path(request["checkpoint"]), f"eval-{job.label}",
                         slurm_jobs=job.slurm_jobs)
         atomic_write_json(job.out_dir / "request.json",
                           {**request, "eval_jobs": array, "collect_job": collect})
@@ -263,10 +226,14 @@ class AsyncEvaluator:
                "PYTHONPATH": os.pathsep.join(
                    [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
         with open(job.out_dir / "job.log", "ab") as out:
-            job.proc = subprocess.Popen(local_command(job.out_dir), stdout=out,
+            job.proc = subprocess.Popen(self.jobs.local_command(job.out_dir), stdout=out,
                                         stderr=subprocess.STDOUT, env=env,
                                         stdin=subprocess.DEVNULL)
-        ckpt.take_lease(Path(read_json(job.out_dir / "request.json")["checkpoint"]),
+        # Running from the moment it is started: the job's own imports take a while on a busy
+        # machine, and the job keeps this started_at when it writes its status.
+        write_status(job.out_dir, "running", started_at=time.time(), pid=job.proc.pid,
+                     host=socket.gethostname())
+        take_lease(Path(read_json(job.out_dir / "request.json")["checkpoint"]),
                         f"eval-{job.label}", pid=job.proc.pid)
         self.running.append(job)
         log.info("checkpoint eval %s: local job, pid %d, log %s", job.label, job.proc.pid,
@@ -294,7 +261,7 @@ class AsyncEvaluator:
                 if code is None:
                     continue
                 if state not in ("done", "failed"):
-                    tail = _tail(job.out_dir / "job.log")
+                    tail = log_tail(job.out_dir / "job.log")
                     write_status(job.out_dir, "failed", finished_at=time.time(),
                                  error=f"local job exited with status {code}: {tail}")
             elif state not in ("done", "failed"):
@@ -325,12 +292,10 @@ class AsyncEvaluator:
         return {part.split("_")[0] for part in out.stdout.split()}
 
     def _done(self, job: Job) -> None:
-        ckpt.release_lease(job.lease)
+        release_lease(job.lease)
         self._log_outcome(job.step, job.label, job.out_dir)
 
     def _log_outcome(self, step: int, label: str, out_dir: Path) -> None:
-        from evr1.eval.leaderboard import read_entry
-
         entry = read_entry(out_dir)
         record: dict[str, Any] = {"label": label, "suite": entry.suite, "status": entry.status}
         if entry.status == "done":
@@ -352,8 +317,6 @@ class AsyncEvaluator:
 
     def _catch_up(self) -> None:
         """After a resume: log results that arrived meanwhile; watch what still runs."""
-        from evr1.train.metrics import read_metrics
-
         if not self.root.is_dir():
             return
         logged = {r.get("label") for r in read_metrics(Path(self.cfg.run_dir), "checkpoint_eval")}
@@ -375,7 +338,7 @@ class AsyncEvaluator:
                 self.running.append(job)
             elif state is None and request["backend"] == "local" and \
                     (Path(request["checkpoint"]) / "meta.json").is_file():
-                ckpt.take_lease(Path(request["checkpoint"]), f"eval-{job.label}",
+                take_lease(Path(request["checkpoint"]), f"eval-{job.label}",
                                 pid=os.getpid())
                 self.queued.append(job)  # queued when the trainer stopped: start it now
             else:
@@ -413,15 +376,9 @@ def _pid_alive(status: dict[str, Any]) -> bool:
     return True
 
 
-def _tail(path: Path, lines: int = 3) -> str:
+def log_tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return f"no log at {path}"
     return " | ".join(text[-lines:]) + f" (log: {path})"
-
-
-if __name__ == "__main__":  # the local background job: python -m evr1.train.async_eval DIR
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
-                        "%(message)s", datefmt="%H:%M:%S")
-    sys.exit(run_checkpoint_eval(sys.argv[1]))

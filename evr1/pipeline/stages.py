@@ -1,22 +1,34 @@
 """Each stage as an array job: what the launchers and the pipeline submit.
 
 A stage function takes the run's Config, submits (or runs locally) its tasks through
-``run_stage_array`` (``evr1.launch.executor.run_array`` plus the reporting every array stage
+``run_stage_array`` (``evr1.pipeline.executor.run_array`` plus the reporting every array stage
 shares), prints a summary, and returns a process exit code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from evr1.config import Config, ConfigError
-from evr1.launch.executor import run_array, submit_array, submit_job
-from evr1.video.preprocess import TaskSummary, run_task
-from evr1.video.shards import ShardError, merge_manifests
+from evr1 import runs
+from evr1.config import Config, ConfigError, load_config
+from evr1.data import curate
+from evr1.data.schema import check_files, load_samples
+from evr1.eval.collect import collect
+from evr1.eval.plan import eval_tasks, pin_models, pinned_file, resolve_benchmarks, task_count
+from evr1.eval.preflight import preflight_eval
+from evr1.eval.prepare import prepare_all
+from evr1.eval.runner import evaluate_shard
+from evr1.files import read_jsonl
+from evr1.models.loading import ensure_model
+from evr1.models.preflight import PreflightError
+from evr1.pipeline.executor import run_array, submit_array, submit_job
+from evr1.video.preprocess import TaskSummary, input_files, preprocess_shard
+from evr1.video.shards import FAILURES, MANIFEST, ShardError, merge_manifests
 
 
 def check_data(cfg: Config, stage: str) -> None:
@@ -24,9 +36,6 @@ def check_data(cfg: Config, stage: str) -> None:
     work; raises ``evr1.data.schema.DatasetError`` listing every problem (file, line, sample,
     field). Media files are not required to exist: preprocessing records a missing one as a
     failure, and training reads frames from the shards."""
-    from evr1.data.schema import check_files
-    from evr1.video.preprocess import input_files
-
     files = input_files(cfg) if stage == "preprocess" else \
         [p for p in (cfg.data.train_jsonl, cfg.data.eval_jsonl) if p]
     check_files(files, cfg.data.media_root, fallback_type=cfg.reward.fallback_type)
@@ -62,7 +71,7 @@ def run_stage_array(cfg: Config, stage: str, task_fn: Callable[[Config, int], An
 def preprocess_array(cfg: Config, wait: bool = True) -> int:
     """Decode every media file once into shards: one array task per shard."""
     return run_stage_array(
-        cfg, "preprocess", run_task, list(range(cfg.preprocess.num_tasks)), wait=wait,
+        cfg, "preprocess", preprocess_shard, list(range(cfg.preprocess.num_tasks)), wait=wait,
         summarize=print_preprocess_summary,
         no_wait_hint="tasks merge the manifest themselves when the last one finishes; re-run "
                      "this command to redo any failed task (finished tasks are skipped)",
@@ -76,15 +85,15 @@ def submit_preprocess(cfg: Config, after: Sequence[str] = ()) -> list[str]:
     The last task to finish merges the manifest, so a job that depends on this array
     (``afterok``) finds ``manifest.json`` complete.
     """
-    jobs = submit_array(functools.partial(run_task, cfg), list(range(cfg.preprocess.num_tasks)),
-                        cfg.launch, cfg.submitit_dir / "preprocess", name="evr1-preprocess",
-                        after=after)
+    jobs = submit_array(functools.partial(preprocess_shard, cfg),
+                        list(range(cfg.preprocess.num_tasks)), cfg.launch,
+                        cfg.submitit_dir / "preprocess", name="evr1-preprocess", after=after)
     return [job.job_id for job in jobs]
 
 
 def preprocess_sequential(cfg: Config) -> int:
     """All tasks one after another in this process (debugging, tiny inputs)."""
-    print_preprocess_summary([run_task(cfg, t) for t in range(cfg.preprocess.num_tasks)])
+    print_preprocess_summary([preprocess_shard(cfg, t) for t in range(cfg.preprocess.num_tasks)])
     return merge_or_report(cfg.shard_dir, cfg.preprocess.num_tasks)
 
 
@@ -117,102 +126,26 @@ def print_preprocess_summary(summaries: list[TaskSummary]) -> None:
           f"{sum(s.bytes_written for s in done) / 2**20:.1f} MiB written; backends {backends}")
 
 
-def run_training(cfg: Config) -> dict:
-    """The training job body (runs inside the submitted job, once per rank, or in this
-    process)."""
-    from evr1.launch import rendezvous
-    from evr1.train.trainer import Trainer  # torch + transformers: only where training runs
-
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and rendezvous.export_from_slurm():
-        print(rendezvous.describe_rank(), flush=True)  # a multi-node submitit job: one per rank
-    result = Trainer(cfg).run()
-    return {"steps": result.steps, "before": result.before, "after": result.after,
-            "checkpoint": result.checkpoint}
-
-
-def train_job(cfg: Config, submit: bool = False) -> int:
-    if submit and cfg.launch.train_ranks > 1:
-        result = _multinode_training(cfg)
-        if result is None:
-            return 1
-    elif submit:
-        outcome = run_array(lambda _: run_training(cfg), [0], cfg.launch,
-                            cfg.submitit_dir / "train", name="evr1-train")
-        if outcome.failed:
-            print(f"training failed: {outcome.failed[0]}")
-            return 1
-        result = outcome.results[0]
-    else:
-        result = run_training(cfg)
-    print_training_summary(result)
-    return 0
-
-
-def _multinode_training(cfg: Config) -> dict | None:
-    """One Slurm job of launch.nodes x launch.tasks_per_node ranks; waits; rank 0's result."""
-    from evr1.launch.executor import resolve_cluster
-
-    if resolve_cluster(cfg.launch) != "slurm":
-        raise ConfigError(f"launch.nodes={cfg.launch.nodes} x launch.tasks_per_node="
-                          f"{cfg.launch.tasks_per_node} ranks need Slurm; on one machine use "
-                          "torchrun --nproc-per-node N launchers/train.py")
-    job = submit_job(functools.partial(run_training, cfg), cfg.launch,
-                     cfg.submitit_dir / "train", name="evr1-train", nodes=cfg.launch.nodes,
-                     tasks_per_node=cfg.launch.tasks_per_node)
-    print(f"train: Slurm job {job.job_id}, {cfg.launch.nodes} node(s) x "
-          f"{cfg.launch.tasks_per_node} task(s); logs {job.paths.stdout}", flush=True)
-    try:
-        return job.results()[0]
-    except Exception as exc:  # the ranks' tracebacks are in their log files
-        print(f"training failed: job {job.job_id}: {str(exc).strip().splitlines()[-1:]} "
-              f"(logs: {job.paths.folder})")
-        return None
-
-
-def submit_training(cfg: Config, after: Sequence[str] = ()) -> str:
-    """Submit the training job to Slurm (after the jobs in ``after`` succeed); its job id.
-    launch.nodes x launch.tasks_per_node ranks (one unless configured)."""
-    job = submit_job(functools.partial(run_training, cfg), cfg.launch, cfg.submitit_dir / "train",
-                     name="evr1-train", after=after, nodes=cfg.launch.nodes,
-                     tasks_per_node=cfg.launch.tasks_per_node)
-    return job.job_id
-
-
-def print_training_summary(result: dict) -> None:
-    if os.environ.get("RANK", "0") != "0":  # one summary per distributed run
-        return
-    before, after = result["before"], result["after"]
-    print(f"training: {result['steps']} steps; checkpoint {result['checkpoint']}")
-    for key in sorted(set(before) | set(after)):
-        if key.startswith("accuracy"):
-            print(f"  held-out {key:<28} before {before.get(key, float('nan')):.3f}  "
-                  f"after {after.get(key, float('nan')):.3f}")
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
 def eval_prepare(cfg: Config) -> int:
-    """Every configured benchmark's official annotation -> an evr1 JSONL (cheap, idempotent)."""
-    from evr1.eval.formats import FormatError
-    from evr1.eval.prepare import prepare_all
+    """Every configured benchmark's official annotation -> an evr1 JSONL (cheap, idempotent).
 
-    try:
-        summaries = prepare_all(cfg)
-    except (FormatError, ValueError) as exc:
-        print(f"prepare: {exc}")
-        return 1
-    for summary in summaries:
+    A benchmark that fails is named and skipped; the others are prepared; the status is 1."""
+    report = prepare_all(cfg)
+    for summary in report.prepared:
         print(f"prepared {summary.line()}")
-    return 0
+    if report.failed:
+        print(f"prepare: {len(report.failed)} of {len(report.prepared) + len(report.failed)} "
+              "benchmark(s) failed: " + ", ".join(f.alias for f in report.failed))
+    for failure in report.failed:  # last: callers show the last line as the reason
+        print(f"prepare FAILED: {failure.line()}")
+    return 1 if report.failed else 0
 
 
 def eval_preprocess(cfg: Config, wait: bool = True) -> int:
     """Cache every benchmark's frames with the preprocess stage (one array per benchmark)."""
-    import dataclasses
-
-    from evr1.eval.layout import resolve_benchmarks
-
     status = eval_prepare(cfg)
     if status:
         return status
@@ -238,12 +171,6 @@ def eval_preprocess(cfg: Config, wait: bool = True) -> int:
 def _drop_stale_shards(prepared: Path, shard_dir: Path) -> None:
     """Shards made from an older prepared file (more questions now) are redone: preprocess
     tasks only check their own completion, not whether their inputs changed."""
-    import json
-
-    from evr1.data.schema import load_samples
-    from evr1.files import read_jsonl
-    from evr1.video.shards import FAILURES, MANIFEST
-
     manifest = shard_dir / MANIFEST
     if not manifest.exists():
         return
@@ -261,8 +188,6 @@ def _drop_stale_shards(prepared: Path, shard_dir: Path) -> None:
 
 def _check_frames(cfg: Config) -> list[str]:
     """Benchmarks whose frame cache is missing (when frames come from shards)."""
-    from evr1.eval.layout import resolve_benchmarks
-
     if cfg.eval.frames != "shards":
         return []
     return [f"{run.alias}: no frame cache in {run.shard_dir} (run python launchers/eval.py "
@@ -272,9 +197,6 @@ def _check_frames(cfg: Config) -> list[str]:
 
 def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     """Prepare, then run every (model, benchmark, shard) task: as one array, or in-process."""
-    from evr1.eval.layout import eval_tasks, pin_models
-    from evr1.eval.runner import run_eval_task
-
     cfg = pin_models(cfg, record=True)
     status = eval_prepare(cfg)
     if status:
@@ -284,15 +206,21 @@ def run_evaluation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
         print(problem)
     if problems:
         return 1
+    try:  # every question fits max_prompt_length and each model's context
+        for budget in preflight_eval(cfg):
+            print(budget.summary())
+    except PreflightError as exc:
+        print(exc)
+        return 1
     tasks = eval_tasks(cfg)
     print(f"eval: {len(tasks)} task(s): " + ", ".join(t.name for t in tasks))
     if not submit:
-        results = [run_eval_task(cfg, t.index) for t in tasks]
+        results = [evaluate_shard(cfg, t.index) for t in tasks]
         print_eval_summary(results)
         return 0
     # No collect here: collecting (judging, scoring) is its own command, launchers/collect.py.
     return run_stage_array(
-        cfg, "eval", run_eval_task, [t.index for t in tasks], wait=wait,
+        cfg, "eval", evaluate_shard, [t.index for t in tasks], wait=wait,
         summarize=print_eval_summary,
         no_wait_hint="when the array is done: python launchers/collect.py --config C "
                      "(re-running this command redoes only unfinished shards)",
@@ -320,8 +248,6 @@ def print_array_summary(stage: str, results: list, sizes: list[int], unit: str) 
 
 def collect_results(cfg: Config) -> int:
     """Merge the shards, judge, score; exit status 1 while any shard is missing."""
-    from evr1.eval.collect import collect
-
     report = collect(cfg)
     table = Path(report.files["markdown"]).read_text()
     print(table.split("\n## Sub-scores")[0].rstrip())
@@ -344,14 +270,11 @@ def submit_eval(cfg: Config, after: Sequence[str] = ()) -> list[str]:
     when it starts (all after training ended: the same folder), and frames are not checked
     here (the synthetic benchmark's come from the preprocess job of the same chain).
     """
-    from evr1.eval.layout import pinned_file, task_count
-    from evr1.eval.runner import run_eval_task
-
     status = eval_prepare(cfg)
     if status:
         raise RuntimeError("eval: preparing the benchmarks failed (see above)")
     pinned_file(cfg).unlink(missing_ok=True)  # the collector resolves `latest` like the tasks
-    jobs = submit_array(functools.partial(run_eval_task, cfg), list(range(task_count(cfg))),
+    jobs = submit_array(functools.partial(evaluate_shard, cfg), list(range(task_count(cfg))),
                         cfg.launch, cfg.submitit_dir / "eval", name="evr1-eval", after=after)
     return [job.job_id for job in jobs]
 
@@ -379,33 +302,25 @@ def submit_collect(cfg: Config, after: Sequence[str] = ()) -> str:
 def prepare_curation(cfg: Config) -> Config:
     """Check the input (types, caps, frame cache) and pin the starting model's folder, so
     that every array task samples from the same model; builds the tiny model if configured."""
-    import dataclasses
-
-    from evr1.data.curate import check_inputs
-
-    check_inputs(cfg)
+    curate.check_inputs(cfg)
     if cfg.curate.model:
         model = cfg.path(cfg.curate.model)
         if not (model / "config.json").is_file():
             raise ConfigError(f"curate.model: {model} is not a model folder (no config.json)")
     else:
-        from evr1.train.trainer import ensure_model
-
         model = ensure_model(cfg)
     return dataclasses.replace(cfg, curate=dataclasses.replace(cfg.curate, model=str(model)))
 
 
 def run_curation(cfg: Config, submit: bool = True, wait: bool = True) -> int:
     """Pass rates of every sample (one array task per shard), then the collector."""
-    from evr1.data.curate import run_curate_task
-
     cfg = prepare_curation(cfg)
     tasks = list(range(cfg.curate.num_shards))
     if not submit:
-        print_curate_summary([run_curate_task(cfg, t) for t in tasks])
+        print_curate_summary([curate.curate_shard(cfg, t) for t in tasks])
         return collect_curation(cfg)
     return run_stage_array(
-        cfg, "curate", run_curate_task, tasks, wait=wait, summarize=print_curate_summary,
+        cfg, "curate", curate.curate_shard, tasks, wait=wait, summarize=print_curate_summary,
         no_wait_hint="when the array is done: python launchers/curate.py --config C --collect "
                      "(re-running --array redoes only unfinished shards)",
         finish=lambda: collect_curation(cfg))
@@ -418,9 +333,7 @@ def print_curate_summary(results: list) -> None:
 def collect_curation(cfg: Config) -> int:
     """Merge the pass rates, write the filtered JSONL and the report; 1 while a shard is
     missing (nothing is filtered from an incomplete set)."""
-    from evr1.data.curate import collect_curation as collect
-
-    result = collect(cfg)
+    result = curate.collect_curation(cfg)
     for m in result.missing:
         print(f"MISSING: curate shard {m['shard']} of {m['num_shards']} (array task "
               f"{m['shard']}): {m['reason']}")
@@ -438,11 +351,9 @@ def collect_curation(cfg: Config) -> int:
 def checkpoint_evals_dir(run_dir: Path) -> Path:
     """Where a training run's checkpoint evaluations are (train.async_eval): the eval folder
     its saved config.yaml names, else <run_dir>/eval, plus ``steps``."""
-    from evr1.config import load_config
-
-    saved = run_dir / "config.yaml"
+    saved = run_dir / runs.CONFIG
     if saved.is_file():
         cfg = load_config(saved)
-        if cfg.eval.out_dir:
-            return cfg.path(cfg.eval.out_dir) / "steps"
-    return run_dir / "eval" / "steps"
+        if cfg.eval.out_dir:  # else the folder given, wherever the run has moved since
+            return runs.checkpoint_evals_dir(cfg.eval_dir)
+    return runs.checkpoint_evals_dir(runs.eval_dir(str(run_dir)))

@@ -24,7 +24,7 @@ import submitit
 
 from evr1.config import ConfigError, LaunchConfig
 
-log = logging.getLogger("evr1.launch")
+log = logging.getLogger("evr1.pipeline")
 
 
 def slurm_available() -> bool:
@@ -138,7 +138,7 @@ def submit_job(fn: Callable[[], Any], launch: LaunchConfig, folder: Path, name: 
     """Submit ``fn()`` as one Slurm job that starts once every job in ``after`` has succeeded.
 
     With several tasks (``nodes`` x ``tasks_per_node``) srun runs ``fn()`` once per task, every
-    task with its own SLURM_PROCID (see evr1.launch.rendezvous)."""
+    task with its own SLURM_PROCID (see evr1.pipeline.rendezvous)."""
     _require_slurm(launch)
     return make_executor(launch, folder, name, nodes=nodes, tasks_per_node=tasks_per_node,
                          after=after).submit(fn)

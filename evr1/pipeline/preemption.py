@@ -27,6 +27,9 @@ import subprocess
 import threading
 from types import FrameType, TracebackType
 
+import torch
+import torch.distributed as dist
+
 log = logging.getLogger("evr1.preemption")
 
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -114,8 +117,6 @@ def requeue(job_id: str) -> None:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -123,9 +124,6 @@ def _rank() -> int:
 
 def _any_rank(flag: bool) -> bool:
     """All ranks must stop after the same step, or the next collective would hang."""
-    import torch
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"

@@ -1,4 +1,4 @@
-"""Where evaluation reads and writes, and the list of array tasks.
+"""The eval plan: where evaluation reads and writes, and the list of array tasks.
 
     <eval.out_dir>/                            default <run_dir>/eval
       prepared/<alias>.jsonl                   the benchmark's questions as evr1 samples
@@ -17,12 +17,13 @@ and in every array task gives the same task list, so no coordinator is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from evr1.config import Config, ConfigError
+from evr1.config import Config, ConfigError, EvalBenchmarkConfig
 from evr1.eval.benchmarks import Benchmark, get_benchmark
 from evr1.files import atomic_write_json
 from evr1.train.checkpoint import latest_checkpoint
@@ -32,7 +33,7 @@ LATEST = "latest"
 
 
 def eval_dir(cfg: Config) -> Path:
-    return cfg.path(cfg.eval.out_dir or f"{cfg.run_dir}/eval")
+    return cfg.eval_dir
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,6 @@ def resolve_benchmarks(cfg: Config) -> list[BenchmarkRun]:
     out_dir = eval_dir(cfg)
     entries = cfg.eval.benchmarks
     if not entries:
-        from evr1.config import EvalBenchmarkConfig
         entries = [EvalBenchmarkConfig(name="synthetic")]
     runs = []
     for i, entry in enumerate(entries):
@@ -91,7 +91,7 @@ def resolve_benchmarks(cfg: Config) -> list[BenchmarkRun]:
         if not annotation:
             what = ("data.eval_jsonl (or the entry's annotation) to an evr1 JSONL"
                     if bench.name == "synthetic" else
-                    "annotation to the benchmark's official file (see docs/benchmarks.md)")
+                    "annotation to the benchmark's official file (see docs/eval_benchmarks.md)")
             raise ConfigError(f"eval.benchmarks[{i}] ({alias}): set {what}")
         annotation_path = cfg.path(annotation)
         default_root = (cfg.data.media_root if bench.name == "synthetic" else "") or str(
@@ -155,8 +155,6 @@ def pin_models(cfg: Config, record: bool = False) -> Config:
     """The config with ``latest`` replaced by the folder it means now, so that every array
     task evaluates the same checkpoint even if training writes a newer one meanwhile; with
     ``record`` the choice is saved for the collector."""
-    import dataclasses
-
     specs = cfg.eval.models or [LATEST]
     paths = [str(m.path) for m in resolve_models(cfg)]
     if record:

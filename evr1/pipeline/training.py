@@ -1,0 +1,106 @@
+"""The training stage: the trainer as the pipeline builds and runs it (here, or as one
+Slurm/submitit job of one or many ranks).
+
+``evr1.train.trainer.Trainer`` is given, rather than building, what lies above the training
+layer: eval-while-training (``evr1.eval.while_training.AsyncEvaluator``, when
+``train.async_eval.enabled``; its jobs submitted by ``evr1.pipeline.checkpoint_eval``) and the
+Slurm preemption watcher (``evr1.pipeline.preemption``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+from evr1.config import Config, ConfigError
+from evr1.eval.while_training import AsyncEvaluator
+from evr1.models.loading import ensure_model
+from evr1.models.preflight import preflight_training
+from evr1.pipeline import rendezvous
+from evr1.pipeline.checkpoint_eval import EvalJobs
+from evr1.pipeline.executor import resolve_cluster, run_array, submit_job
+from evr1.pipeline.preemption import PreemptionWatcher
+from evr1.train.trainer import Trainer
+
+
+def build_trainer(cfg: Config) -> Trainer:
+    """The trainer with the configured checkpoint hook and Slurm's stop signals."""
+    hook = None
+    if cfg.train.async_eval.enabled:
+        hook = functools.partial(AsyncEvaluator, cfg, jobs=EvalJobs(cfg))
+    return Trainer(cfg, checkpoint_hook=hook, stop_signals=PreemptionWatcher)
+
+
+def train_on_this_rank(cfg: Config) -> dict:
+    """The training job body (runs inside the submitted job, once per rank, or in this
+    process)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and rendezvous.export_from_slurm():
+        print(rendezvous.describe_rank(), flush=True)  # a multi-node submitit job: one per rank
+    # Every prompt fits max_prompt_length and the context, or PreflightError names the samples.
+    budget = preflight_training(cfg, ensure_model(cfg))
+    if os.environ.get("RANK", "0") == "0":
+        print(budget.summary(), flush=True)
+    result = build_trainer(cfg).run()
+    return {"steps": result.steps, "before": result.before, "after": result.after,
+            "checkpoint": result.checkpoint}
+
+
+def train_and_wait(cfg: Config, submit: bool = False) -> int:
+    """Train here (``submit=False``) or as a submitted job (Slurm, or a local submitit job),
+    wait for it, print the summary; the exit status."""
+    if submit and cfg.launch.train_ranks > 1:
+        result = _multinode_training(cfg)
+        if result is None:
+            return 1
+    elif submit:
+        outcome = run_array(lambda _: train_on_this_rank(cfg), [0], cfg.launch,
+                            cfg.submitit_dir / "train", name="evr1-train")
+        if outcome.failed:
+            print(f"training failed: {outcome.failed[0]}")
+            return 1
+        result = outcome.results[0]
+    else:
+        result = train_on_this_rank(cfg)
+    print_training_summary(result)
+    return 0
+
+
+def _multinode_training(cfg: Config) -> dict | None:
+    """One Slurm job of launch.nodes x launch.tasks_per_node ranks; waits; rank 0's result."""
+    if resolve_cluster(cfg.launch) != "slurm":
+        raise ConfigError(f"launch.nodes={cfg.launch.nodes} x launch.tasks_per_node="
+                          f"{cfg.launch.tasks_per_node} ranks need Slurm; on one machine use "
+                          "torchrun --nproc-per-node N launchers/train.py")
+    job = submit_job(functools.partial(train_on_this_rank, cfg), cfg.launch,
+                     cfg.submitit_dir / "train", name="evr1-train", nodes=cfg.launch.nodes,
+                     tasks_per_node=cfg.launch.tasks_per_node)
+    print(f"train: Slurm job {job.job_id}, {cfg.launch.nodes} node(s) x "
+          f"{cfg.launch.tasks_per_node} task(s); logs {job.paths.stdout}", flush=True)
+    try:
+        return job.results()[0]
+    except Exception as exc:  # the ranks' tracebacks are in their log files
+        print(f"training failed: job {job.job_id}: {str(exc).strip().splitlines()[-1:]} "
+              f"(logs: {job.paths.folder})")
+        return None
+
+
+def submit_training_job(cfg: Config, after: Sequence[str] = ()) -> str:
+    """Submit the training job to Slurm (after the jobs in ``after`` succeed); its job id.
+    launch.nodes x launch.tasks_per_node ranks (one unless configured)."""
+    job = submit_job(functools.partial(train_on_this_rank, cfg), cfg.launch,
+                     cfg.submitit_dir / "train", name="evr1-train", after=after,
+                     nodes=cfg.launch.nodes,
+                     tasks_per_node=cfg.launch.tasks_per_node)
+    return job.job_id
+
+
+def print_training_summary(result: dict) -> None:
+    if os.environ.get("RANK", "0") != "0":  # one summary per distributed run
+        return
+    before, after = result["before"], result["after"]
+    print(f"training: {result['steps']} steps; checkpoint {result['checkpoint']}")
+    for key in sorted(set(before) | set(after)):
+        if key.startswith("accuracy"):
+            print(f"  held-out {key:<28} before {before.get(key, float('nan')):.3f}  "
+                  f"after {after.get(key, float('nan')):.3f}")
