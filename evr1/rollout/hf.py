@@ -107,7 +107,10 @@ class HFRolloutEngine:
         tensor is its own and nothing is copied; a sharded backend (Megatron) sends gathered
         full tensors under the same HF names.
         """
-        own = self.model.state_dict()
+        # Module tensors, not state_dict(): under FSDP2 (hf backend, several ranks) state_dict
+        # would put the shards back in place of the gathered weights the engine runs on.
+        own = dict(self.model.named_parameters(remove_duplicate=False))
+        own.update(self.model.named_buffers(remove_duplicate=False))
         for name, tensor in named_tensors:
             target = own.get(name)
             if target is None:

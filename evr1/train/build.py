@@ -21,7 +21,8 @@ from evr1.train.backends.hf import HFBackend
 from evr1.train.replicas import Replicas
 
 
-def make_backend(cfg: Config, model: torch.nn.Module, model_dir: Path) -> TrainingBackend:
+def make_backend(cfg: Config, model: torch.nn.Module | None, model_dir: Path
+                 ) -> TrainingBackend:
     """The configured training backend; ``megatron`` needs torch.distributed (torchrun, srun)."""
     if cfg.train.backend == "megatron":
         # megatron-core is imported only when this backend is chosen (a heavy import)
@@ -30,11 +31,14 @@ def make_backend(cfg: Config, model: torch.nn.Module, model_dir: Path) -> Traini
         return MegatronBackend(model_dir, cfg.train, cfg.rollout.temperature,
                                dtype=cfg.model.dtype, seed=cfg.seed,
                                gradient_checkpointing=cfg.model.gradient_checkpointing)
+    # Under FSDP (several ranks) the weights stay gathered between updates only for the hf
+    # engine, which generates with this model; vLLM has its own copy.
     return HFBackend(model, cfg.train, cfg.rollout.temperature,
-                     gradient_checkpointing=cfg.model.gradient_checkpointing)
+                     gradient_checkpointing=cfg.model.gradient_checkpointing,
+                     gather_for_rollouts=cfg.rollout.engine == "hf")
 
 
-def make_engine(cfg: Config, model: torch.nn.Module, processor: Any, model_dir: Path,
+def make_engine(cfg: Config, model: torch.nn.Module | None, processor: Any, model_dir: Path,
                 replicas: Replicas) -> RolloutEngine:
     """The configured rollout engine; ``hf`` shares the trainer's model object. ``vllm``:
     one engine per data-parallel replica, across the replica's tensor-parallel ranks."""

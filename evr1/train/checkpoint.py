@@ -4,7 +4,10 @@ One checkpoint is a folder ``step-00000050`` holding::
 
     model/            HF safetensors + config (+ tokenizer/processor): loadable by transformers
                       and vLLM as it is, so eval and export need no conversion step
-    optimizer.pt      optimizer + LR scheduler state (tensors and numbers only)
+    (resume state)    the backend's: hf: ``dcp/`` (a torch.distributed.checkpoint of weights and
+                      AdamW moments, every rank writing its shards, readable at any world size)
+                      + ``optimizer.json``; hf before FSDP: ``optimizer.pt`` (tensors and numbers
+                      only); megatron: ``megatron/`` + ``optimizer/``
     trainer_state.pt  step, data position, RNG states (tensors and numbers only)
     meta.json         step and what produced it; written last, inside the temporary folder
     leases/           one file per eval job that still reads model/ (see ``evr1.leases``)
@@ -87,8 +90,9 @@ def save_checkpoint(root: Path, state: TrainerState,
     """Write a complete checkpoint for ``state.step`` atomically; prune old ones.
 
     Under torch.distributed every rank calls this (``write_model_and_optimizer`` may be
-    collective, e.g. gathering tensor-parallel shards); only the ``writer`` rank creates,
-    completes and renames the folder, with ``barrier`` between the phases.
+    collective, e.g. gathering tensor-parallel shards, and every rank may write its own files
+    into the folder, e.g. DCP shards, which DCP fsyncs itself); only the ``writer`` rank
+    creates, completes and renames the folder, with ``barrier`` between the phases.
     """
     tmp = root / f".step-{state.step:08d}.tmp"
     final = step_dir(root, state.step)

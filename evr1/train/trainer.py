@@ -27,6 +27,7 @@ from evr1.models.inputs import stop_token_ids
 from evr1.models.loading import ensure_model, load_model, load_processor, resolve_device
 from evr1.rollout.base import SamplingParams
 from evr1.train import checkpoint as ckpt
+from evr1.train.backends import fsdp
 from evr1.train.batch import make_policy_batches
 from evr1.train.build import make_backend, make_engine
 from evr1.train.groups import (
@@ -112,8 +113,15 @@ class Trainer:
         self.model_dir = model_dir
         self.processor = load_processor(model_dir)
         device = resolve_device(cfg.model.device, "model.device")
-        self.model = load_model(model_dir, cfg.model.dtype, device,
-                                attn_implementation=cfg.model.attn_implementation)
+        # torchrun / srun with several ranks: join the process group first, so that a model
+        # loaded to "cuda" lands on this rank's GPU.
+        fsdp.join_process_group()
+        # The whole HF model only where it is used: by the hf backend (which shards it over
+        # the ranks) or the hf rollout engine. Megatron + vLLM hold the weights themselves.
+        self.model = None
+        if cfg.train.backend == "hf" or cfg.rollout.engine == "hf":
+            self.model = load_model(model_dir, cfg.model.dtype, device,
+                                    attn_implementation=cfg.model.attn_implementation)
         self.backend = make_backend(cfg, self.model, model_dir)
         # Each data-parallel replica rolls out its share of every step (evr1.train.replicas);
         # the ranks of one replica draw identically. Rank 0 alone logs and writes.

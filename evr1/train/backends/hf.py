@@ -5,21 +5,32 @@ every micro-batch's loss is divided by the token (or sequence) count of the whol
 accumulated gradient equals the full-batch gradient whatever the micro-batch sizes
 (see ``evr1.train.grpo``). The rollout batch is used for exactly one optimiser step, so the
 "old" policy is the current one: its log-probs are the detached log-probs of the same forward.
+
+Under torchrun / srun with more than one rank the model is sharded over the ranks with FSDP2
+(:mod:`evr1.train.backends.fsdp`): every rank is a data-parallel replica that trains on its share
+of the step's micro-batches, and the parameters are gathered again after each optimiser step for
+the rollout engine. A single process keeps the plain model (no wrapping: FSDP over one rank would
+compute the same numbers through DTensors and a process group that a plain ``python`` run does
+not have).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from evr1.config import GRPOConfig, TrainConfig
+from evr1.train.backends import fsdp
 from evr1.train.backends.base import accumulate_metrics, grpo_terms, lr_lambda, step_metrics
 from evr1.train.batch import PolicyBatch
 from evr1.train.grpo import (
@@ -36,13 +47,14 @@ class HFBackend:
     and vision block, which keeps only the blocks' inputs and recomputes the rest in the
     backward pass (same gradients, less memory, about one more forward of compute)."""
 
-    # Data-parallel replicas of this backend (evr1.train.replicas): one process, one replica.
-    dp_size = 1
-    dp_rank = 0
-
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, temperature: float = 1.0, *,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, gather_for_rollouts: bool = True):
+        """``gather_for_rollouts`` (FSDP only): keep the whole weights gathered between
+        updates, for a rollout engine that generates with ``model`` itself (the ``hf``
+        engine). Off for an engine with its own copy (vLLM): the ranks keep their shards only
+        and ``named_hf_weights`` gathers one tensor at a time."""
         self.model = model
+        self.gather_for_rollouts = gather_for_rollouts
         self.cfg = cfg
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
@@ -60,13 +72,31 @@ class HFBackend:
         self.temperature = temperature if temperature > 0 else 1.0
         if cfg.freeze_vision_tower:
             model.model.visual.requires_grad_(False)
+        self.ref_model = None
+        if cfg.grpo.kl_coef > 0:  # the frozen starting policy, only when the KL term is used
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # More than one rank: FSDP2 over all of them (data parallel); the optimiser is built
+        # on the sharded parameters, so its moments are sharded too.
+        self.sharding: fsdp.Sharding | None = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.sharding = fsdp.Sharding(model)
+            if self.ref_model is not None:
+                fsdp.Sharding(self.ref_model)  # stays sharded: only the update runs it
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
             betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.ref_model = None
-        if cfg.grpo.kl_coef > 0:  # the frozen starting policy, only when the KL term is used
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._after_update()  # ready for the first rollouts
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the data-parallel replicas (0 in a single process)."""
+        return self.sharding.rank if self.sharding else 0
+
+    @property
+    def dp_size(self) -> int:
+        """How many data-parallel replicas train together (every rank under FSDP)."""
+        return self.sharding.world if self.sharding else 1
 
     # ------------------------------------------------------------------ forward
 
@@ -101,12 +131,31 @@ class HFBackend:
     # ------------------------------------------------------------------ update
 
     def train_step(self, batches: list[PolicyBatch], grpo: GRPOConfig) -> dict[str, float]:
+        """One optimiser step on this data-parallel replica's micro-batches ``batches``
+        (evr1.train.replicas: under FSDP each rank is one replica with its own share). The
+        normaliser counts every rank's batches and the ranks' gradients are summed, which
+        makes the update the one a single process computes from all of them."""
         self.model.train()
         start = time.perf_counter()
-        normaliser = sum(loss_normaliser(b.mask, grpo.loss_agg) for b in batches)
+        if self.sharding is not None:
+            self.sharding.shard()
+        mine = batches
+        normaliser = self._global(sum(loss_normaliser(b.mask, grpo.loss_agg) for b in mine),
+                                  torch.float32)
+        # Every rank must run as many forward/backward passes as the others (each pass
+        # gathers and reduces across ranks): a rank short of micro-batches repeats one with
+        # its loss multiplied by zero, adding nothing.
+        most = self._most(len(mine))
+        if most and not mine:  # nothing to repeat: the other ranks would wait forever
+            raise RuntimeError(
+                f"FSDP rank {self.dp_rank}: this replica has no rows to train on while others "
+                "have (train.filter_no_signal or train.overlong=mask dropped all of its "
+                "groups); use larger train.prompts_per_step per replica or turn those off")
+        passes = mine + mine[:1] * (most - len(mine))
         totals: dict[str, float] = {}
         tokens = 0
-        for batch in batches:
+        for i, batch in enumerate(passes):
+            padding = i >= len(mine)
             logits = self._logits(self.model, batch)
             batch.to(logits.device)
             logp = token_logprobs(logits, batch.responses)
@@ -119,6 +168,11 @@ class HFBackend:
                                               batch.responses)
             loss, metrics = grpo_terms(logp, old_logp, batch, grpo, ref_logp=ref_logp,
                                        entropy=entropy, normaliser=normaliser)
+            if padding:
+                (loss * 0).backward()
+                for key in metrics.as_floats():  # same metric names on every rank
+                    totals.setdefault(key, 0.0)
+                continue
             loss.backward()
             if entropy is None:
                 with torch.no_grad():
@@ -128,17 +182,56 @@ class HFBackend:
             tokens += n
             accumulate_metrics(totals, metrics, n)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+        totals["loss"] = totals.get("loss", 0.0)
+        totals, tokens = self._sum_over_ranks(totals, tokens)
         # max_norm inf: the norm is measured and nothing is scaled (train.grad_clip = 0: off)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._after_update()  # the updated weights, whole, for the next rollouts
         out = step_metrics(totals, tokens)
         out.update(loss=totals.get("loss", 0.0), grad_norm=float(grad_norm), lr=lr,
                    train_tokens=tokens, time_update=time.perf_counter() - start)
         return out
+
+    def _after_update(self) -> None:
+        if self.sharding is not None and self.gather_for_rollouts:
+            self.sharding.gather()
+
+    def _global(self, value: float | Tensor, dtype: torch.dtype) -> Tensor:
+        """``value`` summed over the data-parallel ranks (itself in a single process)."""
+        value = torch.as_tensor(value, dtype=dtype)
+        if self.sharding is not None:
+            value = value.to(self._comm_device())
+            dist.all_reduce(value)
+        return value.cpu()
+
+    def _most(self, count: int) -> int:
+        """The largest ``count`` over the data-parallel ranks (itself in a single process)."""
+        if self.sharding is None:
+            return count
+        value = torch.tensor(count, dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value)
+
+    def _sum_over_ranks(self, totals: dict[str, float], tokens: int
+                        ) -> tuple[dict[str, float], int]:
+        """The step's metric totals and token count summed over the ranks' shares, so the
+        metrics are those of the whole batch (token-weighted, not a mean of means)."""
+        if self.sharding is None:
+            return totals, tokens
+        keys = sorted(totals)
+        summed = self._global([totals[k] for k in keys] + [tokens], torch.float64).tolist()
+        return dict(zip(keys, summed[:-1], strict=True)), int(summed[-1])
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
 
     def skip_update(self) -> dict[str, float]:
         """A step with nothing to train on (every group filtered out): no optimiser step, but
@@ -152,15 +245,62 @@ class HFBackend:
     # ------------------------------------------------------------------ state
 
     def named_hf_weights(self) -> Iterator[tuple[str, Tensor]]:
-        yield from self.model.state_dict().items()
+        """Every state-dict tensor, whole, under the model's names. Under FSDP: the gathered
+        parameters the rollout engine generates with (no collective), or, when they are not
+        kept gathered, each tensor all-gathered in turn (collective: every rank iterates)."""
+        if self.sharding is None:
+            yield from self.model.state_dict().items()
+        elif self.sharding.gathered:
+            yield from self.sharding.full_tensors()
+        else:
+            for name, tensor in self.model.state_dict().items():
+                yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
     def save(self, folder: Path) -> None:
-        """Model (HF safetensors) + optimizer and scheduler state."""
-        self.model.save_pretrained(folder / "model", safe_serialization=True)
-        torch.save({"optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, folder / "optimizer.pt")
+        """``folder/model``: the HF folder (safetensors, whole tensors) that eval, vLLM and
+        export read, written by rank 0; ``folder/dcp``: the weights and AdamW moments as a
+        torch.distributed.checkpoint, each rank writing its shards, which resume reads at any
+        world size; ``folder/optimizer.json``: the scheduler and the optimiser's
+        hyper-parameters. Collective under FSDP."""
+        folder = Path(folder)
+        if self.sharding is not None:
+            self.sharding.gather()  # (already, when kept gathered for the rollout engine)
+        if self.dp_rank == 0:
+            # Rank 0 holds the gathered weights: writing them needs no collective.
+            self.model.save_pretrained(folder / "model", safe_serialization=True,
+                                       state_dict=dict(self.named_hf_weights()))
+        if self.sharding is not None:
+            self.sharding.shard()  # DCP reads the shards (through model.state_dict())
+        saved = fsdp.save_dcp(folder / fsdp.DCP_DIR, self.model, self.optimizer)
+        self._after_update()
+        steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        if self.dp_rank == 0:
+            (folder / OPTIMIZER_JSON).write_text(json.dumps(
+                {**saved, "optimizer_steps": max(steps, default=0),
+                 "scheduler": self.scheduler.state_dict()}) + "\n")
 
     def load(self, folder: Path) -> None:
+        """Resume from :meth:`save` output written at any world size (or, in a single
+        process, from the older ``model/`` + ``optimizer.pt`` layout)."""
+        folder = Path(folder)
+        if not (folder / fsdp.DCP_DIR).is_dir():
+            self._load_single_process_layout(folder)
+            return
+        saved = json.loads((folder / OPTIMIZER_JSON).read_text())
+        if self.sharding is not None:
+            self.sharding.shard()  # loaded into the shards; gathered again below
+        self.optimizer.state.clear()
+        fsdp.load_dcp(folder / fsdp.DCP_DIR, self.model, self.optimizer, saved)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(),
+                             strict=True):
+            group["lr"] = lr
+        self._after_update()
+
+    def _load_single_process_layout(self, folder: Path) -> None:
+        if self.sharding is not None:
+            raise ValueError(f"{folder} has no {fsdp.DCP_DIR}/ (a checkpoint of an older "
+                             "single-process run): resume it with one process")
         # from_pretrained applies transformers' own checkpoint key mapping (saved names differ
         # from module names in transformers 5), then the tensors are copied in place so the
         # optimizer keeps pointing at the same parameters.
@@ -171,6 +311,9 @@ class HFBackend:
         opt = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
+
+
+OPTIMIZER_JSON = "optimizer.json"
 
 
 _VISION_INPUTS = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
