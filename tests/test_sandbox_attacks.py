@@ -567,7 +567,7 @@ def test_training_with_code_problems_stops_at_start_without_the_sandbox(monkeypa
     monkeypatch.setattr(sandbox_mod.shutil, "which",
                         lambda name, *a, **k: None if name == "bwrap" else shutil.which(name))
     with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
-        trainer_from_config(cfg)  # in __init__, before any step
+        trainer_from_config(cfg)  # while its data is checked, before any model is built
     monkeypatch.undo()
     records[1]["meta"]["reward_kwargs"]["tests"] = ["import os"]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
