@@ -68,6 +68,7 @@ from evr1.data.synthetic import real_video_files
 from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
 from evr1.pipeline.stages import merge_or_report
 from evr1.rollout.base import Prompt
+from evr1.train.build import trainer_from_config
 from evr1.train.trainer import Trainer
 from evr1.video.decode import load_visual
 
@@ -461,7 +462,7 @@ def prepare(args: argparse.Namespace, root: Path, device: str) -> Setup:
     shape = "tiny" if args.tiny else "qwen2_5_vl_1b"
     build_tiny_model(cfg.model_path, corpus_from_jsonl([train_jsonl]), shape=shape,
                      dtype=cfg.model.dtype, device=device)
-    trainer = Trainer(cfg)
+    trainer = trainer_from_config(cfg)
     seconds["build"] = time.perf_counter() - start
     return Setup(cfg, trainer, shape, seconds)
 

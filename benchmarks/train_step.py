@@ -63,6 +63,7 @@ from evr1.models.loading import ensure_model
 from evr1.pipeline import stages
 from evr1.rewards import score
 from evr1.rollout.base import Prompt
+from evr1.train.build import trainer_from_config
 from evr1.train.groups import reward_item
 from evr1.train.trainer import Trainer
 from evr1.video.decode import Backend, load_visual
@@ -294,7 +295,7 @@ def compare_with_trl(ws: Workspace, shape: Shape, steps: int,
 
     from evr1.models.loading import load_model, load_processor
 
-    trainer = Trainer(ws.config(next(iter(VIDEO_BUDGETS)), shape))
+    trainer = trainer_from_config(ws.config(next(iter(VIDEO_BUDGETS)), shape))
     images = [s for s in trainer.train_set.samples if s.data_type == "image"]
     samples = cycled(images, shape.prompts)
     use_prompts(trainer, PromptSet(samples, trainer.train_set.reader))
@@ -377,7 +378,7 @@ def one_prompt_per_video(samples: list[Sample]) -> list[Sample]:
 def compare_caching(ws: Workspace, budget: str, shape: Shape, steps: int,
                     warmup: int) -> CacheResult:
     cfg = ws.config(budget, shape)
-    trainer = Trainer(cfg)
+    trainer = trainer_from_config(cfg)
     videos = one_prompt_per_video(trainer.train_set.samples)
     shards = PromptSet(videos, trainer.train_set.reader, cfg.data.video.fps)
     decoding = DecodingPromptSet(videos, None, cfg.data.video.fps, cfg.data,

@@ -143,13 +143,13 @@ def prepared(tmp_path_factory) -> Path:
 def _train_twice(prepared: Path, out: Path) -> None:
     """On each of 2 ranks: the uninterrupted run, then a run stopped after step 2 and
     resumed (three trainers in a row, as a job and its requeue would be)."""
-    from evr1.train.trainer import Trainer
+    from evr1.train.build import trainer_from_config
 
     common = ["train.backend=megatron", "train.steps=4", "train.save_every=2",
               "train.prompts_per_step=4", "train.log_completions=1"]
-    Trainer(small_config(prepared, f"run_dir={out / 'a'}", *common)).run()
-    Trainer(small_config(prepared, f"run_dir={out / 'b'}", *common)).run(stop_after=2)
-    Trainer(small_config(prepared, f"run_dir={out / 'b'}", *common)).run()
+    trainer_from_config(small_config(prepared, f"run_dir={out / 'a'}", *common)).run()
+    trainer_from_config(small_config(prepared, f"run_dir={out / 'b'}", *common)).run(stop_after=2)
+    trainer_from_config(small_config(prepared, f"run_dir={out / 'b'}", *common)).run()
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ def test_every_listed_benchmark_is_registered():
     assert wanted <= set(BENCHMARKS)
     for bench in BENCHMARKS.values():
         assert bench.precision in ("precise", "documented")
-        assert bench.formats and bench.layout and bench.source
+        assert bench.formats and bench.files and bench.source
 
 
 def test_videomme_parquet(tmp_path):

@@ -24,6 +24,7 @@ from conftest import small_config
 from evr1.data.synthetic import make_synthetic
 from evr1.pipeline import stages
 from evr1.train import checkpoint as ckpt
+from evr1.train.build import trainer_from_config
 from evr1.train.trainer import Trainer
 
 DEVICE = os.environ.get("EVR1_GPU_TEST_DEVICE", "cuda")
@@ -70,16 +71,16 @@ def train_records(run_dir: Path) -> list[dict]:
 
 def test_steps_checkpoint_resume_and_eval_on_device(prepared, tmp_path, deterministic):
     common = [*ON_DEVICE, "train.steps=4", "train.save_every=2", "train.offline.mode=always"]
-    straight = Trainer(small_config(prepared, f"run_dir={tmp_path / 'a'}", *common))
+    straight = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'a'}", *common))
     param = next(straight.model.parameters())
     assert (param.device.type, param.dtype) == (torch.device(DEVICE).type, torch.bfloat16)
     straight.run()
 
-    first = Trainer(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
+    first = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
     first.run(stop_after=2)  # the job ends (time limit, preemption) after step 2
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b/checkpoints")] == \
         ["step-00000002"]
-    resumed = Trainer(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
+    resumed = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
     assert resumed.run().steps == 4
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
@@ -92,14 +93,14 @@ def test_steps_checkpoint_resume_and_eval_on_device(prepared, tmp_path, determin
         assert [r[key] for r in rec_a] == [r[key] for r in rec_b], key
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rec_a)
     # The weights did move: the comparison is not trivially true.
-    start = Trainer(small_config(prepared, f"run_dir={tmp_path / 'c'}", *ON_DEVICE,
-                                 "train.resume=never"))
+    start = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'c'}", *ON_DEVICE,
+                                             "train.resume=never"))
     assert any(not torch.equal(a[k], v) for k, v in weights(start).items())
 
     # A checkpoint written on the device resumes on a CPU-only machine too.
-    on_cpu = Trainer(small_config(prepared, f"run_dir={tmp_path / 'd'}", "model.device=cpu",
-                                  "model.dtype=bfloat16",
-                                  f"train.resume={tmp_path / 'b/checkpoints/step-00000004'}"))
+    on_cpu = trainer_from_config(small_config(
+        prepared, f"run_dir={tmp_path / 'd'}", "model.device=cpu", "model.dtype=bfloat16",
+        f"train.resume={tmp_path / 'b/checkpoints/step-00000004'}"))
     on_cpu.resume()
     assert on_cpu.state.step == 4
     for name, value in weights(on_cpu).items():

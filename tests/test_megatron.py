@@ -363,7 +363,7 @@ def test_export_round_trips_bit_exactly(request, run: str) -> None:
 
 
 @pytest.mark.slow
-def test_resume_with_another_layout_repeats_the_step(runs) -> None:
+def test_resume_with_another_split_repeats_the_step(runs) -> None:
     a, b = runs["a"][0], runs["b"][0]
     assert b["resumed_metrics"]["loss"] == pytest.approx(a["metrics"][-1]["loss"], abs=1e-6)
     assert b["resumed_metrics"]["lr"] == a["metrics"][-1]["lr"]

@@ -552,7 +552,7 @@ def test_training_with_code_problems_stops_at_start_without_the_sandbox(monkeypa
     from conftest import small_config
 
     from evr1.pipeline import stages
-    from evr1.train.trainer import Trainer
+    from evr1.train.build import trainer_from_config
 
     records = [{"id": f"add-{i}", "problem_type": "code", "data_type": "text",
                 "problem": "Write add(a, b).", "solution": HONEST,
@@ -567,12 +567,12 @@ def test_training_with_code_problems_stops_at_start_without_the_sandbox(monkeypa
     monkeypatch.setattr(sandbox_mod.shutil, "which",
                         lambda name, *a, **k: None if name == "bwrap" else shutil.which(name))
     with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
-        Trainer(cfg)  # in __init__, before any step
+        trainer_from_config(cfg)  # while its data is checked, before any model is built
     monkeypatch.undo()
     records[1]["meta"]["reward_kwargs"]["tests"] = ["import os"]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(InvalidSolution, match="sample add-1"):
-        Trainer(cfg)
+        trainer_from_config(cfg)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from evr1.data.synthetic import make_synthetic
 from evr1.pipeline import stages, training
 from evr1.train import checkpoint as ckpt
 from evr1.train.batch import make_policy_batches
+from evr1.train.build import trainer_from_config
 from evr1.train.groups import offline_response_ids
 from evr1.train.sft import SFTTrainer, final_sft_model, grpo_config_after_sft, sft_config
 from evr1.train.trainer import Trainer
@@ -54,7 +55,7 @@ def test_sft_update_is_the_gradient_of_the_mean_token_nll(prepared, tmp_path):
                                   "train.sft.prompts_per_step=3", "train.micro_batch_size=2",
                                   "train.grad_clip=0", "train.freeze_vision_tower=false",
                                   "data.include_tasks=[]", "train.resume=never"))
-    trainer = SFTTrainer(cfg)
+    trainer = trainer_from_config(cfg, SFTTrainer)
     drawn = PromptSampler(len(trainer.expert), cfg.seed).next(3)  # what the step will draw
     samples = [trainer.train_set.samples[trainer.expert[i]] for i in drawn]
     prompts = [trainer.train_set.prompt(trainer.expert[i]) for i in drawn]
@@ -89,21 +90,23 @@ def test_sft_update_is_the_gradient_of_the_mean_token_nll(prepared, tmp_path):
 
 def test_sft_resumes_to_the_uninterrupted_run(prepared, tmp_path):
     common = ["train.sft.enabled=true", "train.sft.steps=4", "train.sft.save_every=2"]
-    straight = SFTTrainer(sft_config(small_config(prepared, f"run_dir={tmp_path / 'a'}",
-                                                  *common)))
+    straight = trainer_from_config(sft_config(small_config(prepared, f"run_dir={tmp_path / 'a'}",
+                                                           *common)), SFTTrainer)
     straight.run()
-    first = SFTTrainer(sft_config(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common)))
+    first = trainer_from_config(sft_config(small_config(prepared, f"run_dir={tmp_path / 'b'}",
+                                                        *common)), SFTTrainer)
     first.run(stop_after=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b/sft/checkpoints")] == \
         ["step-00000002"]
-    resumed = SFTTrainer(sft_config(small_config(prepared, f"run_dir={tmp_path / 'b'}",
-                                                 *common)))
+    resumed = trainer_from_config(sft_config(small_config(prepared, f"run_dir={tmp_path / 'b'}",
+                                                          *common)), SFTTrainer)
     assert resumed.run().steps == 4
     a, b = weights(straight), weights(resumed)
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
-    start = SFTTrainer(sft_config(small_config(prepared, f"run_dir={tmp_path / 'c'}", *common,
-                                               "train.resume=never")))
+    start = trainer_from_config(sft_config(small_config(prepared, f"run_dir={tmp_path / 'c'}",
+                                                        *common, "train.resume=never")),
+                                SFTTrainer)
     assert any(not torch.equal(a[k], v) for k, v in weights(start).items())
 
 
@@ -116,9 +119,10 @@ def test_training_stage_runs_sft_then_grpo_from_its_model(prepared, tmp_path):
         "accuracy" in result["sft"]["after"]
     # GRPO's starting model is the SFT's final checkpoint, its own checkpoints are apart
     assert final_sft_model(cfg) == tmp_path / "sft/checkpoints/step-00000002/model"
-    grpo = Trainer(dataclasses.replace(grpo_config_after_sft(cfg),
-                                       run_dir=str(tmp_path / "fresh")))
-    sft_end = SFTTrainer(sft_config(cfg))  # resumes the finished SFT run's last checkpoint
+    grpo = trainer_from_config(dataclasses.replace(grpo_config_after_sft(cfg),
+                                                   run_dir=str(tmp_path / "fresh")))
+    # resumes the finished SFT run's last checkpoint
+    sft_end = trainer_from_config(sft_config(cfg), SFTTrainer)
     sft_end.resume()
     a, b = weights(grpo), weights(sft_end)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -174,8 +178,9 @@ def test_sft_then_grpo_on_the_megatron_backend_under_torchrun_tp2(prepared, tmp_
     assert sft_final is not None and sft_final.name == "step-00000002"
     assert (sft_final / "megatron" / "metadata.json").is_file()
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step-00000001"
-    hf = SFTTrainer(sft_config(small_config(prepared, f"run_dir={tmp_path / 'hf'}",
-                                            *[f"{k}={v}" for k, v in common.items()])))
+    hf = trainer_from_config(sft_config(small_config(
+        prepared, f"run_dir={tmp_path / 'hf'}", *[f"{k}={v}" for k, v in common.items()])),
+        SFTTrainer)
     want = hf.train_step().metrics["nll"]
     rows = [json.loads(x) for x in (run_dir / "sft/metrics.jsonl").read_text().splitlines()]
     got = next(r["nll"] for r in rows if r["kind"] == "train" and r["step"] == 1)

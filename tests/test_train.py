@@ -14,6 +14,7 @@ from evr1.config import ConfigError, OfflineConfig, load_config
 from evr1.data.synthetic import make_synthetic
 from evr1.pipeline import stages
 from evr1.train import checkpoint as ckpt
+from evr1.train.build import trainer_from_config
 from evr1.train.groups import groups_to_mix, offline_response_ids
 from evr1.train.trainer import Trainer
 
@@ -47,7 +48,7 @@ def test_groups_to_mix_modes():
 def test_offline_slot_holds_the_expert_answer(prepared, tmp_path):
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=1",
                        "train.offline.mode=always", "train.resume=never")
-    trainer = Trainer(cfg)
+    trainer = trainer_from_config(cfg)
     metrics = trainer.train_step().metrics
     assert metrics["offline_groups"] == cfg.train.prompts_per_step
     # The expert answers are correct, so their reward is the maximum.
@@ -57,8 +58,8 @@ def test_offline_slot_holds_the_expert_answer(prepared, tmp_path):
     assert tokens[-1] == trainer.stop_id and len(tokens) <= 5
     assert trainer.processor.tokenizer.decode(tokens[:-1]) == "<answer>B</answer>"
 
-    never = Trainer(small_config(prepared, f"run_dir={tmp_path / 'never'}",
-                                 "train.offline.mode=never", "train.resume=never"))
+    never = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'never'}",
+                                             "train.offline.mode=never", "train.resume=never"))
     assert never.train_step().metrics["offline_groups"] == 0
 
 
@@ -66,7 +67,7 @@ def test_offline_slot_holds_the_expert_answer(prepared, tmp_path):
 def test_freeze_vision_tower_updates_the_language_model_only(prepared, tmp_path, frozen):
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.offline.mode=always",
                        "train.resume=never", f"train.freeze_vision_tower={str(frozen).lower()}")
-    trainer = Trainer(cfg)
+    trainer = trainer_from_config(cfg)
     before = weights(trainer)
     trainer.train_step()
     after = weights(trainer)
@@ -78,13 +79,13 @@ def test_freeze_vision_tower_updates_the_language_model_only(prepared, tmp_path,
 
 def test_resumed_run_matches_uninterrupted_run_exactly(prepared, tmp_path):
     common = ["train.steps=4", "train.save_every=2", "train.offline.mode=always"]
-    straight = Trainer(small_config(prepared, f"run_dir={tmp_path / 'a'}", *common))
+    straight = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'a'}", *common))
     straight.run()
-    first = Trainer(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
+    first = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
     first.run(stop_after=2)  # the job ends (time limit, preemption) after step 2
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b/checkpoints")] == \
         ["step-00000002"]
-    resumed = Trainer(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
+    resumed = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'b'}", *common))
     result = resumed.run()
     assert result.steps == 4
     a, b = weights(straight), weights(resumed)
@@ -92,7 +93,8 @@ def test_resumed_run_matches_uninterrupted_run_exactly(prepared, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
     # The weights did move: the comparison is not trivially true.
-    start = Trainer(small_config(prepared, f"run_dir={tmp_path / 'c'}", "train.resume=never"))
+    start = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'c'}",
+                                             "train.resume=never"))
     assert any(not torch.equal(a[k], v) for k, v in weights(start).items())
     steps = [json.loads(x)["step"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()
              if '"kind": "train"' in x]
@@ -103,7 +105,7 @@ def test_completions_log_shows_the_groups_behind_the_metrics(prepared, tmp_path)
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=2",
                        "train.offline.mode=always", "train.log_completions=2",
                        "train.save_every=2")
-    Trainer(cfg).run()
+    trainer_from_config(cfg).run()
     records = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 1, 2, 2]
     n = cfg.rollout.n
@@ -117,13 +119,13 @@ def test_completions_log_shows_the_groups_behind_the_metrics(prepared, tmp_path)
 
 def test_half_written_checkpoint_is_never_resumed(prepared, tmp_path):
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=2", "train.save_every=1")
-    Trainer(cfg).run()
+    trainer_from_config(cfg).run()
     root = cfg.checkpoint_dir
     # A crash inside save leaves a temporary folder; a folder without meta.json is incomplete.
     (root / ".step-00000003.abc.tmp").mkdir()
     (root / "step-00000004").mkdir()
     assert ckpt.latest_checkpoint(root).name == "step-00000002"
-    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "train.steps=2"))
+    trainer = trainer_from_config(small_config(prepared, f"run_dir={tmp_path}", "train.steps=2"))
     trainer.resume()
     assert trainer.state.step == 2
     assert not (root / ".step-00000003.abc.tmp").exists()
@@ -133,7 +135,7 @@ def test_checkpoint_model_loads_with_transformers(prepared, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=1")
-    result = Trainer(cfg).run()
+    result = trainer_from_config(cfg).run()
     model_dir = Path(result.checkpoint) / "model"
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     AutoProcessor.from_pretrained(model_dir)
@@ -274,13 +276,13 @@ def test_rewind_logs_moves_rows_past_the_resume_step(tmp_path):
 def test_resume_from_an_older_checkpoint_leaves_the_later_branch(prepared, tmp_path):
     common = ["train.steps=4", "train.save_every=1", "train.keep_last=0",
               "train.offline.mode=always"]
-    Trainer(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
+    trainer_from_config(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
     root = tmp_path / "checkpoints"
     assert [p.name for p in ckpt.list_checkpoints(root)] == [f"step-0000000{i}" for i in
                                                             range(1, 5)]
     older = ckpt.step_dir(root, 2)
-    Trainer(small_config(prepared, f"run_dir={tmp_path}", *common, "train.steps=3",
-                         f"train.resume={older}")).run()
+    trainer_from_config(small_config(prepared, f"run_dir={tmp_path}", *common, "train.steps=3",
+                                     f"train.resume={older}")).run()
     # Step 3 was written anew; the old step 3 and step 4 are kept, out of resume's way.
     assert [p.name for p in ckpt.list_checkpoints(root)] == [
         "step-00000001", "step-00000002", "step-00000003"]
@@ -293,7 +295,8 @@ def test_resume_from_an_older_checkpoint_leaves_the_later_branch(prepared, tmp_p
     assert [json.loads(x)["step"] for x in (archive / "metrics.jsonl").read_text().splitlines()
             if '"kind": "train"' in x] == [3, 4]
     # resume: auto continues the new branch, never the abandoned step 4.
-    auto = Trainer(small_config(prepared, f"run_dir={tmp_path}", *common, "train.steps=3"))
+    auto = trainer_from_config(small_config(prepared, f"run_dir={tmp_path}", *common,
+                                            "train.steps=3"))
     auto.resume()
     assert auto.state.step == 3 and len(list(root.glob("abandoned-*"))) == 1
 
@@ -303,13 +306,13 @@ def test_requeued_job_resumes_its_own_progress(prepared, tmp_path, monkeypatch):
     # back to step 0 and set its own checkpoints aside.
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.steps=2", "train.save_every=2",
                        "train.resume=never")
-    Trainer(cfg).run()
+    trainer_from_config(cfg).run()
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    again = Trainer(cfg)
+    again = trainer_from_config(cfg)
     again.resume()
     assert again.state.step == 2 and not list((tmp_path / "checkpoints").glob("abandoned-*"))
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the first run of a job: as configured
-    fresh = Trainer(cfg)
+    fresh = trainer_from_config(cfg)
     fresh.resume()
     assert fresh.state.step == 0 and len(list((tmp_path / "checkpoints").glob("abandoned-*"))) == 1
 
@@ -320,9 +323,9 @@ def test_resume_after_a_crash_logs_each_redone_step_once(prepared, tmp_path):
 
     common = ["train.steps=4", "train.save_every=2", "train.keep_last=0",
               "train.offline.mode=always"]
-    Trainer(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
+    trainer_from_config(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
     shutil.rmtree(tmp_path / "checkpoints/step-00000004")
-    Trainer(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
+    trainer_from_config(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if r["kind"] == "heldout"] == [0, 4]
@@ -351,8 +354,9 @@ def test_shared_vision_matches_per_response_vision(prepared, tmp_path):
 
     # The demo config freezes the vision tower; its gradients are part of the comparison. The
     # shared-prefix path would run each prompt's vision once anyway: this tests the other one.
-    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "data.include_tasks=[]",
-                                   "train.freeze_vision_tower=false", "train.shared_prefix=false"))
+    trainer = trainer_from_config(small_config(
+        prepared, f"run_dir={tmp_path}", "data.include_tasks=[]",
+        "train.freeze_vision_tower=false", "train.shared_prefix=false"))
     types = [s.data_type for s in trainer.train_set.samples]
     prompts = [trainer.train_set.prompt(types.index(t)) for t in ("video", "image", "text")]
     responses = [[5, 6, 7, trainer.stop_id]] * 12
@@ -384,8 +388,9 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_shared_prefix_matches_plain_forward(prepared, tmp_path):
     """The prompt once per micro-batch, its KV cache shared by its responses, gives the
     log-probs and gradients of running prompt + response for every row."""
-    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "data.include_tasks=[]",
-                                   "train.freeze_vision_tower=false"))
+    trainer = trainer_from_config(small_config(
+        prepared, f"run_dir={tmp_path}", "data.include_tasks=[]",
+        "train.freeze_vision_tower=false"))
     types = [s.data_type for s in trainer.train_set.samples]
     prompts = [trainer.train_set.prompt(types.index(t)) for t in ("video", "image", "text")]
     _check_shared_prefix(trainer.backend, trainer.processor, prompts, trainer.stop_id,
@@ -465,12 +470,12 @@ def test_shared_prefix_train_step_matches_plain(prepared, tmp_path):
     entropy term) computes the same gradient and moves the weights alike."""
     result = {}
     for shared in (True, False):
-        trainer = Trainer(small_config(
-            prepared, f"run_dir={tmp_path / str(shared)}", "train.resume=never",
-            "train.offline.mode=always", "train.micro_batch_size=3",
-            "train.freeze_vision_tower=false",
-            "train.grpo.entropy_coef=0.01", "train.grpo.kl_coef=0.01",
-            f"train.shared_prefix={str(shared).lower()}"))
+        trainer = trainer_from_config(small_config(
+                        prepared, f"run_dir={tmp_path / str(shared)}", "train.resume=never",
+                        "train.offline.mode=always", "train.micro_batch_size=3",
+                        "train.freeze_vision_tower=false",
+                        "train.grpo.entropy_coef=0.01", "train.grpo.kl_coef=0.01",
+                        f"train.shared_prefix={str(shared).lower()}"))
         backend, start = trainer.backend, weights(trainer)
         positions = []  # token positions of the step's micro-batches: the terms of a gradient
         update = backend.train_step
@@ -589,8 +594,8 @@ def test_hf_backend_trains_under_torchrun_with_fsdp(prepared, tmp_path):
 
 def test_grad_clip_zero_turns_clipping_off(prepared, tmp_path):
     """train.grad_clip=0 used to scale every gradient by 0 / norm: no weight ever moved."""
-    trainer = Trainer(small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
-                                   "train.grad_clip=0"))
+    trainer = trainer_from_config(small_config(prepared, f"run_dir={tmp_path}",
+                                               "train.resume=never", "train.grad_clip=0"))
     before = weights(trainer)
     metrics = trainer.train_step().metrics
     assert metrics["grad_norm"] > 0
@@ -606,8 +611,9 @@ def test_logged_pg_loss_and_tokens_do_not_depend_on_micro_batches(prepared, tmp_
     add up over micro-batches (they were token-averaged, about 1/K of the true value)."""
     out = {}
     for size in (64, 3):
-        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / str(size)}",
-                                       "train.resume=never", f"train.micro_batch_size={size}"))
+        trainer = trainer_from_config(small_config(
+            prepared, f"run_dir={tmp_path / str(size)}", "train.resume=never",
+            f"train.micro_batch_size={size}"))
         out[size] = trainer.train_step().metrics
     one, several = out[64], out[3]
     assert several["train_tokens"] == one["train_tokens"] == one["num_tokens"] == \
@@ -634,7 +640,7 @@ def test_step_without_signal_still_advances_the_lr_schedule(prepared, tmp_path, 
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
                        "train.filter_no_signal=true", "train.lr_schedule=linear",
                        "train.steps=4", "train.save_every=4")
-    trainer = Trainer(cfg)
+    trainer = trainer_from_config(cfg)
     before = weights(trainer)
     for _ in range(2):
         metrics = trainer.train_step().metrics
@@ -695,7 +701,7 @@ def test_dynamic_sampling_draws_until_enough_groups_have_signal():
 def test_dynamic_sampling_in_the_trainer(prepared, tmp_path):
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
                        "train.dynamic_sampling=true", "train.max_sampling_rounds=3")
-    trainer = Trainer(cfg)
+    trainer = trainer_from_config(cfg)
     metrics = trainer.train_step().metrics
     rounds = metrics["sampling_rounds"]
     assert 1 <= rounds <= 3
@@ -708,18 +714,18 @@ def test_dynamic_sampling_in_the_trainer(prepared, tmp_path):
 
 def test_overlong_mask_leaves_truncated_responses_out_of_the_loss(prepared, tmp_path):
     common = ["train.resume=never", "rollout.max_new_tokens=4", "train.offline.mode=always"]
-    masked = Trainer(small_config(prepared, f"run_dir={tmp_path / 'm'}", *common,
-                                  "train.overlong=mask"))
+    masked = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'm'}", *common,
+                                              "train.overlong=mask"))
     group = masked._draw_groups()
     truncated = int(group.truncated.sum())
     assert truncated > 0 and not group.truncated[group.offline].any()
     kept = len(group.responses) - truncated
-    masked2 = Trainer(small_config(prepared, f"run_dir={tmp_path / 'm2'}", *common,
-                                   "train.overlong=mask"))
+    masked2 = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'm2'}", *common,
+                                               "train.overlong=mask"))
     metrics = masked2.train_step().metrics  # the same draw (same seed)
     assert metrics["trained_rows"] == kept
     assert metrics["truncated"] == pytest.approx(truncated / len(group.responses))
-    plain = Trainer(small_config(prepared, f"run_dir={tmp_path / 'p'}", *common))
+    plain = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'p'}", *common))
     assert plain.train_step().metrics["trained_rows"] == len(group.responses)
 
 
@@ -730,7 +736,7 @@ def test_overlong_shaping_adds_the_dapo_penalty_to_the_reward(prepared, tmp_path
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.resume=never",
                        "rollout.max_new_tokens=6", "train.overlong=shaping",
                        "train.overlong_buffer=3", "train.overlong_penalty=0.5")
-    group = Trainer(cfg)._draw_groups()
+    group = trainer_from_config(cfg)._draw_groups()
     lengths = torch.tensor([len(r) for r in group.responses])
     base = score_responses([s for s in group.samples for _ in range(cfg.rollout.n)],
                            group.texts, cfg.reward).overall
@@ -746,8 +752,9 @@ def test_rollout_correction_uses_the_engine_logprobs(prepared, tmp_path):
     (top_p = 1), so every ratio is a little under 1 and the weights apply it."""
     out = {}
     for level in ("none", "token", "sequence"):
-        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / level}",
-                                       "train.resume=never", f"train.grpo.rollout_is={level}"))
+        trainer = trainer_from_config(small_config(
+            prepared, f"run_dir={tmp_path / level}", "train.resume=never",
+            f"train.grpo.rollout_is={level}"))
         out[level] = trainer.train_step().metrics
     for level, m in out.items():
         assert 0.5 < m["rollout_ratio_mean"] <= 1 + 1e-5, (level, m["rollout_ratio_mean"])
@@ -761,9 +768,9 @@ def test_rollout_correction_uses_the_engine_logprobs(prepared, tmp_path):
 def test_luffy_shaping_of_offline_rows_changes_the_update(prepared, tmp_path):
     out = {}
     for mode in ("clip", "shaping"):
-        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / mode}",
-                                       "train.resume=never", "train.offline.mode=always",
-                                       f"train.grpo.offline_loss={mode}"))
+        trainer = trainer_from_config(small_config(
+            prepared, f"run_dir={tmp_path / mode}", "train.resume=never",
+            "train.offline.mode=always", f"train.grpo.offline_loss={mode}"))
         start = weights(trainer)
         metrics = trainer.train_step().metrics
         out[mode] = metrics, {k: weights(trainer)[k] - v for k, v in start.items()}
@@ -778,9 +785,9 @@ def test_offline_importance_weight_reaches_the_loss(prepared, tmp_path):
     with c >= 1 allowed, which never changed anything)."""
     out = {}
     for clip in ("null", "0.5"):
-        trainer = Trainer(small_config(prepared, f"run_dir={tmp_path / clip}",
-                                       "train.resume=never", "train.offline.mode=always",
-                                       f"train.grpo.offline_is_clip={clip}"))
+        trainer = trainer_from_config(small_config(
+            prepared, f"run_dir={tmp_path / clip}", "train.resume=never",
+            "train.offline.mode=always", f"train.grpo.offline_is_clip={clip}"))
         out[clip] = trainer.train_step().metrics
     assert out["null"]["is_weight_mean"] == 1.0
     assert out["0.5"]["is_weight_mean"] < 1.0

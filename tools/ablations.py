@@ -44,9 +44,9 @@ from evr1.data.synthetic import make_synthetic  # noqa: E402
 from evr1.files import atomic_write_figure  # noqa: E402
 from evr1.pipeline import stages  # noqa: E402
 from evr1.train import checkpoint as ckpt  # noqa: E402
+from evr1.train.build import trainer_from_config  # noqa: E402
 from evr1.train.metrics import read_metrics  # noqa: E402
 from evr1.train.sft import SFTTrainer, sft_config  # noqa: E402
-from evr1.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # GRPO settings of the arms (the learning check's recipe, tools/learning_check.py): small
@@ -145,7 +145,7 @@ def run_sft(cfg: Config, steps: int, save_every: int) -> Path:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sft=dataclasses.replace(
         cfg.train.sft, enabled=True, steps=steps, lr=SFT_LR, save_every=save_every)))
     sft = sft_config(cfg)
-    SFTTrainer(sft).run()
+    trainer_from_config(sft, SFTTrainer).run()
     return Path(sft.run_dir)
 
 
@@ -154,7 +154,7 @@ def run_grpo_from(cfg: Config, model: Path, steps: int, mode: str) -> Path:
         cfg, model=dataclasses.replace(cfg.model, path=str(model), tiny=False),
         train=dataclasses.replace(cfg.train, steps=steps, save_every=steps,
                                   offline=dataclasses.replace(cfg.train.offline, mode=mode)))
-    Trainer(cfg).run()
+    trainer_from_config(cfg).run()
     return Path(cfg.run_dir)
 
 

@@ -29,10 +29,10 @@ from pathlib import Path
 from evr1.config import load_config
 from evr1.data.synthetic import make_synthetic
 from evr1.pipeline import stages
+from evr1.train.build import trainer_from_config
 from evr1.train.metrics import read_metrics
 from evr1.train.plots import plot_runs
 from evr1.train.sft import SFTTrainer, sft_config
-from evr1.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["rollout.n=2", "train.prompts_per_step=32", "rollout.temperature=0.3",
@@ -78,14 +78,14 @@ def main() -> None:
         cfg = load_config(ROOT / "configs/demo_cpu.yaml", [
             f"run_dir={out / f'offline_{mode}'}", *common, f"train.steps={steps}",
             f"train.save_every={steps}", f"train.offline.mode={mode}"])
-        Trainer(cfg).run()  # resumes (or just reports) a run an earlier call made
+        trainer_from_config(cfg).run()  # resumes (or just reports) a run an earlier call made
         runs[f"offline {mode}"] = Path(cfg.run_dir)
     if args.supervised_steps:
         # cold-start SFT (evr1.train.sft) on the expert answers, in <out>/supervised/sft
         cfg = sft_config(load_config(ROOT / "configs/demo_cpu.yaml", [
             f"run_dir={out / 'supervised'}", *common, "train.sft.enabled=true",
             f"train.sft.steps={args.supervised_steps}"]))
-        SFTTrainer(cfg).run()
+        trainer_from_config(cfg, SFTTrainer).run()
         runs["supervised"] = Path(cfg.run_dir)
     png = plot_runs(runs, out / "learning_check.png", task="colour")
     results = {label.removeprefix("offline "): heldout_summary(run_dir)

@@ -1,8 +1,9 @@
 """The training stage: the trainer as the pipeline builds and runs it (here, or as one
 Slurm/submitit job of one or many ranks).
 
-``evr1.train.trainer.Trainer`` is given, rather than building, what lies above the training
-layer: eval-while-training (``evr1.eval.while_training.AsyncEvaluator``, when
+``evr1.train.trainer.Trainer`` is given, rather than building, its parts
+(``evr1.train.build.make_trainer_parts``) and what lies above the training layer:
+eval-while-training (``evr1.eval.while_training.AsyncEvaluator``, when
 ``train.async_eval.enabled``; its jobs submitted by ``evr1.pipeline.checkpoint_eval``) and the
 Slurm preemption watcher (``evr1.pipeline.preemption``).
 """
@@ -21,6 +22,7 @@ from evr1.pipeline import rendezvous
 from evr1.pipeline.checkpoint_eval import EvalJobs
 from evr1.pipeline.executor import resolve_cluster, run_array, submit_job
 from evr1.pipeline.preemption import PreemptionWatcher
+from evr1.train.build import trainer_from_config
 from evr1.train.sft import grpo_config_after_sft, run_sft
 from evr1.train.trainer import Trainer
 
@@ -30,7 +32,7 @@ def build_trainer(cfg: Config) -> Trainer:
     hook = None
     if cfg.train.async_eval.enabled:
         hook = functools.partial(AsyncEvaluator, cfg, jobs=EvalJobs(cfg))
-    return Trainer(cfg, checkpoint_hook=hook, stop_signals=PreemptionWatcher)
+    return trainer_from_config(cfg, checkpoint_hook=hook, stop_signals=PreemptionWatcher)
 
 
 def train_on_this_rank(cfg: Config) -> dict:

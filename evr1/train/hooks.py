@@ -9,7 +9,8 @@ The training loop knows nothing of benchmarks, Slurm or job arrays. Whoever buil
   per step whether to stop; after the stopping checkpoint its ``stop(step)`` decides what
   happens to the job (requeue or just end).
 
-Both default to doing nothing, which is what a plain ``Trainer(cfg)`` in a test gets.
+Both default to doing nothing, which is what a plain ``trainer_from_config(cfg)``
+(``evr1.train.build``) in a test gets.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,8 +29,9 @@ from evr1.data.dataset import PromptSampler
 from evr1.data.schema import DatasetError
 from evr1.train import checkpoint as ckpt
 from evr1.train.batch import make_policy_batches
+from evr1.train.build import trainer_from_config
 from evr1.train.groups import offline_response_ids
-from evr1.train.trainer import StepResult, Trainer, TrainResult
+from evr1.train.trainer import StepResult, Trainer, TrainerParts, TrainResult
 
 log = logging.getLogger("evr1.train.sft")
 
@@ -83,10 +85,11 @@ def grpo_config_after_sft(cfg: Config) -> Config:
 
 
 class SFTTrainer(Trainer):
-    """The GRPO trainer with a supervised step; build it with :func:`sft_config`'s config."""
+    """The GRPO trainer with a supervised step; build it with :func:`sft_config`'s config
+    (``evr1.train.build.trainer_from_config(sft_config(cfg), SFTTrainer)``)."""
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, parts: TrainerParts, **kwargs: Any) -> None:
+        super().__init__(cfg, parts, **kwargs)
         # Only samples with an expert answer are trained on; the sampler runs over those.
         self.expert = [i for i, s in enumerate(self.train_set.samples) if s.offline_output]
         if not self.expert:
@@ -131,6 +134,6 @@ def run_sft(cfg: Config) -> TrainResult:
     """Train (or resume, or find complete) the SFT stage of ``cfg``; its result's
     ``checkpoint`` is the final checkpoint folder."""
     sft_cfg = sft_config(cfg)
-    result = SFTTrainer(sft_cfg).run()
+    result = trainer_from_config(sft_cfg, SFTTrainer).run()
     result.checkpoint = str(final_sft_model(cfg).parent)
     return result

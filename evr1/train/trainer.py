@@ -24,16 +24,13 @@ from evr1 import runs
 from evr1.config import Config, dump_config
 from evr1.data.dataset import PromptSampler, PromptSet
 from evr1.models.inputs import stop_token_ids
-from evr1.models.loading import ensure_model, load_model, load_processor, resolve_device
-from evr1.rollout.base import SamplingParams
+from evr1.rollout.base import RolloutEngine, SamplingParams
 from evr1.train import checkpoint as ckpt
-from evr1.train.backends import fsdp
+from evr1.train.backends.base import TrainingBackend
 from evr1.train.batch import make_policy_batches
-from evr1.train.build import make_backend, make_engine
 from evr1.train.groups import (
     Collected,
     Groups,
-    check_samples,
     collect_groups,
     fill_policy_batches,
     groups_to_mix,
@@ -53,7 +50,6 @@ from evr1.train.replicas import (
     rollout_digest,
     step_seed,
 )
-from evr1.video.shards import ShardReader
 
 log = logging.getLogger("evr1.train")
 
@@ -84,51 +80,43 @@ def _no_op() -> None:
     pass
 
 
-class Trainer:
-    """The loop over one run's steps. Given (besides the config, from which it builds its
-    backend and rollout engine through ``evr1.train.build``): ``checkpoint_hook``, called with
-    the metrics logger to make the hook told about each checkpoint (eval-while-training), and
-    ``stop_signals``, the context that asks to stop after a step (Slurm preemption). Both
-    default to nothing; ``evr1.pipeline.training.build_trainer`` gives the configured ones."""
+@dataclass
+class TrainerParts:
+    """What the trainer is given besides its config, built from the config by
+    ``evr1.train.build.make_trainer_parts``: the prompts (``heldout``: None without
+    ``data.eval_jsonl``), the model folder and processor, the HF model (shared by the hf
+    backend and the hf rollout engine), the training backend, this rank's data-parallel
+    replica and the rollout engine."""
 
-    def __init__(self, cfg: Config, *, checkpoint_hook: CheckpointHookFactory | None = None,
+    train_set: PromptSet
+    heldout: PromptSet | None
+    model_dir: Path
+    processor: Any
+    model: torch.nn.Module | None  # None when neither the backend nor the engine needs it
+    backend: TrainingBackend
+    replicas: Replicas
+    engine: RolloutEngine
+
+
+class Trainer:
+    """The loop over one run's steps. Given, besides the config: ``parts`` (data, model,
+    backend, rollout engine: :class:`TrainerParts`), ``checkpoint_hook``, called with the
+    metrics logger to make the hook told about each checkpoint (eval-while-training), and
+    ``stop_signals``, the context that asks to stop after a step (Slurm preemption). The two
+    last default to nothing. ``evr1.train.build.trainer_from_config`` builds one in one call;
+    ``evr1.pipeline.training.build_trainer`` gives the configured hook and stop signals."""
+
+    def __init__(self, cfg: Config, parts: TrainerParts, *,
+                 checkpoint_hook: CheckpointHookFactory | None = None,
                  stop_signals: Callable[[], StopSignals] = NoStopSignals) -> None:
         self.cfg = cfg
         self.stop_signals = stop_signals
         self.run_dir = Path(cfg.run_dir)
-        # Data first: a sample the rewards cannot score fails here, before any model is built.
-        reader = ShardReader(cfg.shard_dir, cfg.data)  # refuses frames of another budget
-        self.train_set = PromptSet.load(cfg.data.train_jsonl, reader, cfg.data.media_root,
-                                        cfg.data.include_tasks, cfg.data.video.fps,
-                                        cfg.reward.fallback_type)
-        self.heldout = None
-        if cfg.data.eval_jsonl:
-            self.heldout = PromptSet.load(cfg.data.eval_jsonl, reader, cfg.data.media_root,
-                                          cfg.data.include_tasks, cfg.data.video.fps,
-                                          cfg.reward.fallback_type)
-        # Fail now, not at step N, on a sample no scorer can use or a missing code sandbox.
-        check_samples(self.train_set.samples + (self.heldout.samples if self.heldout else []),
-                      cfg.reward)
-        model_dir = ensure_model(cfg)
-        self.model_dir = model_dir
-        self.processor = load_processor(model_dir)
-        device = resolve_device(cfg.model.device, "model.device")
-        # torchrun / srun with several ranks: join the process group first, so that a model
-        # loaded to "cuda" lands on this rank's GPU.
-        fsdp.join_process_group()
-        # The whole HF model only where it is used: by the hf backend (which shards it over
-        # the ranks) or the hf rollout engine. Megatron + vLLM hold the weights themselves.
-        self.model = None
-        if cfg.train.backend == "hf" or cfg.rollout.engine == "hf":
-            self.model = load_model(model_dir, cfg.model.dtype, device,
-                                    attn_implementation=cfg.model.attn_implementation)
-        self.backend = make_backend(cfg, self.model, model_dir)
-        # Each data-parallel replica rolls out its share of every step (evr1.train.replicas);
-        # the ranks of one replica draw identically. Rank 0 alone logs and writes.
-        self.replicas = Replicas.of_this_rank(self.backend.dp_size, self.backend.dp_rank)
-        cfg.train.check_replicas(self.replicas.count)
+        self.train_set, self.heldout = parts.train_set, parts.heldout
+        self.model_dir, self.processor, self.model = parts.model_dir, parts.processor, parts.model
+        self.backend, self.replicas, self.engine = parts.backend, parts.replicas, parts.engine
+        # Rank 0 alone logs and writes.
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
-        self.engine = make_engine(cfg, self.model, self.processor, model_dir, self.replicas)
         self.sampler = PromptSampler(len(self.train_set), cfg.seed,
                                      replicas=self.replicas.count, replica=self.replicas.index)
         self.state = ckpt.TrainerState()

@@ -97,7 +97,7 @@ class Benchmark:
     metric: MetricSpec
     precision: str  # precise | documented
     source: str  # where the official files come from
-    layout: str  # what annotation / video_root point at
+    files: str  # what annotation / video_root point at (a downloaded folder, a file)
     load: Loader
     template: Template = GENERIC
     notes: str = ""

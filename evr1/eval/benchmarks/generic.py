@@ -72,7 +72,7 @@ VCRBENCH = Benchmark(
     problem_types=("multiple_choice", "open_ended"),
     metric=MetricSpec("accuracy", breakdowns=("task",)), precision="documented",
     source="huggingface.co/datasets/VLM-Reasoning/VCR-Bench",
-    layout="annotation: the question file; video_root: the folder its video paths start from",
+    files="annotation: the question file; video_root: the folder its video paths start from",
     load=_generic_loader(("dimension", "category", "task"), ("video_path", "video", "path")),
     notes="Reports answer accuracy per dimension; the chain-of-thought score (recall/precision "
           "of reasoning steps by a judge) is not computed. Open-ended items need the judge.")
@@ -81,7 +81,7 @@ VIDEOREASONBENCH = Benchmark(
     name="videoreasonbench", title="VideoReasonBench", formats="JSON / JSONL",
     problem_types=("open_ended",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/lyx97/reasoning_videos",
-    layout="annotation: the question file; video_root: the folder of its video files",
+    files="annotation: the question file; video_root: the folder of its video files",
     load=_generic_loader(("dim", "dimension", "level", "task"), ("video", "video_path", "path")),
     notes="Open-ended: scored by the judge (as the benchmark does with an LLM), else unjudged.")
 
@@ -89,7 +89,7 @@ LONGVIDEO_REASON = Benchmark(
     name="longvideo_reason", title="LongVideo-Reason (eval set)", formats="JSON / JSONL",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="github.com/NVlabs/Long-RL (LongVideo-Reason)",
-    layout="annotation: the evaluation question file; video_root: its video folder",
+    files="annotation: the evaluation question file; video_root: its video folder",
     load=_generic_loader(("category", "question_type", "type", "task"),
                          ("video", "video_path", "path", "video_id")),
     notes="Categories Temporal, Goal, Plot, Spatial when the file names them.")
@@ -98,7 +98,7 @@ VIDEOMATHQA = Benchmark(
     name="videomathqa", title="VideoMathQA", formats="JSON / JSONL / parquet",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/MBZUAI/VideoMathQA",
-    layout="annotation: the downloaded dataset folder (mcq/test-*.parquet, else "
+    files="annotation: the downloaded dataset folder (mcq/test-*.parquet, else "
            "data/test-*.parquet) or the MCQ file; video_root: the folder of <videoID>.mp4 (a "
            "video elsewhere under it is found by its file name)",
     load=_generic_loader(("category", "question_type", "task"),
@@ -110,7 +110,7 @@ ODVBENCH = Benchmark(
     name="odvbench", title="ODV-Bench", formats="JSON / JSONL",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/MCG-NJU/ODV-Bench",
-    layout="annotation: the question file; video_root: the folder of the (pre-cut) clips",
+    files="annotation: the question file; video_root: the folder of the (pre-cut) clips",
     load=_generic_loader(("task", "category", "type", "question_type"),
                          ("clip", "video_path", "video", "path")),
     notes="Questions refer to segments of long videos: cut the clips first (as EasyVideoR1's "

@@ -111,7 +111,7 @@ CHARADES_STA = Benchmark(
     problem_types=("temporal_grounding",),
     metric=MetricSpec("grounding", thresholds=(0.3, 0.5, 0.7)), precision="precise",
     source="github.com/jiyanggao/TALL (charades_sta_test.txt); videos from Charades",
-    layout="annotation: the folder holding charades_sta_test.txt (the train file is not read), "
+    files="annotation: the folder holding charades_sta_test.txt (the train file is not read), "
            "the file, or lmms-lab's test-*.parquet; video_root: Charades_v1_480/ or the folder "
            "holding it (default: the annotation folder)",
     load=load_charades_sta, template=CHARADES_TEMPLATE,
@@ -178,7 +178,7 @@ STVG = Benchmark(
     problem_types=("spatial_temporal_grounding",), metric=MetricSpec("stvg"),
     precision="documented", source="HC-STVG v1/v2 (github.com/tzhhhh123/HC-STVG); "
                                    "EasyVideoR1's ST-Align subset (converted layout)",
-    layout="annotation: the test annotation JSON or its folder (val/test files are read, not "
+    files="annotation: the test annotation JSON or its folder (val/test files are read, not "
            "train); video_root: its video folder",
     load=load_stvg,
     notes="Boxes are compared per whole second (the official metrics are per frame): m_tIoU, "

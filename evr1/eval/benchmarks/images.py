@@ -86,7 +86,7 @@ MMSTAR = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("accuracy", breakdowns=("category", "l2_category")), precision="precise",
     source="huggingface.co/datasets/Lin-Chen/MMStar; VLMEvalKit MMStar.tsv",
-    layout="annotation: the downloaded folder, MMStar.tsv or mmstar.parquet; images are "
+    files="annotation: the downloaded folder, MMStar.tsv or mmstar.parquet; images are "
            "embedded (written to "
            "<eval.out_dir>/prepared/media/ by --prepare)",
     load=load_mmstar,

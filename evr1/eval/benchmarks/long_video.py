@@ -45,7 +45,7 @@ LVBENCH = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("accuracy", breakdowns=("question_type",)), precision="precise",
     source="huggingface.co/datasets/THUDM/LVBench (github.com/THUDM/LVBench)",
-    layout="annotation: the downloaded folder (video_info.meta.jsonl, data/video_info.meta.jsonl "
+    files="annotation: the downloaded folder (video_info.meta.jsonl, data/video_info.meta.jsonl "
            "or data/train-*.parquet) or the file; video_root: the folder of <key>.mp4",
     load=load_lvbench,
     notes="A question can have several question types; it counts in each.")
@@ -90,7 +90,7 @@ LONGVIDEOBENCH = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("accuracy", breakdowns=("duration_group", "question_category")),
     precision="precise", source="huggingface.co/datasets/longvideobench/LongVideoBench",
-    layout="annotation: the downloaded dataset folder (lvb_val.json is read, not "
+    files="annotation: the downloaded dataset folder (lvb_val.json is read, not "
            "lvb_test_wo_gt.json), lvb_val.json or validation-00000-of-00001.parquet; video_root: "
            "the folder holding videos/ (default: the annotation folder)",
     load=load_longvideobench, notes="Without interleaved subtitles.")
@@ -139,7 +139,7 @@ MLVU = Benchmark(
     metric=MetricSpec("category_mean", category="task", main_types=("multiple_choice",),
                       breakdowns=("task",)),
     precision="precise", source="huggingface.co/datasets/MLVU/MVLU",
-    layout="annotation: the downloaded dataset folder (holding MLVU/json/), MLVU/ or "
+    files="annotation: the downloaded dataset folder (holding MLVU/json/), MLVU/ or "
            "MLVU/json/; video_root: MLVU/video/ (holding <n>_<task>/ folders) or a folder above "
            "it (default: the annotation folder)",
     load=load_mlvu, template=MLVU_TEMPLATE,

@@ -46,7 +46,7 @@ MOTIONBENCH = Benchmark(
     name="motionbench", title="MotionBench", formats="JSONL (video_info.meta.jsonl layout)",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/THUDM/MotionBench",
-    layout="annotation: the downloaded dataset folder (video_info.meta.jsonl) or the JSONL; "
+    files="annotation: the downloaded dataset folder (video_info.meta.jsonl) or the JSONL; "
            "video_root: the folder its video_path entries start from (a video elsewhere under "
            "it is found by its file name)",
     load=load_motionbench,

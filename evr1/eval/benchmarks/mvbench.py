@@ -70,7 +70,7 @@ MVBENCH = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("category_mean", category="task", breakdowns=("task",)),
     precision="precise", source="huggingface.co/datasets/OpenGVLab/MVBench",
-    layout="annotation: the downloaded dataset folder (holding json/ and video/), the json/ "
+    files="annotation: the downloaded dataset folder (holding json/ and video/), the json/ "
            "folder or one task file; video_root: the dataset folder or its video/ folder "
            "(holding star/, clevrer/, perception/, ...)",
     load=load_mvbench, template=MVBENCH_TEMPLATE,

@@ -40,7 +40,7 @@ VIDEO_HOLMES = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("accuracy", breakdowns=("question_type",)), precision="precise",
     source="huggingface.co/datasets/TencentARC/Video-Holmes",
-    layout="annotation: the downloaded dataset folder, Benchmark/ or "
+    files="annotation: the downloaded dataset folder, Benchmark/ or "
            "Benchmark/test_Video-Holmes.json; video_root: the folder holding videos_cropped/ "
            "(default: the annotation folder)",
     load=load_video_holmes, notes="Question types SR, IMC, TCI, TA, MHR, PAR, CTI.")
@@ -73,7 +73,7 @@ MINERVA = Benchmark(
     name="minerva", title="MINERVA", formats="JSON (minerva.json)",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("category",)),
     precision="documented", source="github.com/google-deepmind/neptune (MINERVA release)",
-    layout="annotation: minerva.json (or its folder); video_root: the folder of "
+    files="annotation: minerva.json (or its folder); video_root: the folder of "
            "<video_id>.mp4 (or <video_id>/<video_id>.mp4)",
     load=load_minerva,
     notes="Fields key, video_id, question, answer_choice_0..4, answer_id; no ASR transcript.")
@@ -133,7 +133,7 @@ MMVU = Benchmark(
     problem_types=("multiple_choice", "open_ended"),
     metric=MetricSpec("accuracy", breakdowns=("subject", "question_type")),
     precision="documented", source="huggingface.co/datasets/yale-nlp/MMVU",
-    layout="annotation: the downloaded dataset folder (validation.json is read, not test.json) "
+    files="annotation: the downloaded dataset folder (validation.json is read, not test.json) "
            "or validation.json; video_root: the dataset folder (holding videos/<subject>/; "
            "default: the annotation folder)",
     load=load_mmvu, notes="Open-ended questions need the judge (the benchmark uses GPT-4o).")
@@ -190,7 +190,7 @@ VIDEOMMMU = Benchmark(
     problem_types=("multiple_choice", "numerical", "open_ended"),
     metric=MetricSpec("accuracy", breakdowns=("track",)), precision="documented",
     source="huggingface.co/datasets/lmms-lab/VideoMMMU",
-    layout="annotation: the downloaded dataset folder (Perception/, Comprehension/, "
+    files="annotation: the downloaded dataset folder (Perception/, Comprehension/, "
            "Adaptation/ config folders), one track folder or file (its folder or name gives the "
            "track); video_root: the folder holding the videos, flat or in track or subject "
            "folders (default: the annotation folder)",

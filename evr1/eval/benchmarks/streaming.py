@@ -45,7 +45,7 @@ OVOBENCH = Benchmark(
     formats="JSON (ovo_bench_new.json)", problem_types=("multiple_choice",),
     metric=MetricSpec("group_mean", category="task", groups=OVO_GROUPS, breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/JoeLeelyf/OVO-Bench",
-    layout="annotation: the downloaded dataset folder or ovo_bench_new.json; video_root: the "
+    files="annotation: the downloaded dataset folder or ovo_bench_new.json; video_root: the "
            "folder holding chunked_videos/ "
            "(clips cut at each question's real-time stamp by the benchmark's script)",
     load=load_ovobench,
@@ -86,7 +86,7 @@ LIVESPORTS3K_QA = Benchmark(
     name="livesports3k_qa", title="LiveSports-3K QA", formats="JSON / JSONL / parquet",
     problem_types=("multiple_choice",), metric=MetricSpec("accuracy", breakdowns=("task",)),
     precision="documented", source="huggingface.co/datasets/stdKonjac/LiveSports-3K",
-    layout="annotation: the downloaded folder (its QA file is read, not the captioning one) or "
+    files="annotation: the downloaded folder (its QA file is read, not the captioning one) or "
            "the QA file; video_root: the folder of clips "
            "<video_id>_<begin>_<end>.mp4",
     load=load_livesports,

@@ -25,7 +25,7 @@ SYNTHETIC = Benchmark(
                                                 "temporal_grounding", "spatial_grounding"),
     metric=MetricSpec("accuracy", breakdowns=("task",)), precision="precise",
     source="tools/make_synthetic.py (heldout.jsonl)",
-    layout="annotation: the JSONL (default data.eval_jsonl); video_root: data.media_root",
+    files="annotation: the JSONL (default data.eval_jsonl); video_root: data.media_root",
     load=load_synthetic)
 
 

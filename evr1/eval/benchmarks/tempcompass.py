@@ -73,7 +73,7 @@ TEMPCOMPASS = Benchmark(
     problem_types=("multiple_choice", "boolean"),
     metric=MetricSpec("accuracy", breakdowns=("task", "dim")), precision="precise",
     source="huggingface.co/datasets/lmms-lab/TempCompass; github.com/llyx97/TempCompass",
-    layout="annotation: the downloaded dataset folder (config folders multi-choice/, yes_no/, "
+    files="annotation: the downloaded dataset folder (config folders multi-choice/, yes_no/, "
            "caption_matching/, captioning/, or the official questions/<task>.json), one config "
            "folder or one file (its folder or name gives the task); video_root: the folder "
            "holding videos/ (default: the annotation folder)",

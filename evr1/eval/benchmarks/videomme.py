@@ -72,7 +72,7 @@ VIDEOMME = Benchmark(
     problem_types=("multiple_choice",),
     metric=MetricSpec("accuracy", breakdowns=("duration", "domain", "task_type")),
     precision="precise", source="huggingface.co/datasets/lmms-lab/Video-MME",
-    layout="annotation: the downloaded dataset folder (or videomme/test-00000-of-00001.parquet); "
+    files="annotation: the downloaded dataset folder (or videomme/test-00000-of-00001.parquet); "
            "video_root: the folder holding data/<videoID>.mp4 (default: the annotation folder)",
     load=load_videomme, template=VIDEOMME_TEMPLATE,
     notes="Without subtitles (the 'w/o subs' setting).")

@@ -63,7 +63,7 @@ VSIBENCH = Benchmark(
                                                       "object_rel_direction_hard")},
                       breakdowns=("question_type", "dataset")),
     precision="precise", source="huggingface.co/datasets/nyu-visionx/VSI-Bench",
-    layout="annotation: the downloaded dataset folder or test-00000-of-00001.parquet; "
+    files="annotation: the downloaded dataset folder or test-00000-of-00001.parquet; "
            "video_root: the folder holding arkitscenes/, scannet/, scannetpp/ (default: the "
            "annotation folder)",
     load=load_vsibench, template=VSI_TEMPLATE,
