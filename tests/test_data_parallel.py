@@ -156,7 +156,7 @@ def _train_twice(prepared: Path, out: Path) -> None:
 def test_dp2_trainer_splits_the_rollouts_and_resumes_exactly(prepared, tmp_path):
     from safetensors.torch import load_file
 
-    from evr1.train.trainer import ensure_model
+    from evr1.models.loading import ensure_model
 
     ensure_model(small_config(prepared))  # built once, before two ranks would race for it
     os.environ.setdefault("OMP_NUM_THREADS", "1")
