@@ -36,6 +36,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 OPTIONAL_HEAVY = (
     "vllm", "megatron", "transformer_engine", "nvidia", "wandb", "matplotlib", "math_verify",
     "rouge_score", "jiwer", "pyarrow",
+    # transformers' Qwen-VL processors need torchvision, absent from the text-only vLLM venv
+    "transformers.models.qwen2_vl", "transformers.models.qwen3_vl",
+    "transformers.Qwen2_5_VLProcessor", "transformers.Qwen3VLProcessor",
     "evr1.rollout.vllm", "evr1.train.backends.megatron",
 )
 

@@ -17,10 +17,6 @@ from typing import Any, Literal
 
 import torch
 import transformers
-from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
 from evr1.config import FAMILY_PATCH_SIZE
 from evr1.models.tokenizer import (
@@ -199,6 +195,13 @@ def _build_model(family: str, s: TinySizes, tokenizer: Any, seed: int) -> torch.
 
 def _build_processor(family: str, s: TinySizes, tokenizer: Any) -> Any:
     """The real Qwen image/video processors, with the tiny model's patch geometry."""
+    # Local: the video/image processors import torchvision, which the text-only CPU vLLM
+    # venv (tools/setup_vllm_cpu_env.sh) does not have; it imports evr1.models all the same.
+    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
     geometry = dict(patch_size=s.patch_size, merge_size=s.merge_size,
                     temporal_patch_size=s.temporal_patch_size)
     factor = s.patch_size * s.merge_size
