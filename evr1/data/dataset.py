@@ -11,24 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from evr1.data.schema import Sample, load_samples
 from evr1.video.shards import MediaEntry, ShardReader
+from evr1.video.types import Prompt
 
 log = logging.getLogger("evr1.data")
-
-
-@dataclass
-class Prompt:
-    """One prompt: the problem text and its (already sampled, resized) frames."""
-
-    sample_id: str
-    problem: str
-    data_type: str  # video | image | text
-    frames: np.ndarray | None = None  # uint8 [T, H, W, 3]; None for text
-    fps: float = 2.0  # sampling rate of the frames (video only)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from evr1.data.dataset import Prompt  # the engines' input; defined where PromptSet makes it
+from evr1.video.types import Prompt  # the engines' input (a media-layer type)
 
 log = logging.getLogger(__name__)
 

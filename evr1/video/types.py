@@ -58,3 +58,16 @@ def check_file(path: str) -> None:
     if os.path.getsize(path) == 0:
         raise DecodeError(path, "file is empty (0 bytes): the copy or download did not "
                                 "finish; fetch it again")
+
+
+@dataclass
+class Prompt:
+    """One prompt: the problem text and its (already sampled, resized) frames; what the
+    rollout engines take. Here, in the media layer, so that a text-only engine environment
+    (the CPU vLLM venv) imports it without h5py or the decoders."""
+
+    sample_id: str
+    problem: str
+    data_type: str  # video | image | text
+    frames: np.ndarray | None = None  # uint8 [T, H, W, 3]; None for text
+    fps: float = 2.0  # sampling rate of the frames (video only)
