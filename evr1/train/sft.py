@@ -104,8 +104,7 @@ class SFTTrainer(Trainer):
         t0 = time.perf_counter()
         # This data-parallel replica's share of the step's prompts (the backend sums the
         # gradients over replicas, as for GRPO).
-        share = cfg.train.prompts_per_step // self.replicas.count
-        indices = [self.expert[i] for i in self.sampler.next(share)]
+        indices = [self.expert[i] for i in self.sampler.next(self._share())]
         self.state.data_position = self.sampler.position
         samples = [self.train_set.samples[i] for i in indices]
         prompts = [self.train_set.prompt(i) for i in indices]

@@ -139,23 +139,22 @@ class HFBackend:
         start = time.perf_counter()
         if self.sharding is not None:
             self.sharding.shard()
-        mine = batches
-        normaliser = self._global(sum(loss_normaliser(b.mask, grpo.loss_agg) for b in mine),
+        normaliser = self._global(sum(loss_normaliser(b.mask, grpo.loss_agg) for b in batches),
                                   torch.float32)
         # Every rank must run as many forward/backward passes as the others (each pass
         # gathers and reduces across ranks): a rank short of micro-batches repeats one with
         # its loss multiplied by zero, adding nothing.
-        most = self._most(len(mine))
-        if most and not mine:  # nothing to repeat: the other ranks would wait forever
+        most = self._most(len(batches))
+        if most and not batches:  # nothing to repeat: the other ranks would wait forever
             raise RuntimeError(
                 f"FSDP rank {self.dp_rank}: this replica has no rows to train on while others "
                 "have (train.filter_no_signal or train.overlong=mask dropped all of its "
                 "groups); use larger train.prompts_per_step per replica or turn those off")
-        passes = mine + mine[:1] * (most - len(mine))
+        passes = batches + batches[:1] * (most - len(batches))
         totals: dict[str, float] = {}
         tokens = 0
         for i, batch in enumerate(passes):
-            padding = i >= len(mine)
+            padding = i >= len(batches)
             logits = self._logits(self.model, batch)
             batch.to(logits.device)
             logp = token_logprobs(logits, batch.responses)
