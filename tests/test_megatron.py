@@ -1,7 +1,9 @@
 """Training backend ``megatron`` against the ``hf`` backend, on CPU under gloo.
 
 Multi-process runs (``evr1.train.backends.megatron.spawn``) do the heavy work once per
-session and the tests check different parts of their results. On a tiny Qwen2.5-VL:
+session and the tests check different parts of their results; runs of one world size share
+their processes, one after another (a process start costs more than a run). On a tiny
+Qwen2.5-VL:
 
 * run A: TP=2, sequence packing: log-probs, loss, gradients, three GRPO steps, HF export
   right after loading, a checkpoint after step 2 in both formats (megatron-core distributed
@@ -10,7 +12,8 @@ session and the tests check different parts of their results. On a tiny Qwen2.5-
   a resume from run A's TP=2 distributed checkpoint (resharded to PP=2) that takes step 3
   again;
 * run C: data parallel 2: gradients summed over replicas that each saw one micro-batch;
-* run D: one process (TP=1): loads both of run A's checkpoints, then takes step 3 again.
+* run D: one process (TP=1): loads both of run A's checkpoints, then takes step 3 again;
+  then, in the same process, one step with grad_clip=0.
 
 On a tiny Qwen3-VL (Q/K norms, interleaved M-RoPE, deepstack; tied embeddings, grouped-query
 attention with heads x head_dim != hidden_size), runs ``qwen3_tp1`` (one process, packed),
@@ -25,6 +28,7 @@ The reference is the ``hf`` backend on the same folder and the same fixed micro-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,14 +235,40 @@ def hf_reference(tiny_model_dir: Path) -> dict[str, Any]:
     return _hf_run(tiny_model_dir, STEPS)
 
 
+def _one_after_another(runs: list[tuple[str, Callable[..., Any], tuple]]) -> dict[str, Any]:
+    """Several runs, each with its own TP/PP layout, in one set of processes: starting a
+    process (importing torch, transformers and megatron-core) costs more CPU than a run of
+    the tiny model. Between runs every rank waits for the others (run B reads the checkpoint
+    run A wrote) and megatron-core's model-parallel groups are torn down; the default process
+    group stays."""
+    # heavy: megatron-core is imported only where the megatron backend runs
+    from megatron.core import parallel_state
+
+    results = {}
+    for name, fn, args in runs:
+        results[name] = fn(*args)
+        torch.distributed.barrier()
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+def _spawn_runs(world_size: int, runs: list[tuple[str, Callable[..., Any], tuple]]
+                ) -> dict[str, list[Any]]:
+    """``runs`` one after another on ``world_size`` processes: run name -> every rank's result."""
+    ranks = spawn.run(_one_after_another, world_size, runs)
+    return {name: [rank[name] for rank in ranks] for name, _, _ in runs}
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Runs A, B and C on one pair of processes, then D and the grad_clip=0 run on one."""
     out = tmp_path_factory.mktemp("megatron")
-    a = spawn.run(_run_a, 2, tiny_model_dir, out)
-    b = spawn.run(_run_b, 2, tiny_model_dir, out)
-    c = spawn.run(_run_c, 2, tiny_model_dir)
-    d = spawn.run(_run_d, 1, tiny_model_dir, out)
-    return {"a": a, "b": b, "c": c, "d": d, "out": out}
+    return {**_spawn_runs(2, [("a", _run_a, (tiny_model_dir, out)),
+                              ("b", _run_b, (tiny_model_dir, out)),
+                              ("c", _run_c, (tiny_model_dir,))]),
+            **_spawn_runs(1, [("d", _run_d, (tiny_model_dir, out)),
+                              ("grad_clip_off", _run_grad_clip_off, (tiny_model_dir,))]),
+            "out": out}
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +291,10 @@ def qwen3_runs(qwen3_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
                ) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("megatron-qwen3")
     runs: dict[str, Any] = {"out": out}
-    for name, (tp, pp, _) in QWEN3_RUNS.items():
-        runs[name] = spawn.run(_run_qwen3, tp * pp, qwen3_model_dir, out, name)
+    for world in sorted({tp * pp for tp, pp, _ in QWEN3_RUNS.values()}):  # one spawn per size
+        runs.update(_spawn_runs(world, [(name, _run_qwen3, (qwen3_model_dir, out, name))
+                                        for name, (tp, pp, _) in QWEN3_RUNS.items()
+                                        if tp * pp == world]))
     return runs
 
 
@@ -577,14 +609,15 @@ def _run_grad_clip_off(model_dir: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_grad_clip_zero_is_off_and_step_metrics_sum_over_micro_batches(tiny_model_dir) -> None:
+def test_grad_clip_zero_is_off_and_step_metrics_sum_over_micro_batches(tiny_model_dir,
+                                                                      runs) -> None:
     """grad_clip = 0 used to scale every gradient by 0; and pg_loss / num_tokens were
     token-averaged over the two micro-batches instead of summed. The hf backend with the
     same settings is the reference (its own tests check it against the full-batch loss)."""
     from evr1.models import load_model
     from evr1.train.backends.hf import HFBackend
 
-    got = spawn.run(_run_grad_clip_off, 1, tiny_model_dir)[0]
+    got = runs["grad_clip_off"][0]  # run in run D's process, after it
     torch.manual_seed(0)
     model = load_model(tiny_model_dir, torch.float32, "cpu")
     cfg = TrainConfig(lr=LR, grad_clip=0.0)
