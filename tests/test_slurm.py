@@ -442,24 +442,38 @@ def test_submitit_launcher_runs_one_job_across_two_nodes(slurm_cluster, prepared
 
 @pytest.mark.slurm
 def test_pipeline_chains_all_stages_and_eval_reruns_only_a_lost_shard(slurm_cluster, prepared,
-                                                                      tmp_path):
+                                                                      tmp_path, capsys):
     """preprocess array -> train -> eval array -> collect, submitted at once and chained by
     afterok; then the eval and collect launchers on Slurm after one prediction shard is lost."""
     cfg = small_config(prepared, tmp_path / "run", "launch.cluster=slurm", "train.steps=2",
                        "eval.models=[latest]", "eval.num_shards=2")
     config = write_config(cfg, tmp_path / "c.yaml")
-    out = run([sys.executable, "launchers/pipeline.py", "--config", str(config)])
-    assert out.returncode == 0, out.stdout + out.stderr
-    printed = [re.search(pattern, out.stdout) for pattern in (
+    # The launchers run in this process (their main, as the command line calls it): each
+    # process of its own would cost a start-up (torch, transformers) on CI's 2 cores, and the
+    # Slurm jobs are what this test is about (the other tests here run launchers as commands).
+    assert launcher("pipeline", config) == 0
+    out = capsys.readouterr().out
+    printed = [re.search(pattern, out) for pattern in (
         r"preprocess: Slurm array, job ids (\d+)_0 ", r"train: Slurm job (\d+)",
         r"eval: Slurm array, job ids (\d+)_0 ", r"collect: Slurm job (\d+)")]
-    assert all(printed), out.stdout
+    assert all(printed), out
     array, train_id, eval_array, collect_id = (m.group(1) for m in printed)
     try:
         check_chain(cfg, array, train_id, eval_array, collect_id, prepared)
     finally:  # a failed check must not leave the chain running on the shared cluster
         run(["scancel", array, train_id, eval_array, collect_id])
-    rerun_lost_eval_shard(cfg, config)
+    rerun_lost_eval_shard(cfg, config, capsys)
+
+
+def launcher(name: str, config: Path, *args: str) -> int:
+    """launchers/<name>.py's main in this process, with ``--config config``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_launcher",
+                                                  ROOT / "launchers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--config", str(config), *args])
 
 
 def check_chain(cfg: Config, array: str, train_id: str, eval_array: str, collect_id: str,
@@ -494,7 +508,7 @@ def check_chain(cfg: Config, array: str, train_id: str, eval_array: str, collect
     assert (cfg.path(f"{cfg.run_dir}/eval") / "results.md").is_file()
 
 
-def rerun_lost_eval_shard(cfg: Config, config: Path) -> None:
+def rerun_lost_eval_shard(cfg: Config, config: Path, capsys) -> None:
     # One prediction shard lost: collect names it and fails; the eval array on Slurm redoes
     # that shard only; collect then succeeds.
     [row] = json.loads((cfg.path(f"{cfg.run_dir}/eval") / "results.json").read_text())["results"]
@@ -502,16 +516,15 @@ def rerun_lost_eval_shard(cfg: Config, config: Path) -> None:
     kept, lost = sorted(folder.glob("predictions-*-of-*.jsonl"))
     kept_mtime, lost_before = kept.stat().st_mtime_ns, lost.read_text()
     lost.unlink()
-    out = run([sys.executable, "launchers/collect.py", "--config", str(config)])
-    assert out.returncode == 1 and "(eval array task 1)" in out.stdout, out.stdout + out.stderr
-    out = run([sys.executable, "launchers/eval.py", "--config", str(config), "--array"],
-              timeout=JOB_TIMEOUT_S)
-    assert out.returncode == 0, out.stdout + out.stderr
-    rerun = re.search(r"eval: slurm array, job ids (\d+)_0 ", out.stdout)
-    assert rerun, out.stdout
-    assert "eval summary: 1 task(s) run, 1 skipped as complete" in out.stdout, out.stdout
+    assert launcher("collect", config) == 1
+    out = capsys.readouterr().out
+    assert "(eval array task 1)" in out, out
+    assert launcher("eval", config, "--array") == 0
+    out = capsys.readouterr().out
+    rerun = re.search(r"eval: slurm array, job ids (\d+)_0 ", out)
+    assert rerun, out
+    assert "eval summary: 1 task(s) run, 1 skipped as complete" in out, out
     # The lost shard is back, the same (greedy decoding); the other was not rewritten.
     assert lost.read_text() == lost_before and kept.stat().st_mtime_ns == kept_mtime
-    out = run([sys.executable, "launchers/collect.py", "--config", str(config)])
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert launcher("collect", config) == 0
     assert json.loads((folder.parents[2] / "results.json").read_text())["results"][0]["complete"]
