@@ -1,8 +1,12 @@
-"""Evaluation end to end on the tiny model: prepare, preprocess, array, collect, resume, judge.
+"""Evaluation end to end on the tiny model: prepare, preprocess, tasks, collect, resume, judge.
 
 Benchmark files are written in their published formats (tests/test_eval_formats.py) over the
 synthetic videos; one Video-MME video is missing on purpose (a media failure that must be
-counted). The eval array runs through submitit's local executor. VCR-Bench's open-ended
+counted). The benchmarks' frame caches are made by preprocess arrays through submitit's local
+executor; the six eval tasks run in this process (``launchers/eval.py`` without ``--array``:
+the same task function; a local process per task cost ~14 CPU s of start-up each, and the
+eval array itself is run on Slurm by tests/test_slurm.py, local arrays by
+tests/test_preprocess.py). VCR-Bench's open-ended
 question is evaluated with frames decoded on the fly, reported unjudged, then judged by a fake
 OpenAI-compatible server.
 """
@@ -96,7 +100,7 @@ def results(config: Path) -> dict:
 
 def test_full_eval_then_collect(run_config, capsys):
     assert launch("eval", run_config, "--preprocess") == 0
-    assert launch("eval", run_config, "--array") == 0
+    assert launch("eval", run_config) == 0  # every task, in this process
     assert launch("collect", run_config) == 0
     out = capsys.readouterr().out
     assert "| benchmark | metric | tiny_model | official |" in out
