@@ -131,6 +131,59 @@ def test_vllm_engine_per_replica_inside_torchrun(tmp_path: Path) -> None:
                                                         rel=1e-5)
 
 
+SHARD_SYNC_SCRIPT = REPO / "tests" / "vllm_shard_sync_check.py"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("extra_vocab", [
+    pytest.param(0, id="vocab-split-alike"),
+    pytest.param(10, id="vocab-split-unlike"),
+])
+def test_vllm_tp2_sync_of_own_shards_equals_whole_tensor_sync(tmp_path: Path,
+                                                               extra_vocab: int) -> None:
+    """megatron TP=2 -> vLLM TP=2 in the same 2 processes (tests/vllm_shard_sync_check.py):
+    after a sync of each rank's own shards the engine holds, bit for bit, what a sync of the
+    whole tensors gives it (every parameter, every linear layer's weight), and generates the
+    same greedy tokens with the same log-probs; each rank hands over ~1/2 of the model.
+    With a vocabulary vLLM splits unlike Megatron (not a multiple of 64) only the embedding and
+    the head are gathered (and counted)."""
+    python = _vllm_venv_python()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = tmp_path / "sync"
+    proc = subprocess.run([str(python.with_name("torchrun")), "--standalone",
+                           "--nproc-per-node", "2", str(SHARD_SYNC_SCRIPT), "--out", str(out),
+                           "--extra-vocab", str(extra_vocab)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    for rank in range(2):
+        r = json.loads(Path(f"{out}.rank{rank}.json").read_text())
+        # 17 tensors: 2 layers x (qkv, its bias, o, gate_up, down, 2 norms), embedding, head,
+        # final norm; the starting weights differ from the new ones in every one of them.
+        assert len(r["compared"]) == 17 and r["start_weights_differ_from_new"] == 17, r
+        assert r["weights_differ"] == [], r["weights_differ"]
+        assert r["ids_equal"] and r["logprobs_equal"] and r["logprobs_changed_by_sync"], r
+        assert r["tokens"] > 0
+        whole, own = r["whole_sync"], r["shard_sync"]
+        assert own["sharded"] and not whole["sharded"]
+        assert whole["bytes"] == r["model_bytes"]
+        # This rank's half of every split tensor, plus the (replicated) norms whole.
+        split = r["model_bytes"] - r["replicated_bytes"]
+        if not extra_vocab:
+            assert r["vocab"] % 64 == 0
+            assert own["bytes"] == split // 2 + r["replicated_bytes"], own
+            assert own["gathered_bytes"] == 0
+        else:
+            assert r["vocab"] % 64 == 10
+            # embedding + head [V, 256] float32: each rank sends its ceil(V/2) rows (fewer on
+            # the last rank) and receives the other rank's ceil(V/2) (padded) rows of each.
+            rows = -(-r["vocab"] // 2)
+            assert own["gathered_bytes"] == 2 * rows * 256 * 4, own
+            assert own["bytes"] == (split - 2 * r["vocab"] * 256 * 4) // 2 \
+                + r["replicated_bytes"] + 2 * (r["vocab"] - rows if rank else rows) * 256 * 4
+
+
 @pytest.mark.vllm
 @pytest.mark.gpu
 def test_vllm_gpu_video_parity_and_sleep_wake() -> None:
