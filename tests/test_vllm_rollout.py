@@ -136,52 +136,47 @@ SHARD_SYNC_SCRIPT = REPO / "tests" / "vllm_shard_sync_check.py"
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("extra_vocab", [
-    pytest.param(0, id="vocab-split-alike"),
-    pytest.param(10, id="vocab-split-unlike"),
-])
-def test_vllm_tp2_sync_of_own_shards_equals_whole_tensor_sync(tmp_path: Path,
-                                                               extra_vocab: int) -> None:
+def test_vllm_tp2_sync_of_own_shards_equals_whole_tensor_sync(tmp_path: Path) -> None:
     """megatron TP=2 -> vLLM TP=2 in the same 2 processes (tests/vllm_shard_sync_check.py):
     after a sync of each rank's own shards the engine holds, bit for bit, what a sync of the
     whole tensors gives it (every parameter, every linear layer's weight), and generates the
-    same greedy tokens with the same log-probs; each rank hands over ~1/2 of the model.
-    With a vocabulary vLLM splits unlike Megatron (not a multiple of 64) only the embedding and
-    the head are gathered (and counted)."""
+    same greedy tokens with the same log-probs; each rank hands over half of the model (plus
+    the norms) and receives nothing. With the vocabulary padded unlike vLLM's split, the same,
+    with the embedding and the head (only) gathered, and counted."""
     python = _vllm_venv_python()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     out = tmp_path / "sync"
     proc = subprocess.run([str(python.with_name("torchrun")), "--standalone",
-                           "--nproc-per-node", "2", str(SHARD_SYNC_SCRIPT), "--out", str(out),
-                           "--extra-vocab", str(extra_vocab)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+                           "--nproc-per-node", "2", str(SHARD_SYNC_SCRIPT), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     for rank in range(2):
         r = json.loads(Path(f"{out}.rank{rank}.json").read_text())
         # 17 tensors: 2 layers x (qkv, its bias, o, gate_up, down, 2 norms), embedding, head,
         # final norm; the starting weights differ from the new ones in every one of them.
         assert len(r["compared"]) == 17 and r["start_weights_differ_from_new"] == 17, r
-        assert r["weights_differ"] == [], r["weights_differ"]
-        assert r["ids_equal"] and r["logprobs_equal"] and r["logprobs_changed_by_sync"], r
-        assert r["tokens"] > 0
-        whole, own = r["whole_sync"], r["shard_sync"]
-        assert own["sharded"] and not whole["sharded"]
-        assert whole["bytes"] == r["model_bytes"]
+        assert r["logprobs_changed_by_sync"] and r["tokens"] > 0
+        assert r["whole_sync"]["bytes"] == r["model_bytes"] and not r["whole_sync"]["sharded"]
+        vocab, hidden, f32 = r["vocab"], 256, 4
+        assert vocab % 64 == 0
         # This rank's half of every split tensor, plus the (replicated) norms whole.
-        split = r["model_bytes"] - r["replicated_bytes"]
-        if not extra_vocab:
-            assert r["vocab"] % 64 == 0
-            assert own["bytes"] == split // 2 + r["replicated_bytes"], own
-            assert own["gathered_bytes"] == 0
-        else:
-            assert r["vocab"] % 64 == 10
-            # embedding + head [V, 256] float32: each rank sends its ceil(V/2) rows (fewer on
-            # the last rank) and receives the other rank's ceil(V/2) (padded) rows of each.
-            rows = -(-r["vocab"] // 2)
-            assert own["gathered_bytes"] == 2 * rows * 256 * 4, own
-            assert own["bytes"] == (split - 2 * r["vocab"] * 256 * 4) // 2 \
-                + r["replicated_bytes"] + 2 * (r["vocab"] - rows if rank else rows) * 256 * 4
+        half = (r["model_bytes"] - r["replicated_bytes"]) // 2 + r["replicated_bytes"]
+        for key in ("own", "own_vocab_padded_unlike_vllm"):
+            own = r[key]
+            assert own["weights_differ"] == [], (key, own["weights_differ"])
+            assert own["ids_equal"] and own["logprobs_equal"], (key, own)
+            sync = own["sync"]
+            assert sync["sharded"] and sync["tensors"] == r["whole_sync"]["tensors"]
+        assert r["own"]["sync"]["bytes"] == half and r["own"]["sync"]["gathered_bytes"] == 0
+        # Padded to 512 rows: 256 per rank (vLLM: vocab / 2): the embedding and the head are
+        # gathered, each rank receiving the other's 256 (padded) rows of each.
+        wide = r["own_vocab_padded_unlike_vllm"]
+        rows = wide["rows_per_rank"]
+        assert rows == 256 != vocab // 2
+        assert wide["sync"]["gathered_bytes"] == 2 * rows * hidden * f32
+        mine = min(rows, vocab - rank * rows)  # rank 1 holds only the real rows past 256
+        assert wide["sync"]["bytes"] == half + 2 * (mine - vocab // 2) * hidden * f32
 
 
 @pytest.mark.vllm

