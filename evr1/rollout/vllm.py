@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,7 +112,8 @@ def shard_buckets(shards: Iterable[WeightShard], bucket_bytes: int,
     return _buckets(shards, bucket_bytes, lambda shard: shard.nbytes)
 
 
-def _buckets(items: Iterable[Any], bucket_bytes: int, size_of: Any) -> Iterator[list[Any]]:
+def _buckets(items: Iterable[Any], bucket_bytes: int, size_of: Callable[[Any], int],
+             ) -> Iterator[list[Any]]:
     bucket: list[Any] = []
     size = 0
     for item in items:
