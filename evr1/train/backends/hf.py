@@ -265,6 +265,11 @@ class HFBackend:
             for name, tensor in self.model.state_dict().items():
                 yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
+    def weight_shards(self) -> None:
+        """No tensor parallelism: a rollout engine of its own (vLLM, one per rank) needs the
+        whole weights, which ``named_hf_weights`` gathers one tensor at a time."""
+        return None
+
     def save(self, folder: Path) -> None:
         """``folder/model``: the HF folder (safetensors, whole tensors) that eval, vLLM and
         export read, written by rank 0; ``folder/dcp``: the weights and AdamW moments as a
