@@ -11,7 +11,8 @@ Runs (``evr1.train.backends.megatron.spawn``: N fresh processes with torchrun's 
   checkpoint and take step 2 again.
 
 The step has three micro-batches, so at DP=2 rank 1 trains on one and runs a zero-weighted
-pass to keep the ranks' collectives in step.
+pass to keep the ranks' collectives in step; the ranks' passes differ in modality (see
+``make_batches``), so the vision tower's FSDP units must run as often on the text-only rank.
 """
 
 from __future__ import annotations
@@ -51,20 +52,27 @@ def _prompts(model_dir: Path) -> list[Any]:
 
 
 def make_batches(model_dir: Path) -> list[Any]:
-    """Three micro-batches (3, 3 and 2 rows) of video, text and image prompts."""
+    """Three micro-batches of video + image (4 rows), text (2) and video (2) prompts.
+
+    Split over 2 ranks as ``[rank::2]``, the ranks' passes differ in modality, as the
+    demo's mixed data makes them: pass 1 runs the vision tower for images and for videos on
+    rank 0 and not at all on rank 1 (text); pass 2 runs it for videos on rank 0 and repeats
+    the text pass, zero-weighted, on rank 1."""
     from evr1.models import load_processor
     from evr1.train.batch import make_policy_batches
 
     processor = load_processor(model_dir)
     responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16], [17, 18, 19, 20, 21],
                  [22], [23, 24, 25]]
+    advantages = [1.0, -1.0, 0.5, -0.5, -0.8, 0.8, 1.2, -1.2]
     pad = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    batches = make_policy_batches(processor, _prompts(model_dir), 2, responses,
-                                  list(range(8)), 3, pad)
-    assert [len(b.owners) for b in batches] == [3, 3, 2]
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, -0.8, 0.8, 1.2, -1.2])
-    for batch, adv in zip(batches, advantages.split([3, 3, 2]), strict=True):
-        batch.advantages = adv
+    batches = []
+    for rows in ([0, 1, 6, 7], [4, 5], [2, 3]):  # rows of prompts a + d, c, b (2 per prompt)
+        batch, = make_policy_batches(processor, _prompts(model_dir), 2, responses, rows, 4, pad)
+        batch.advantages = torch.tensor([advantages[r] for r in rows])
+        batches.append(batch)
+    assert [b.data_types for b in batches] == [["video", "video", "image", "image"],
+                                               ["text", "text"], ["video", "video"]]
     return batches
 
 

@@ -201,6 +201,22 @@ def _run_c(model_dir: Path) -> dict[str, Any]:
     return {"metrics": [metrics], "grads": dict(backend.named_hf_grads())}
 
 
+def _run_weight_shards(model_dir: Path, tp: int, pp: int) -> dict[str, Any]:
+    """A backend at TP x PP: this rank's ``weight_shards()`` (or the error it raises) and the
+    gathered ``named_hf_weights()``."""
+    from evr1.train.backends.megatron import MegatronBackend
+
+    backend = MegatronBackend(model_dir, _train_config(tp=tp, pp=pp))
+    gathered = _copies(backend.named_hf_weights())
+    try:
+        own = backend.weight_shards()
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"gathered": gathered, "tp": (own.tp_rank, own.tp_size),
+            "shards": [(s.name, s.tensor.clone(), s.dim, s.chunk, s.size, s.vocab)
+                       for s in own.shards]}
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -392,6 +408,53 @@ def test_export_round_trips_bit_exactly(request, run: str) -> None:
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
     for file in ("config.json", "tokenizer.json", "chat_template.jinja"):
         assert (export / file).read_bytes() == (source / file).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny_model_dir", "qwen3_model_dir"])
+def test_weight_shards_are_each_ranks_slice_of_the_gathered_weights(request, model) -> None:
+    """``weight_shards`` at TP=2 (what a vLLM engine of TP=2 in the same processes gets; no
+    communication): each rank's pieces are exactly its chunk of the tensors the collective
+    gather exports, under the same names in the same order, and add up to half the
+    tensor-parallel tensors plus the replicated ones (norms, vision tower) whole. Qwen2.5-VL
+    (biases, untied head) and Qwen3-VL (grouped-query attention, Q/K norms, tied embedding).
+    At PP=2 a rank holds one stage only, which an engine cannot use: refused."""
+    model_dir = request.getfixturevalue(model)
+    ranks = spawn.run(_run_weight_shards, 2, model_dir, 2, 1)
+    pieces = {}
+    split_sent = 0
+    for rank, result in enumerate(ranks):
+        assert result["tp"] == (rank, 2)
+        gathered = result["gathered"]
+        assert [name for name, *_ in result["shards"]] == list(gathered)
+        sent = whole_bytes = 0
+        for name, tensor, dim, chunk, size, vocab in result["shards"]:
+            full = gathered[name]
+            nbytes = tensor.numel() * tensor.element_size()
+            sent += nbytes
+            if dim is None:  # replicated on every TP rank: norms, the vision tower
+                assert "norm" in name or name.startswith("model.visual."), name
+                assert torch.equal(tensor, full), name
+                whole_bytes += nbytes
+                continue
+            assert size == full.shape[dim], name
+            assert vocab == name.endswith(("embed_tokens.weight", "lm_head.weight")), name
+            assert vocab or chunk * 2 == size, name
+            assert torch.equal(tensor, full.narrow(dim, rank * chunk, tensor.shape[dim])), name
+            pieces[name, rank] = tensor
+        total = sum(t.numel() * t.element_size() for t in gathered.values())
+        # Half of each split tensor (an odd vocabulary: one row more on rank 0).
+        assert abs(sent - (whole_bytes + (total - whole_bytes) / 2)) < total / 1000
+        split_sent += sent - whole_bytes
+    assert split_sent == total - whole_bytes  # the two ranks' pieces cover the split tensors
+    split = {name for name, _ in pieces}
+    assert any("q_proj" in n for n in split) and any("down_proj" in n for n in split)
+    # (weights: the tiny models' biases start at zero, equal on both ranks)
+    assert [n for n in split if n.endswith("weight") and torch.equal(pieces[n, 0], pieces[n, 1])
+            ] == []
+    if model == "tiny_model_dir":
+        (refused,) = {r["error"] for r in spawn.run(_run_weight_shards, 2, model_dir, 1, 2)}
+        assert "pipeline_parallel=2" in refused
 
 
 @pytest.mark.slow

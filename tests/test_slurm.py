@@ -366,15 +366,7 @@ def test_multinode_sbatch_script_trains_megatron_tp2_across_two_nodes(slurm_clus
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("backend", [
-    "megatron",
-    # Known bug (issue 19, open): the FSDP2 hf backend across two Slurm nodes stops at step 2
-    # with a gloo collective size mismatch (the ranks' FSDP units gather different tensors);
-    # the same run under torchrun on one node passes (tests/test_train.py).
-    pytest.param("hf", marks=pytest.mark.xfail(
-        reason="FSDP2 collective mismatch at step 2 across two Slurm nodes (issue 19)",
-        strict=False)),
-])
+@pytest.mark.parametrize("backend", ["megatron", "hf"])
 def test_multinode_sbatch_script_gives_each_node_half_of_the_rollouts(slurm_cluster, prepared,
                                                                       tmp_path, backend):
     """slurm/train_8node.sh with either backend on 2 nodes, one CPU rank each, TP=1: two

@@ -131,6 +131,54 @@ def test_vllm_engine_per_replica_inside_torchrun(tmp_path: Path) -> None:
                                                         rel=1e-5)
 
 
+SHARD_SYNC_SCRIPT = REPO / "tests" / "vllm_shard_sync_check.py"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_tp2_sync_of_own_shards_equals_whole_tensor_sync(tmp_path: Path) -> None:
+    """megatron TP=2 -> vLLM TP=2 in the same 2 processes (tests/vllm_shard_sync_check.py):
+    after a sync of each rank's own shards the engine holds, bit for bit, what a sync of the
+    whole tensors gives it (every parameter, every linear layer's weight), and generates the
+    same greedy tokens with the same log-probs; each rank hands over half of the model (plus
+    the norms) and receives nothing. With the vocabulary padded unlike vLLM's split, the same,
+    with the embedding and the head (only) gathered, and counted."""
+    python = _vllm_venv_python()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = tmp_path / "sync"
+    proc = subprocess.run([str(python.with_name("torchrun")), "--standalone",
+                           "--nproc-per-node", "2", str(SHARD_SYNC_SCRIPT), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    for rank in range(2):
+        r = json.loads(Path(f"{out}.rank{rank}.json").read_text())
+        # 17 tensors: 2 layers x (qkv, its bias, o, gate_up, down, 2 norms), embedding, head,
+        # final norm; the starting weights differ from the new ones in every one of them.
+        assert len(r["compared"]) == 17 and r["start_weights_differ_from_new"] == 17, r
+        assert r["logprobs_changed_by_sync"] and r["tokens"] > 0
+        assert r["whole_sync"]["bytes"] == r["model_bytes"] and not r["whole_sync"]["sharded"]
+        vocab, hidden, f32 = r["vocab"], 256, 4
+        assert vocab % 64 == 0
+        # This rank's half of every split tensor, plus the (replicated) norms whole.
+        half = (r["model_bytes"] - r["replicated_bytes"]) // 2 + r["replicated_bytes"]
+        for key in ("own", "own_vocab_padded_unlike_vllm"):
+            own = r[key]
+            assert own["weights_differ"] == [], (key, own["weights_differ"])
+            assert own["ids_equal"] and own["logprobs_equal"], (key, own)
+            sync = own["sync"]
+            assert sync["sharded"] and sync["tensors"] == r["whole_sync"]["tensors"]
+        assert r["own"]["sync"]["bytes"] == half and r["own"]["sync"]["gathered_bytes"] == 0
+        # Padded to 512 rows: 256 per rank (vLLM: vocab / 2): the embedding and the head are
+        # gathered, each rank receiving the other's 256 (padded) rows of each.
+        wide = r["own_vocab_padded_unlike_vllm"]
+        rows = wide["rows_per_rank"]
+        assert rows == 256 != vocab // 2
+        assert wide["sync"]["gathered_bytes"] == 2 * rows * hidden * f32
+        mine = min(rows, vocab - rank * rows)  # rank 1 holds only the real rows past 256
+        assert wide["sync"]["bytes"] == half + 2 * (mine - vocab // 2) * hidden * f32
+
+
 @pytest.mark.vllm
 @pytest.mark.gpu
 def test_vllm_gpu_video_parity_and_sleep_wake() -> None:
@@ -192,3 +240,111 @@ def test_multimodal_fields_pass_frames_without_resizing() -> None:
 def test_multimodal_fields_reject_bad_frames(prompt: Prompt, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         multimodal_fields(prompt, factor=28)
+
+
+# --------------------------------------------------------------------------- per-rank shards
+
+
+def _vllm_slice(name: str, full: torch.Tensor, rank: int, tp: int, vocab_pad: int = 64,
+                ) -> torch.Tensor:
+    """The slice of an HF tensor that vLLM's loader keeps on TP rank ``rank``, written out
+    from vLLM's layers: column-parallel (q/k/v, gate/up, their biases) rows ``rank`` of ``tp``
+    equal chunks, row-parallel (o, down) columns likewise, vocabulary-parallel rows
+    ``rank * P ..`` with P = the vocabulary padded to a multiple of ``vocab_pad`` over ``tp``
+    (and the rows past the vocabulary dropped), norms whole."""
+    if "norm" in name:
+        return full
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        n = full.shape[1] // tp
+        return full[:, rank * n:(rank + 1) * n]
+    if "embed_tokens" in name or name == "lm_head.weight":
+        per_rank = -(-full.shape[0] // vocab_pad) * vocab_pad // tp
+        return full[rank * per_rank:(rank + 1) * per_rank]
+    n = full.shape[0] // tp
+    return full[rank * n:(rank + 1) * n]
+
+
+@pytest.mark.parametrize("tp, vocab", [(1, 100), (2, 128), (4, 128), (2, 100), (4, 100)])
+def test_megatron_rank_shards_are_the_slices_vllm_keeps(tp: int, vocab: int) -> None:
+    """Each TP rank's pieces, cut from its own Megatron shards alone (fused per-group q/k/v,
+    fused gate/up, padded vocabulary), placed by ``stage_shard`` where vLLM's loader reads,
+    give exactly the slice vLLM keeps of the full HF tensor on that rank (bit for bit), and a
+    rank hands over ~1/TP of the model. A vocabulary vLLM pads differently (100 rows: vLLM
+    pads to 128, Megatron to a multiple of TP) is the one case left to a gather."""
+    from evr1.rollout.vllm_worker import stage_shard
+    from evr1.train.backends.megatron.weights import (
+        LM,
+        Geometry,
+        LayerKind,
+        model_rules,
+        rank_shards,
+        shard,
+    )
+
+    heads, kv_heads, head_dim, hidden, mlp = 8, 4, 4, 32, 48  # GQA: 2 query heads per group
+    g = Geometry(heads, kv_heads, head_dim, vocab, -(-vocab // tp) * tp, tp)
+    rules = model_rules(2, 1, tied=False, kind=LayerKind(te_fused_norms=False, qkv_bias=True,
+                                                         qk_norm=False))
+    shapes = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
+              "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
+              "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden), "down_proj": (hidden, mlp)}
+    gen = torch.Generator().manual_seed(0)
+    hf: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        for name in rule.hf:
+            if "embed_tokens" in name or name == "lm_head.weight":
+                shape: tuple[int, ...] = (vocab, hidden)
+            elif "norm" in name:
+                shape = (hidden,)
+            else:
+                proj = name.split(".")[-2]
+                shape = shapes[proj] if name.endswith("weight") else shapes[proj][:1]
+            hf[name] = torch.randn(shape, generator=gen)
+    assert f"{LM}layers.1.self_attn.k_proj.bias" in hf
+    model_bytes = sum(t.numel() * t.element_size() for t in hf.values())
+    replicated_bytes = sum(t.numel() * t.element_size() for n, t in hf.items() if "norm" in n)
+    gathered = set()
+    for rank in range(tp):
+        # What this rank's Megatron model holds (the backend loads it with the same shard()).
+        local = {rule.megatron: shard(rule, [hf[n] for n in rule.hf], g, rank)
+                 for rule in rules}
+        pieces = list(rank_shards(rules, local.get, g, rank))
+        assert [p.name for p in pieces] == list(hf)  # every HF tensor once, in HF order
+        vllm_rows = -(-vocab // 64) * 64 // tp
+        for piece in pieces:
+            staged = stage_shard(piece, rank, tp, engine_vocab_chunk=vllm_rows)
+            if staged is None:
+                assert piece.vocab and tp > 1 and vocab % 64, piece.name
+                gathered.add(piece.name)
+                continue
+            assert staged.shape == hf[piece.name].shape
+            want = _vllm_slice(piece.name, hf[piece.name], rank, tp)
+            if piece.dim is None:
+                got = staged
+            else:  # what vLLM's loader narrows out of the staged tensor on this rank
+                start = rank * (vllm_rows if piece.vocab else piece.chunk)
+                got = staged.narrow(piece.dim, start, want.shape[piece.dim])
+            assert torch.equal(got, want), piece.name
+        sent = sum(p.nbytes for p in pieces)
+        # 1/TP of the TP-split tensors plus the whole norms (the padding rows are not sent)
+        assert sent <= (model_bytes - replicated_bytes) / tp + replicated_bytes
+        assert sent >= (model_bytes - replicated_bytes) / tp * 0.9
+    assert gathered == ({f"{LM}embed_tokens.weight", "lm_head.weight"}
+                        if tp > 1 and vocab % 64 else set())
+
+
+def test_stage_shard_refuses_a_split_the_engine_would_not_cut_alike() -> None:
+    from evr1.rollout.base import WeightShard
+    from evr1.rollout.vllm_worker import stage_shard
+
+    even = WeightShard("w", torch.ones(3, 4), dim=0, chunk=3, size=6)
+    staged = stage_shard(even, 1, 2)
+    assert staged is not None and staged.shape == (6, 4)
+    assert torch.equal(staged[3:], torch.ones(3, 4))
+    with pytest.raises(ValueError, match="not the engine's even split"):
+        stage_shard(WeightShard("w", torch.ones(3, 4), dim=0, chunk=3, size=7), 1, 2)
+    with pytest.raises(ValueError, match="not chunk 1 of 3"):
+        stage_shard(WeightShard("w", torch.ones(2, 4), dim=0, chunk=3, size=6), 1, 2)
+    with pytest.raises(ValueError, match="no vocabulary-parallel layer"):
+        stage_shard(WeightShard("e", torch.ones(3, 4), dim=0, chunk=3, size=6, vocab=True),
+                    1, 2)

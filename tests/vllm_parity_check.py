@@ -46,17 +46,23 @@ PROBLEMS = ["What colour is the moving shape?", "How many shapes appear in the v
 
 
 def build_tiny_qwen2(out_dir: Path, hidden: int = 128, layers: int = 2, heads: int = 2,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, *, kv_heads: int | None = None,
+                     vocab_multiple: int = 1, extra_vocab: int = 0) -> Path:
     """A random-init text-only Qwen2 folder (model + evr1's tiny tokenizer + chat template).
-    head_dim = hidden / heads must be >= 64: vLLM's CPU attention kernel refuses smaller."""
+    head_dim = hidden / heads must be >= 64: vLLM's CPU attention kernel refuses smaller.
+    ``kv_heads`` < ``heads``: grouped-query attention; the vocabulary (the tokenizer's) is
+    padded up to a multiple of ``vocab_multiple`` (released Qwen models use 64 or more), then by
+    ``extra_vocab`` unused rows."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = train_tokenizer(CORPUS)
     tokenizer.chat_template = CHAT_TEMPLATE
     vocab = tokenizer.get_vocab()
     eos, pad = vocab[IM_END], vocab[ENDOFTEXT]
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads,
+    vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple + extra_vocab
+    config = Qwen2Config(vocab_size=vocab_size,
+                         hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                          intermediate_size=2 * hidden, max_position_embeddings=2048,
                          tie_word_embeddings=False, bos_token_id=pad, eos_token_id=eos,
                          pad_token_id=pad)

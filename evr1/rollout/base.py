@@ -5,8 +5,9 @@ An engine receives prompts whose frames were already sampled and resized in prep
 ids, decoded text and, where the engine computes them, its own per-token log-probs of the
 sampled tokens under the distribution they were drawn from (logged as the rollout/trainer
 mismatch, and used to correct it with ``train.grpo.rollout_is``). After every optimiser step
-the trainer pushes its weights with ``sync_weights``; colocated engines also
-``sleep``/``wake_up`` around the update.
+the trainer pushes its weights with ``sync_weights``: whole tensors, or, to an engine that
+holds tensor-parallel shards like the trainer's (``takes_weight_shards``, vLLM), each rank's own
+pieces (:class:`ShardedWeights`); colocated engines also ``sleep``/``wake_up`` around the update.
 """
 
 from __future__ import annotations
@@ -46,11 +47,63 @@ class Rollouts:
         return len(self.response_ids)
 
 
+@dataclass(frozen=True)
+class WeightShard:
+    """One Hugging Face tensor as one tensor-parallel rank holds it.
+
+    ``dim`` None: ``tensor`` is the whole tensor (replicated: norms, the vision tower).
+    Otherwise the whole tensor, of ``size`` slices along ``dim``, is cut into chunks of
+    ``chunk`` slices, and ``tensor`` is chunk ``tp_rank`` (of :class:`ShardedWeights`), i.e.
+    slices ``tp_rank * chunk`` onwards; it is short (or empty) where it runs past ``size``
+    (a vocabulary padded up to a multiple of TP keeps only its real rows). ``vocab``: rows of
+    a vocabulary-parallel matrix (input embedding, output head), which engines may split with
+    another padding than the trainer's.
+    """
+
+    name: str  # Hugging Face name (transformers' in-memory names)
+    tensor: torch.Tensor
+    dim: int | None = None
+    chunk: int = 0
+    size: int = 0
+    vocab: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def full_shape(self) -> tuple[int, ...]:
+        """The whole tensor's shape."""
+        shape = list(self.tensor.shape)
+        if self.dim is not None:
+            shape[self.dim] = self.size
+        return tuple(shape)
+
+
+@dataclass(frozen=True)
+class ShardedWeights:
+    """This rank's own pieces of the policy's weights (``shards``, lazy; no communication),
+    cut by tensor parallelism ``tp_size``, of which this rank is ``tp_rank``. Every rank of a
+    tensor-parallel group lists the same names in the same order."""
+
+    tp_rank: int
+    tp_size: int
+    shards: Iterable[WeightShard]
+
+
+# What ``sync_weights`` takes: (HF name, whole tensor) pairs, or this rank's shards.
+Weights = Iterable[tuple[str, torch.Tensor]] | ShardedWeights
+
+
 class RolloutEngine(Protocol):
+    # Whether ``sync_weights`` takes :class:`ShardedWeights` (the engine holds the same
+    # tensor-parallel split as the trainer, in the same processes); else whole tensors only.
+    takes_weight_shards: bool
+
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> Rollouts: ...
 
-    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights, given under their Hugging Face names."""
+    def sync_weights(self, weights: Weights) -> None:
+        """Load new weights, given under their Hugging Face names: whole tensors, or (when
+        ``takes_weight_shards``) this rank's :class:`ShardedWeights`."""
 
     def sleep(self) -> None:
         """Free the engine's accelerator memory (weights and KV cache) until ``wake_up``."""

@@ -25,7 +25,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from evr1.models.inputs import encode, stop_token_ids, vision_token_ids
-from evr1.rollout.base import Prompt, Rollouts, SamplingParams
+from evr1.rollout.base import Prompt, Rollouts, SamplingParams, ShardedWeights
 
 
 class HFRolloutEngine:
@@ -99,6 +99,9 @@ class HFRolloutEngine:
                 return row[:i + 1], True
         return row, False
 
+    # The engine runs the whole HF model: a tensor-parallel trainer sends it whole tensors.
+    takes_weight_shards = False
+
     @torch.no_grad()
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy in weights that are not already this model's own tensors.
@@ -107,6 +110,9 @@ class HFRolloutEngine:
         tensor is its own and nothing is copied; a sharded backend (Megatron) sends gathered
         full tensors under the same HF names.
         """
+        if isinstance(named_tensors, ShardedWeights):
+            raise TypeError("the hf rollout engine holds the whole model: sync_weights needs "
+                            "whole tensors, not one rank's ShardedWeights")
         # Module tensors, not state_dict(): under FSDP2 (hf backend, several ranks) state_dict
         # would put the shards back in place of the gathered weights the engine runs on.
         own = dict(self.model.named_parameters(remove_duplicate=False))

@@ -5,7 +5,10 @@ offloads its weights to host memory and drops the KV cache, level 2 drops both. 
 optimiser step the trainer hands over its weights under their Hugging Face names and
 :meth:`VLLMRolloutEngine.sync_weights` copies them into the live model in buckets of
 ``rollout.sync_bucket_mb``, through ``LLM.collective_rpc`` and a worker extension
-(:mod:`evr1.rollout.vllm_worker`): no checkpoint file is written.
+(:mod:`evr1.rollout.vllm_worker`): no checkpoint file is written. A trainer whose tensor
+parallelism the engine shares (megatron backend, TP = the engine's TP, same processes) hands
+each rank's own shards instead (:class:`evr1.rollout.base.ShardedWeights`): every rank loads
+its own pieces into its own part of the engine, and nothing crosses ranks.
 
 Process layout (``VLLM_ENABLE_V1_MULTIPROCESSING``): unless the environment sets it, evr1 sets it
 to ``0`` before the engine starts, so vLLM's engine core and worker run inside the trainer's
@@ -35,10 +38,11 @@ trainer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +53,14 @@ from PIL import Image
 
 from evr1.config import RolloutConfig
 from evr1.models.inputs import build_prompt_messages, stop_token_ids, vision_token_ids
-from evr1.rollout.base import Prompt, Rollouts, SamplingParams
+from evr1.rollout.base import (
+    Prompt,
+    Rollouts,
+    SamplingParams,
+    ShardedWeights,
+    Weights,
+    WeightShard,
+)
 from evr1.rollout.vllm_worker import EXTENSION_QUALNAME, pack_bucket
 
 if TYPE_CHECKING:
@@ -72,10 +83,12 @@ class SyncStats:
     """What the last :meth:`VLLMRolloutEngine.sync_weights` moved, and how fast."""
 
     seconds: float = 0.0
-    bytes: int = 0
+    bytes: int = 0  # handed to the engine by this rank (its own shards, when sharded)
     tensors: int = 0
     buckets: int = 0
     params_loaded: int = 0  # vLLM parameters written (fused q/k/v etc. count once per tensor)
+    sharded: bool = False  # this rank's own shards (ShardedWeights), not whole tensors
+    gathered_bytes: int = 0  # received from other TP ranks (vocabulary split unlike vLLM's)
 
     @property
     def gb_per_s(self) -> float:
@@ -90,21 +103,32 @@ def tensor_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_byt
     """Group tensors, in order, into lists of at most ``bucket_bytes`` (a larger tensor goes
     alone). Lazy: with a generator input (e.g. Megatron gathering one layer at a time) only one
     bucket is held at once."""
-    bucket: list[tuple[str, torch.Tensor]] = []
+    return _buckets(named_tensors, bucket_bytes, lambda item: _nbytes(item[1]))
+
+
+def shard_buckets(shards: Iterable[WeightShard], bucket_bytes: int,
+                  ) -> Iterator[list[WeightShard]]:
+    """:func:`tensor_buckets` for one rank's shards (sized by the rank's own pieces)."""
+    return _buckets(shards, bucket_bytes, lambda shard: shard.nbytes)
+
+
+def _buckets(items: Iterable[Any], bucket_bytes: int, size_of: Callable[[Any], int],
+             ) -> Iterator[list[Any]]:
+    bucket: list[Any] = []
     size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
+    for item in items:
+        nbytes = size_of(item)
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, tensor))
+        bucket.append(item)
         size += nbytes
     if bucket:
         yield bucket
 
 
-def _bucket_bytes(bucket: list[tuple[str, torch.Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for _, t in bucket)
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 # --------------------------------------------------------------------------- prompts
@@ -161,6 +185,9 @@ def multimodal_fields(prompt: Prompt, factor: int | None) -> dict[str, Any]:
 
 class VLLMRolloutEngine:
     """A colocated vLLM engine behind evr1's rollout interface (see ``evr1.rollout.base``)."""
+
+    # Its tensor parallelism is the trainer's (replica_engine_args), in the same processes.
+    takes_weight_shards = True
 
     def __init__(self, llm: LLM, rollout_cfg: RolloutConfig, *, sleep_available: bool,
                  in_process: bool) -> None:
@@ -264,8 +291,10 @@ class VLLMRolloutEngine:
 
     # ----------------------------------------------------------------- weights
 
-    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy the trainer's weights (Hugging Face names) into the engine, bucket by bucket.
+    def sync_weights(self, weights: Weights) -> None:
+        """Copy the trainer's weights (Hugging Face names) into the engine, bucket by bucket:
+        whole tensors, or this rank's :class:`ShardedWeights` (each rank loads its own pieces;
+        collective over the engine's ranks like every sync).
 
         Works awake or asleep: asleep, only the weights are woken (the KV cache stays freed
         until :meth:`wake_up`), which is the low-memory order for colocation."""
@@ -273,18 +302,27 @@ class VLLMRolloutEngine:
             self.llm.wake_up(tags=["weights"])
             self._weights_resident = True
         bucket_bytes = max(1, self.cfg.sync_bucket_mb) * 1024 * 1024
-        stats = SyncStats()
+        stats = SyncStats(sharded=isinstance(weights, ShardedWeights))
         start = time.perf_counter()
         # Until this sync completes the engine holds a mix of old and new weights: refuse to
         # generate from it if anything below raises.
         self._weights_valid = False
         self.llm.collective_rpc("evr1_begin_weight_sync")
         try:
-            for bucket in tensor_buckets(named_tensors, bucket_bytes):
-                stats.params_loaded += self._send_bucket(bucket)
-                stats.bytes += _bucket_bytes(bucket)
-                stats.tensors += len(bucket)
-                stats.buckets += 1
+            if isinstance(weights, ShardedWeights):
+                for shards in shard_buckets(weights.shards, bucket_bytes):
+                    loaded, gathered = self._send_shards(weights, shards)
+                    stats.params_loaded += loaded
+                    stats.gathered_bytes += gathered
+                    stats.bytes += sum(shard.nbytes for shard in shards)
+                    stats.tensors += len(shards)
+                    stats.buckets += 1
+            else:
+                for bucket in tensor_buckets(weights, bucket_bytes):
+                    stats.params_loaded += self._send_bucket(bucket)
+                    stats.bytes += sum(_nbytes(t) for _, t in bucket)
+                    stats.tensors += len(bucket)
+                    stats.buckets += 1
         finally:
             # Always close the reload, or layers would stay in checkpoint format.
             self.llm.collective_rpc("evr1_finish_weight_sync")
@@ -296,9 +334,10 @@ class VLLMRolloutEngine:
         stats.seconds = time.perf_counter() - start
         self.last_sync = stats
         self._weights_valid = True
-        log.info("vllm sync_weights: %d tensors, %.1f MB in %d buckets of <= %d MB, %.3f s "
-                 "(%.2f GB/s)", stats.tensors, stats.bytes / 1e6, stats.buckets,
-                 self.cfg.sync_bucket_mb, stats.seconds, stats.gb_per_s)
+        log.info("vllm sync_weights (%s): %d tensors, %.1f MB in %d buckets of <= %d MB, "
+                 "%.3f s (%.2f GB/s)", "own shards" if stats.sharded else "whole tensors",
+                 stats.tensors, stats.bytes / 1e6, stats.buckets, self.cfg.sync_bucket_mb,
+                 stats.seconds, stats.gb_per_s)
 
     def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
         if self.in_process:
@@ -310,6 +349,23 @@ class VLLMRolloutEngine:
             loaded = self.llm.collective_rpc("evr1_load_packed_weights",
                                              args=(pack_bucket(bucket),))
         return int(loaded[0])
+
+    def _send_shards(self, weights: ShardedWeights, shards: list[WeightShard],
+                     ) -> tuple[int, int]:
+        """One bucket of this rank's shards to its own worker: (parameters loaded, bytes
+        gathered from other ranks)."""
+        if not self.in_process:
+            # Another process: only whole tensors can go (one rank's pieces would reach every
+            # worker of the engine).
+            if any(shard.dim is not None for shard in shards):
+                raise ValueError("sync_weights: per-rank shards need the engine in the "
+                                 f"trainer's processes ({MULTIPROCESSING_ENV}=0, which "
+                                 "external_launcher implies)")
+            return self._send_bucket([(shard.name, shard.tensor) for shard in shards]), 0
+        payload = [dataclasses.replace(shard, tensor=shard.tensor.detach()) for shard in shards]
+        loaded, gathered = self.llm.collective_rpc(
+            "evr1_load_weight_shards", args=(weights.tp_rank, weights.tp_size, payload))[0]
+        return int(loaded), int(gathered)
 
     @staticmethod
     def _sync_device() -> None:

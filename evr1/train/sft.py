@@ -121,7 +121,7 @@ class SFTTrainer(Trainer):
             b.advantages = torch.ones(len(b.rows))
             b.extras["offline"] = torch.zeros(len(b.rows), dtype=torch.bool)
         update = self.backend.train_step(batches, cfg.train.grpo)
-        self.engine.sync_weights(self.backend.named_hf_weights())
+        self.sync_engine()
         update = {k: v for k, v in update.items()
                   if k in ("grad_norm", "lr", "train_tokens", "time_update")}
         return StepResult({"nll": nll_sum / max(tokens, 1),

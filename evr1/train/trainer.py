@@ -202,13 +202,21 @@ class Trainer:
             fill_policy_batches(batches, group, advantages)
             self.engine.sleep()  # colocated engines free their memory for the update
             update = self.backend.train_step(batches, cfg.train.grpo)
-            self.engine.sync_weights(self.backend.named_hf_weights())
+            self.sync_engine()
             self.engine.wake_up()
         else:  # nothing to train on: the lr schedule still follows the step counter
             update = self.backend.skip_update()
         times = dict(collected.drawn.times, time_step=time.perf_counter() - t0)
         return StepResult(self._step_metrics(collected, len(rows), update, times),
                           self._completion_records(group, advantages))
+
+    def sync_engine(self) -> None:
+        """Hand the backend's weights to the rollout engine (collective, like the backend's
+        gathers): each rank's own tensor-parallel shards where the engine holds the same split
+        (megatron + vLLM per replica: nothing crosses ranks), else whole tensors."""
+        shards = self.backend.weight_shards() if self.engine.takes_weight_shards else None
+        self.engine.sync_weights(shards if shards is not None
+                                 else self.backend.named_hf_weights())
 
     def _collect(self) -> Collected:
         """This replica's groups of the step (``collect_groups``: filtering, dynamic
@@ -383,7 +391,7 @@ class Trainer:
             self.backend.load(folder)
             # An engine with weights of its own (megatron backend, vLLM) would otherwise roll
             # out the next steps from the starting model (collective, like every sync).
-            self.engine.sync_weights(self.backend.named_hf_weights())
+            self.sync_engine()
             self.state = ckpt.load_trainer_state(folder)
             self.sampler.position = self.state.data_position
             log.info("resumed from %s (step %d)", folder, self.state.step)

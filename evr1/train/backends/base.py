@@ -17,6 +17,7 @@ from typing import Protocol
 from torch import Tensor
 
 from evr1.config import GRPOConfig, TrainConfig
+from evr1.rollout.base import ShardedWeights
 from evr1.train.batch import PolicyBatch
 from evr1.train.grpo import SUMMED_METRICS, LossMetrics, policy_loss, sample_weights
 
@@ -46,6 +47,12 @@ class TrainingBackend(Protocol):
 
     def named_hf_weights(self) -> Iterator[tuple[str, Tensor]]:
         """The policy's weights under Hugging Face names (for the rollout engine's sync)."""
+        ...
+
+    def weight_shards(self) -> ShardedWeights | None:
+        """This rank's own tensor-parallel pieces of those weights, with no communication, for
+        an engine that holds the same split (``RolloutEngine.takes_weight_shards``); None when
+        the backend has no tensor parallelism (the engine then takes ``named_hf_weights``)."""
         ...
 
     def save(self, folder: Path) -> None:

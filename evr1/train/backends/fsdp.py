@@ -20,6 +20,15 @@ Two states of the parameters, switched by :class:`Sharding`:
   in this state: FSDP2's state-dict pre-hook puts the shards back and frees the gathered copy
   (the rollout engine reads ``named_parameters`` instead).
 
+Every rank must run every unit as often as the others, in the same order, while sharded: each
+run is an all-gather (and, in the backward, a reduce-scatter) that the other ranks join. The
+language model's units run once per forward on every rank, but the vision tower's run once for
+the images and once for the videos of a micro-batch, if it has any: ranks whose micro-batches
+differ in modality (one text-only, another with a video) would wait on different collectives.
+:meth:`Sharding.vision_stand_ins` closes the gap: the ranks agree which kinds any of them has,
+and a rank without one runs the tower on a minimal stand-in input whose output enters the
+loss multiplied by zero (the same collectives, no change to any gradient).
+
 Gradients are summed over ranks, not averaged (gradient divide factor 1): the loss of every
 micro-batch is already divided by the normaliser of the whole step's batch (all ranks), so the
 sum of the ranks' gradients is the gradient of the one-process loss.
@@ -46,6 +55,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 DCP_DIR = "dcp"
+# The model inputs of each kind of visual item, in the order the model's forward encodes them.
+VISION_PIXELS = ("pixel_values", "pixel_values_videos")
 
 
 def launched_world_size() -> int:
@@ -89,6 +100,7 @@ class Sharding:
         visual = getattr(getattr(model, "model", None), "visual", None)
         if visual is not None:
             fully_shard(visual, mesh=mesh)
+        self.visual = visual
         fully_shard(model, mesh=mesh)
         self.model = model
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -109,6 +121,39 @@ class Sharding:
         # model.parameters() (the optimiser's) are the shards.
         self.gathered = True
         self.shard()
+
+    def vision_stand_ins(self, inputs: dict) -> Tensor | None:
+        """Run the vision tower for each kind of visual input (images, videos) that another
+        rank's micro-batch has and ``inputs`` lacks, on a stand-in of one merged token; returns
+        the sum of the outputs times zero, for the caller to add to its loss (so the backward
+        runs the tower's units too), or None when nothing was run. Collective while sharded,
+        once per forward; nothing at all while gathered (no forward gathers then)."""
+        if self.gathered or self.visual is None:
+            return None
+        device = next(self.model.parameters()).device
+        mine = torch.tensor([inputs.get(key) is not None for key in VISION_PIXELS],
+                            dtype=torch.int32, device=device)
+        anyone = mine.clone()
+        dist.all_reduce(anyone, op=dist.ReduceOp.MAX)
+        zero = None
+        for have, needed in zip(mine.tolist(), anyone.tolist(), strict=True):
+            if needed and not have:
+                # The root unit first, as the model's forward on the other ranks gathers it
+                # before their tower runs (a no-op once gathered).
+                self.model.unshard()
+                out = self.visual(*self._stand_in(device))
+                term = sum(t.float().sum() for t in _tensors(out)) * 0.0
+                zero = term if zero is None else zero + term
+        return zero
+
+    def _stand_in(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The smallest visual input the tower takes: one frame of merge x merge patches."""
+        embed = self.visual.patch_embed
+        merge = self.visual.spatial_merge_size
+        width = embed.in_channels * embed.temporal_patch_size * embed.patch_size ** 2
+        dtype = next(self.visual.parameters()).dtype
+        pixels = torch.zeros((merge * merge, width), dtype=dtype, device=device)
+        return pixels, torch.tensor([[1, merge, merge]], device=device)
 
     def gather(self) -> None:
         """All-gather every unit's parameters and keep them (collective)."""
@@ -142,6 +187,19 @@ class Sharding:
         live.update(self.model.named_buffers(remove_duplicate=False))
         for name in self.names:
             yield name, live[name]
+
+
+def _tensors(value: object) -> Iterator[Tensor]:
+    """Every floating tensor in a model output (nested outputs, tuples and lists)."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, dict):  # transformers' ModelOutput is a dict
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
 
 
 def save_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

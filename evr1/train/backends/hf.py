@@ -78,10 +78,11 @@ class HFBackend:
         # More than one rank: FSDP2 over all of them (data parallel); the optimiser is built
         # on the sharded parameters, so its moments are sharded too.
         self.sharding: fsdp.Sharding | None = None
+        self.ref_sharding: fsdp.Sharding | None = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             self.sharding = fsdp.Sharding(model)
-            if self.ref_model is not None:
-                fsdp.Sharding(self.ref_model)  # stays sharded: only the update runs it
+            if self.ref_model is not None:  # stays sharded: only the update runs it
+                self.ref_sharding = fsdp.Sharding(self.ref_model)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
             betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -100,16 +101,25 @@ class HFBackend:
 
     # ------------------------------------------------------------------ forward
 
-    def _logits(self, model: torch.nn.Module, batch: PolicyBatch) -> Tensor:
+    def _logits(self, model: torch.nn.Module, batch: PolicyBatch,
+                sharding: fsdp.Sharding | None) -> Tensor:
         """Logits that predict the response tokens, [B, R, V] (fp32, divided by temperature).
 
         With ``train.shared_prefix`` (default) each distinct prompt of the micro-batch runs
         once and its KV cache is shared by its responses (:func:`shared_prefix_logits`);
         otherwise every row runs prompt + response (vision once per prompt on Qwen2.5-VL).
+        Under FSDP (``sharding``) the vision tower also runs for the kinds of visual input
+        that other ranks have and this batch lacks (:meth:`fsdp.Sharding.vision_stand_ins`).
         """
         width = batch.responses.shape[1]
         inputs = {k: v.to(model.device) if isinstance(v, Tensor) else v
                   for k, v in batch.model_inputs.items()}
+        zero = sharding.vision_stand_ins(inputs) if sharding is not None else None
+        logits = self._response_logits(model, batch, inputs, width)
+        return logits if zero is None else logits + zero
+
+    def _response_logits(self, model: torch.nn.Module, batch: PolicyBatch, inputs: dict,
+                         width: int) -> Tensor:
         # The shared-prefix forward hands the prompt's KV cache to the response forward, which
         # a checkpointed layer drops (transformers: a recomputed layer would write the cache
         # twice): with gradient checkpointing every row runs prompt + response.
@@ -125,7 +135,7 @@ class HFBackend:
     @torch.no_grad()
     def logprobs(self, batch: PolicyBatch) -> Tensor:
         """Per-token log-probs of the batch's responses under the current weights, [B, R]."""
-        logits = self._logits(self.model, batch)
+        logits = self._logits(self.model, batch, self.sharding)
         return token_logprobs(logits, batch.to(logits.device).responses)
 
     # ------------------------------------------------------------------ update
@@ -155,7 +165,7 @@ class HFBackend:
         tokens = 0
         for i, batch in enumerate(passes):
             padding = i >= len(batches)
-            logits = self._logits(self.model, batch)
+            logits = self._logits(self.model, batch, self.sharding)
             batch.to(logits.device)
             logp = token_logprobs(logits, batch.responses)
             old_logp = logp.detach()
@@ -163,8 +173,8 @@ class HFBackend:
             ref_logp = None
             if self.ref_model is not None:
                 with torch.no_grad():
-                    ref_logp = token_logprobs(self._logits(self.ref_model, batch),
-                                              batch.responses)
+                    ref_logits = self._logits(self.ref_model, batch, self.ref_sharding)
+                    ref_logp = token_logprobs(ref_logits, batch.responses)
             loss, metrics = grpo_terms(logp, old_logp, batch, grpo, ref_logp=ref_logp,
                                        entropy=entropy, normaliser=normaliser)
             if padding:
@@ -254,6 +264,11 @@ class HFBackend:
         else:
             for name, tensor in self.model.state_dict().items():
                 yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def weight_shards(self) -> None:
+        """No tensor parallelism: a rollout engine of its own (vLLM, one per rank) needs the
+        whole weights, which ``named_hf_weights`` gathers one tensor at a time."""
+        return None
 
     def save(self, folder: Path) -> None:
         """``folder/model``: the HF folder (safetensors, whole tensors) that eval, vLLM and

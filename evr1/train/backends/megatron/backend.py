@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from evr1.config import GRPOConfig, TrainConfig
+from evr1.rollout.base import ShardedWeights
 from evr1.train.backends.base import grpo_terms, lr_lambda
 from evr1.train.backends.megatron import dist_optimizer, parallel
 from evr1.train.backends.megatron.checkpoint_io import CheckpointIO
@@ -242,6 +243,12 @@ class MegatronBackend:
         ``model.language_model.*``, ``lm_head.weight``), on every rank. Collective: every
         rank must consume the iterator to the end."""
         yield from self.checkpoints.named_hf_weights()
+
+    def weight_shards(self) -> ShardedWeights:
+        """This rank's own TP shards under HF names (q/k/v and gate/up unfused per rank, no
+        padding rows), for a rollout engine with the same TP in the same processes (vLLM per
+        replica): not collective, nothing crosses ranks. PP must be 1."""
+        return self.model.own_shards()
 
     def named_hf_grads(self) -> Iterator[tuple[str, Tensor]]:
         """Current gradients (zeros where none), gathered like :meth:`named_hf_weights`.

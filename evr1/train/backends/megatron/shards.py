@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers import AutoConfig
 
+from evr1.rollout.base import ShardedWeights, WeightShard
 from evr1.train.backends.megatron import model as mg_model
 from evr1.train.backends.megatron import parallel
 from evr1.train.backends.megatron.deepstack import Deepstack
@@ -30,6 +31,7 @@ from evr1.train.backends.megatron.weights import (
     gather_hf,
     is_tied_copy,
     model_rules,
+    rank_shards,
     shard,
 )
 
@@ -142,3 +144,22 @@ class LocalModel:
         yield from gather_hf(vision + decoder, local, self.geometry, g.pp_rank,
                              self.tp_group(), pp_group, lambda stage: stage_ranks[stage],
                              lambda name: (self.hf_shapes[name], self.dtype))
+
+    def own_shards(self) -> ShardedWeights:
+        """This rank's own pieces of the HF tensors (vision tower whole, then the decoder in
+        HF order), for a rollout engine with the same tensor parallelism in the same
+        processes; no communication (:func:`.weights.rank_shards`). One pipeline stage only:
+        with PP > 1 a rank holds only its stage's layers, and the engine needs them all."""
+        g = self.grid
+        if g.pp > 1:
+            raise ValueError(f"own_shards: pipeline_parallel={g.pp}; a rollout engine in the "
+                             "trainer's processes needs pipeline_parallel=1")
+        params = dict(self.named_params())
+
+        def shards() -> Iterator[WeightShard]:
+            for name in sorted(self.hf_shapes):
+                if name.startswith(VISUAL):
+                    yield WeightShard(name, params[name].detach())
+            yield from rank_shards(self.rules, params.get, self.geometry, g.tp_rank)
+
+        return ShardedWeights(tp_rank=g.tp_rank, tp_size=g.tp, shards=shards())

@@ -29,7 +29,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from evr1.rollout.base import WeightShard
 
 LM = "model.language_model."
 Kind = Literal["replicated", "column", "row", "vocab", "qkv", "gate_up"]
@@ -260,6 +262,60 @@ def unshard(rule: Rule, shards: list[Tensor], g: Geometry) -> list[Tensor]:
 
 def is_tp_sharded(rule: Rule) -> bool:
     return rule.kind != "replicated"
+
+
+# --------------------------------------------------------------------------- own shards (rollouts)
+
+
+def rank_shards(rules: list[Rule], local: Callable[[str], Tensor | None], g: Geometry,
+                tp_rank: int) -> Iterator[WeightShard]:
+    """This TP rank's pieces of the HF tensors of ``rules`` (this stage's), cut from its own
+    Megatron shards alone: no communication, only views and per-rank reshapes.
+
+    Each HF tensor piece is chunk ``tp_rank`` of its tensor, as :func:`shard` cut it: q/k/v out
+    of this rank's query groups of ``linear_qkv`` (Megatron interleaves them per group: q heads,
+    k head, v head of group 0, then group 1, ...; the HF tensors, like vLLM's fused
+    ``qkv_proj``, hold all q heads, then all k, then all v, so a rank's groups give the rank's
+    slice of each), gate/up as the two halves of ``linear_fc1``, o/down along their input
+    features, the vocabulary matrices as rows without the padding rows. Replicated tensors
+    (norms) go whole.
+    """
+    # The same geometry over this rank's heads: its linear_qkv is the fused layout of them.
+    mine_g = replace(g, num_heads=g.num_heads // g.tp, num_kv_heads=g.num_kv_heads // g.tp)
+    for rule in rules:
+        mine = local(rule.megatron)
+        if mine is None:
+            raise KeyError(f"this rank has no parameter {rule.megatron}")
+        mine = mine.detach()
+        if rule.kind == "replicated":
+            yield WeightShard(rule.hf[0], mine)
+        elif rule.kind in ("column", "row"):
+            dim = 0 if rule.kind == "column" else 1
+            yield _split(rule.hf[0], mine, dim, g.tp)
+        elif rule.kind == "vocab":
+            rows = mine.shape[0]  # padded_vocab / tp
+            real = max(0, min(rows, g.vocab_size - tp_rank * rows))
+            if g.tp == 1:
+                yield WeightShard(rule.hf[0], mine[:real])
+                continue
+            yield WeightShard(rule.hf[0], mine[:real], dim=0, chunk=rows, size=g.vocab_size,
+                              vocab=True)
+        elif rule.kind == "qkv":
+            for name, piece in zip(rule.hf, split_qkv(mine, mine_g), strict=True):
+                yield _split(name, piece, 0, g.tp)
+        elif rule.kind == "gate_up":
+            for name, piece in zip(rule.hf, mine.chunk(2, 0), strict=True):
+                yield _split(name, piece, 0, g.tp)
+        else:
+            raise ValueError(f"unknown rule kind {rule.kind!r}")
+
+
+def _split(name: str, piece: Tensor, dim: int, tp: int) -> WeightShard:
+    """Chunk of ``tp`` equal chunks along ``dim``; with one rank, the whole tensor."""
+    if tp == 1:
+        return WeightShard(name, piece)
+    return WeightShard(name, piece, dim=dim, chunk=piece.shape[dim],
+                       size=piece.shape[dim] * tp)
 
 
 # --------------------------------------------------------------------------- gather for export
