@@ -277,11 +277,14 @@ def _spawn_runs(world_size: int, runs: list[tuple[str, Callable[..., Any], tuple
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Runs A, B and C on one pair of processes, then D and the grad_clip=0 run on one."""
+    """Runs A, B and C and the weight_shards runs (TP=2, PP=2) on one pair of processes, then
+    D and the grad_clip=0 run on one."""
     out = tmp_path_factory.mktemp("megatron")
     return {**_spawn_runs(2, [("a", _run_a, (tiny_model_dir, out)),
                               ("b", _run_b, (tiny_model_dir, out)),
-                              ("c", _run_c, (tiny_model_dir,))]),
+                              ("c", _run_c, (tiny_model_dir,)),
+                              ("weight_shards_tp2", _run_weight_shards, (tiny_model_dir, 2, 1)),
+                              ("weight_shards_pp2", _run_weight_shards, (tiny_model_dir, 1, 2))]),
             **_spawn_runs(1, [("d", _run_d, (tiny_model_dir, out)),
                               ("grad_clip_off", _run_grad_clip_off, (tiny_model_dir,))]),
             "out": out}
@@ -308,9 +311,11 @@ def qwen3_runs(qwen3_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("megatron-qwen3")
     runs: dict[str, Any] = {"out": out}
     for world in sorted({tp * pp for tp, pp, _ in QWEN3_RUNS.values()}):  # one spawn per size
+        more = [("weight_shards_tp2", _run_weight_shards, (qwen3_model_dir, 2, 1))] \
+            if world == 2 else []
         runs.update(_spawn_runs(world, [(name, _run_qwen3, (qwen3_model_dir, out, name))
                                         for name, (tp, pp, _) in QWEN3_RUNS.items()
-                                        if tp * pp == world]))
+                                        if tp * pp == world] + more))
     return runs
 
 
@@ -419,8 +424,9 @@ def test_weight_shards_are_each_ranks_slice_of_the_gathered_weights(request, mod
     tensor-parallel tensors plus the replicated ones (norms, vision tower) whole. Qwen2.5-VL
     (biases, untied head) and Qwen3-VL (grouped-query attention, Q/K norms, tied embedding).
     At PP=2 a rank holds one stage only, which an engine cannot use: refused."""
-    model_dir = request.getfixturevalue(model)
-    ranks = spawn.run(_run_weight_shards, 2, model_dir, 2, 1)
+    # run in the processes of the module's runs (fixtures ``runs`` and ``qwen3_runs``)
+    runs = request.getfixturevalue("runs" if model == "tiny_model_dir" else "qwen3_runs")
+    ranks = runs["weight_shards_tp2"]
     pieces = {}
     split_sent = 0
     for rank, result in enumerate(ranks):
@@ -453,7 +459,7 @@ def test_weight_shards_are_each_ranks_slice_of_the_gathered_weights(request, mod
     assert [n for n in split if n.endswith("weight") and torch.equal(pieces[n, 0], pieces[n, 1])
             ] == []
     if model == "tiny_model_dir":
-        (refused,) = {r["error"] for r in spawn.run(_run_weight_shards, 2, model_dir, 1, 2)}
+        (refused,) = {r["error"] for r in runs["weight_shards_pp2"]}
         assert "pipeline_parallel=2" in refused
 
 
