@@ -473,6 +473,11 @@ def check_chain(cfg: Config, array: str, train_id: str, eval_array: str, collect
     # Submitted at once; each stage waits on the one before, as Slurm records it (the
     # preprocess tasks take seconds, training longer: every dependency is still pending).
     for job, after in ((train_id, array), (eval_array, train_id), (collect_id, eval_array)):
+        # Slurm gives a pending job its reason at its first scheduling pass, a moment after the
+        # submission (until then Reason=None): wait for that pass, not for the job.
+        wait_until(lambda job=job: all(r["Reason"] != "None" or r["JobState"] != "PENDING"
+                                       for r in job_records(job)),
+                   30, f"Slurm's first pass over {job}")
         for record in job_records(job):
             assert record["Reason"] == "Dependency", record
             assert record["Dependency"].startswith(f"afterok:{after}"), record
