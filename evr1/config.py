@@ -476,7 +476,7 @@ class TrainConfig:
     log_every: int = 1
     log_completions: int = 2  # groups per logged step whose texts go to completions.jsonl
     eval_every: int = 0  # held-out greedy accuracy every K steps (0: only before and after)
-    eval_samples: int = 64
+    eval_samples: int = 64  # held-out questions evaluated (the first ones); 0: all
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "evr1"
     async_eval: AsyncEvalConfig = field(default_factory=AsyncEvalConfig)

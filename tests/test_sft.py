@@ -110,6 +110,29 @@ def test_sft_resumes_to_the_uninterrupted_run(prepared, tmp_path):
     assert any(not torch.equal(a[k], v) for k, v in weights(start).items())
 
 
+def test_sft_skips_the_nll_forward_on_unlogged_steps_and_trains_the_same(prepared, tmp_path):
+    """With train.log_every=3 the NLL (one more forward pass) is computed on the logged steps
+    only; the weights after three steps are those of the run that computes it every step, and
+    step 3's NLL is the same."""
+    common = ["train.sft.enabled=true", "train.sft.steps=3", "train.resume=never"]
+    runs = {}
+    for every in (1, 3):
+        trainer = trainer_from_config(sft_config(small_config(
+            prepared, f"run_dir={tmp_path / str(every)}", *common,
+            f"train.log_every={every}")), SFTTrainer)
+        metrics = []
+        for _ in range(3):  # run()'s loop, without its evaluations and checkpoints
+            metrics.append(trainer.train_step().metrics)
+            trainer.state.step += 1
+        runs[every] = (trainer, metrics)
+    (each, each_metrics), (third, third_metrics) = runs[1], runs[3]
+    assert all("nll" in m for m in each_metrics)
+    assert ["nll" in m for m in third_metrics] == [False, False, True]
+    assert third_metrics[2]["nll"] == each_metrics[2]["nll"]
+    a, b = weights(each), weights(third)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the skipped forward changed training"
+
+
 def test_training_stage_runs_sft_then_grpo_from_its_model(prepared, tmp_path):
     cfg = small_config(prepared, f"run_dir={tmp_path}", "train.sft.enabled=true",
                        "train.sft.steps=2", "train.steps=1")
@@ -193,7 +216,7 @@ def test_sft_demo_config_loads():
     from evr1.config import load_config
 
     cfg = load_config(ROOT / "configs/demo_sft_cpu.yaml")
-    assert cfg.train.sft.enabled and cfg.train.sft.steps == 200
+    assert cfg.train.sft.enabled and cfg.train.sft.save_every == cfg.train.sft.steps
     # the eval stage evaluates the SFT model the stage writes
     assert f"sft/checkpoints/step-{cfg.train.sft.steps:08d}/model" in cfg.eval.models[1]
 
