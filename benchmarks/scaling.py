@@ -2,6 +2,7 @@
 
     python benchmarks/scaling.py                         # 16 prompts x 8, 6 steps, both backends
     python benchmarks/scaling.py --steps 2 --prompts 4   # a quick check that it runs
+    python benchmarks/scaling.py --hidden 512 --backends hf  # a wider language model
 
 The demo's data (synthetic videos, their shards) and tiny Qwen2.5-VL are prepared once in a
 temporary folder (``--workdir`` keeps them). Then, for each backend (``hf``, ``megatron``) the
@@ -13,6 +14,11 @@ neighbours). The per-step seconds come from each run's ``metrics.jsonl``: ``time
 (generation, the slowest replica's), ``time_update`` (the backend's forward/backward and
 optimiser step), ``time_step`` (the whole step); each figure is the median over the steps
 after the first (warm-up). Printed side by side, with DP=1 / DP=2 as the speed-up.
+
+``--hidden`` replaces the demo's tiny model (hidden size 128) by a wider one of the same kind
+(heads of 64, MLP 4x): the demo model's decoding step is mostly fixed per-step cost (Python,
+sampling, cache bookkeeping) that a replica pays whatever its batch, so its rollouts split
+worse than those of a model whose per-token compute dominates, as on a GPU cluster's 7B.
 
 On a machine with fewer free cores than processes the DP=2 figures measure contention, not
 scaling: run it on an otherwise idle machine.
@@ -30,17 +36,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = (("rollout", "time_rollout"), ("update", "time_update"), ("step", "time_step"))
 
 
-def prepare(work: Path, python: str) -> list[str]:
+def prepare(work: Path, python: str, hidden: int) -> list[str]:
     """The demo data, shards and tiny model under ``work``; returns the common overrides."""
     data = work / "data"
+    model = work / ("tiny_model" if not hidden else f"model-h{hidden}")
     common = [f"synthetic.out_dir={data}", "synthetic.num_videos=16",
               "synthetic.include_real_videos=false", "synthetic.include_corrupt=false",
               f"data.train_jsonl={data / 'train.jsonl'}", "data.eval_jsonl=",
-              f"model.path={work / 'tiny_model'}", "model.tiny=true",
+              f"model.path={model}", "model.tiny=true",
               f"preprocess.out_dir={work / 'shards'}", "preprocess.num_tasks=1",
               "launch.cluster=local", "train.wandb_mode=disabled", "train.resume=never"]
     if not (work / "shards" / "manifest.json").exists():
@@ -48,6 +57,9 @@ def prepare(work: Path, python: str) -> list[str]:
               str(ROOT / "configs/demo_cpu.yaml"), *common], "make_synthetic")
         _run([python, str(ROOT / "launchers/preprocess.py"), "--config",
               str(ROOT / "configs/demo_cpu.yaml"), *common], "preprocess")
+    if hidden and not (model / "config.json").exists():
+        build_tiny_model(model, corpus_from_jsonl([data / "train.jsonl"]), hidden_size=hidden,
+                         num_heads=hidden // 64, num_kv_heads=2, intermediate_size=4 * hidden)
     return common
 
 
@@ -91,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--backends", default="hf,megatron")
+    parser.add_argument("--hidden", type=int, default=0,
+                        help="language model width (default 0: the demo's tiny model, 128)")
     parser.add_argument("--workdir", default="", help="keep data and runs here (default: temp)")
     args = parser.parse_args(argv)
     if args.prompts % 2:
@@ -98,14 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        common = prepare(work, sys.executable)
+        common = prepare(work, sys.executable, args.hidden)
         results = {}
         for backend in args.backends.split(","):
             for dp in (1, 2):
                 print(f"{backend} DP={dp} ...", flush=True)
                 results[backend, dp] = train(work, common, backend, dp, args)
     print(f"\n{args.prompts} prompts x {args.n} responses per step, {args.max_new_tokens} new "
-          f"tokens, {args.threads} thread(s) per process, median of steps 2..{args.steps}\n")
+          f"tokens, {args.threads} thread(s) per process, "
+          f"model {f'hidden {args.hidden}' if args.hidden else 'the demo tiny model'}, "
+          f"median of steps 2..{args.steps}\n")
     header = "| backend | phase | DP=1 s/step | DP=2 s/step | speed-up |"
     print(header)
     print("|---|---|---:|---:|---:|")
