@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -38,15 +37,18 @@ import matplotlib
 matplotlib.use("Agg")  # no display in batch jobs
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evr1 import runs  # noqa: E402
 from evr1.config import Config, load_config  # noqa: E402
 from evr1.data.schema import load_samples, write_samples  # noqa: E402
 from evr1.data.synthetic import make_synthetic  # noqa: E402
-from evr1.files import atomic_write_figure  # noqa: E402
+from evr1.files import atomic_write_bytes, atomic_write_figure, atomic_write_json  # noqa: E402
+from evr1.models.loading import ensure_model  # noqa: E402
 from evr1.pipeline import stages  # noqa: E402
 from evr1.train import checkpoint as ckpt  # noqa: E402
 from evr1.train.build import trainer_from_config  # noqa: E402
 from evr1.train.metrics import read_metrics  # noqa: E402
 from evr1.train.sft import SFTTrainer, sft_config  # noqa: E402
+from evr1.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # GRPO settings of the arms (the learning check's recipe, tools/learning_check.py): small
@@ -118,7 +120,8 @@ def base_config(s: Settings, run_dir: Path, seed: int, *extra: str) -> Config:
 
 
 def prepare(s: Settings) -> None:
-    """Synthetic data (one data seed for every run), its shards, and the video-only files."""
+    """Synthetic data (one data seed for every run), its shards, the video-only files and each
+    seed's tiny starting model."""
     cfg = base_config(s, s.out, 0)
     if not (s.out / "data/train.jsonl").exists():
         made = make_synthetic(cfg.synthetic, progress=False)
@@ -130,6 +133,11 @@ def prepare(s: Settings) -> None:
         if not target.exists():
             samples = load_samples(s.out / f"data/{split}.jsonl", check_media=False)
             write_samples(target, [x for x in samples if x.data_type == "video"])
+    # Built here, from the full train + held-out texts (the tiny tokenizer is trained on
+    # them), so that every arm of a seed starts from the same model whichever run comes first
+    # (an ablation (b) run would otherwise build it from its own video-only files).
+    for seed in s.seeds:
+        ensure_model(base_config(s, s.out, seed))
 
 
 def curve(run_dir: Path, task: str, offset: int = 0, upto: int | None = None
@@ -140,13 +148,28 @@ def curve(run_dir: Path, task: str, offset: int = 0, upto: int | None = None
             if upto is None or r["step"] <= upto]
 
 
+def complete(cfg: Config) -> bool:
+    """The run of ``cfg`` has its final checkpoint and its final held-out evaluation.
+
+    Such a run is not started again: the trainer, resumed at its last step, would evaluate
+    once more and log a second held-out row for that step (and load the model to do it)."""
+    steps = cfg.train.steps
+    return (ckpt.step_dir(cfg.checkpoint_dir, steps) / "meta.json").exists() and \
+        any(r["step"] == steps for r in read_metrics(Path(cfg.run_dir), "heldout"))
+
+
+def train(cfg: Config, trainer_class: type[Trainer] = Trainer) -> Path:
+    """Train (resume, or reuse when complete) the run of ``cfg``; its run folder."""
+    if not complete(cfg):
+        trainer_from_config(cfg, trainer_class).run()
+    return Path(cfg.run_dir)
+
+
 def run_sft(cfg: Config, steps: int, save_every: int) -> Path:
     """SFT of ``cfg`` for ``steps`` (resumes); its run folder (``<run_dir>/sft``)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sft=dataclasses.replace(
         cfg.train.sft, enabled=True, steps=steps, lr=SFT_LR, save_every=save_every)))
-    sft = sft_config(cfg)
-    trainer_from_config(sft, SFTTrainer).run()
-    return Path(sft.run_dir)
+    return train(sft_config(cfg), SFTTrainer)
 
 
 def run_grpo_from(cfg: Config, model: Path, steps: int, mode: str) -> Path:
@@ -154,8 +177,7 @@ def run_grpo_from(cfg: Config, model: Path, steps: int, mode: str) -> Path:
         cfg, model=dataclasses.replace(cfg.model, path=str(model), tiny=False),
         train=dataclasses.replace(cfg.train, steps=steps, save_every=steps,
                                   offline=dataclasses.replace(cfg.train.offline, mode=mode)))
-    trainer_from_config(cfg).run()
-    return Path(cfg.run_dir)
+    return train(cfg)
 
 
 def arms_of_a_seed(s: Settings, seed: int, root: Path, extra: list[str], arms: dict[str, str],
@@ -169,7 +191,9 @@ def arms_of_a_seed(s: Settings, seed: int, root: Path, extra: list[str], arms: d
     for label, mode in arms.items():
         run = run_grpo_from(base_config(s, root / f"seed{seed}/{mode}", seed, *extra),
                             warm_model, s.steps, mode)
-        curves[label] = {t: curve(sft_dir, t, upto=s.warm) + curve(run, t, offset=s.warm)[1:]
+        # the GRPO run's step-0 evaluation is the warm start's model (whether or not the SFT
+        # run evaluated at step ``warm``: eval_every need not divide it)
+        curves[label] = {t: curve(sft_dir, t, upto=s.warm - 1) + curve(run, t, offset=s.warm)
                          for t in tasks}
     return curves
 
@@ -263,23 +287,51 @@ def table(result: dict) -> list[str]:
     return lines
 
 
-def report(s: Settings, results: dict, pngs: dict[str, Path], md: Path, command: str,
-           seconds: float) -> None:
-    lines = ["# Ablations in miniature", "",
-             f"Made by `{command}` in {seconds / 60:.0f} min "
-             f"(seeds {', '.join(map(str, s.seeds))}; {s.videos} videos, {s.images} images; "
+BEGIN, END = "<!-- ablations.py: begin -->", "<!-- ablations.py: end -->"
+
+
+def run_minutes(s: Settings, which: list[str]) -> tuple[float, int]:
+    """Minutes of training and evaluation summed over the runs of ``which`` (each run: its
+    first to its last metrics row, so a reused run counts what it took when it was made) and
+    how many runs."""
+    seconds, runs_found = 0.0, 0
+    for key in which:
+        for folder in sorted(p.parent for p in (s.out / key).glob(f"**/{runs.METRICS}")):
+            times = [r["time"] for r in read_metrics(folder)]
+            if times:
+                seconds += max(times) - min(times)
+                runs_found += 1
+    return seconds / 60, runs_found
+
+
+def report_lines(s: Settings, results: dict, pngs: dict[str, Path], md: Path, command: str,
+                 seconds: float, which: list[str]) -> list[str]:
+    minutes, count = run_minutes(s, which)
+    lines = [f"Made by `{command}` ({seconds / 60:.0f} min for this call; the {count} runs took "
+             f"{minutes:.0f} min of training and evaluation, summed; seeds "
+             f"{', '.join(map(str, s.seeds))}; {s.videos} videos, {s.images} images; "
              f"{s.warm} SFT warm-start steps, then {s.steps} steps; held-out accuracy every "
              f"{s.eval_every} steps). Final held-out accuracy, mean ± standard deviation over "
              "seeds; the plots show the mean and, shaded, the range over seeds.", ""]
     names = {"a": "(a) offline-online mixing vs online only vs SFT only",
              "b": "(b) joint image + video vs video only (video held-out colour questions)"}
     for key, result in results.items():
-        lines += [f"## {names[key]}", "", *table(result), "",
+        lines += [f"### {names[key]}", "", *table(result), "",
                   f"![{key}]({pngs[key].relative_to(md.parent)})", ""]
-    md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(md)
+    return lines
+
+
+def write_report(md: Path, lines: list[str]) -> None:
+    """The generated lines go between the BEGIN and END markers of ``md`` when it has them
+    (the text around them, the write-up, stays); else ``md`` is (re)written with a title and
+    the marked block."""
+    block = "\n".join([BEGIN, *lines, END])
+    old = md.read_text() if md.exists() else ""
+    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
+        text = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        text = "# Ablations in miniature\n\n" + block + "\n"
+    atomic_write_bytes(md, text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,10 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         results["a"] = ablation_a(s)
     if "b" in which:
         results["b"] = ablation_b(s)
-    (s.out / "ablations.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(s.out / "ablations.json", results)
     pngs = {k: plot(r, k, md.parent / f"ablation_{k}.png") for k, r in results.items()}
     command = "python tools/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report(s, results, pngs, md, command, time.perf_counter() - start)
+    write_report(md, report_lines(s, results, pngs, md, command, time.perf_counter() - start,
+                                  which))
     for result in results.values():
         print("\n".join(table(result)))
     print(f"report: {md}")
