@@ -44,7 +44,17 @@ def test_ablation_smoke_writes_every_curve_table_and_plot(tmp_path):
         for mode in ("always", "never"):
             start = tool.read_metrics(tmp_path / f"abl/a/seed{seed}/{mode}", "heldout")[0]
             assert start["step"] == 0 and start["accuracy"] == warm[0]["accuracy"]
+    # the reference row: one fixed answer for every question, the training questions' most
+    # frequent letter (ties: the first letter), counted here by hand on the JSONL files
+    rows = {split: [json.loads(x) for x in (tmp_path / f"abl/data/{split}.jsonl").read_text()
+                    .splitlines()] for split in ("train", "heldout")}
+    letters = [r["solution"] for r in rows["train"] if r["meta"].get("task") == "direction"]
+    top = min(set(letters), key=lambda x: (-letters.count(x), x))
+    held = [r["solution"] for r in rows["heldout"] if r["meta"].get("task") == "direction"]
+    assert result["a"]["constant"] == {"direction": held.count(top) / len(held)}
     text = md.read_text()
+    assert f"| one fixed answer (best on the training questions) | " \
+        f"{held.count(top) / len(held):.2f} | |" in text
     assert "python tools/ablations.py --smoke" in text
     for arm in (*tool.ARMS_A, *tool.ARMS_B):
         assert f"| {arm} |" in text

@@ -1,8 +1,13 @@
 """The method's claims in miniature, on the synthetic tasks and the tiny model, over seeds.
 
     OMP_NUM_THREADS=1 nice -n 10 python tools/ablations.py --out runs/ablations \\
-        --results docs/results.md                       # the full table (about an hour, 2 cores)
+        --results docs/results.md                       # the full table (docs/results.md)
     python tools/ablations.py --smoke --out /tmp/abl    # a short version of every run (CI)
+
+The full table is 21 training runs (about 2.5 h of one core on a busy 2-core box, see
+docs/results.md). To use both cores, run disjoint parts side by side (``--only``, ``--seeds``;
+each call prepares the data and models first, so start the second once the first is
+training) and then the full command, which reuses every complete run and writes the report.
 
 (a) Offline-online mixing vs online-only vs SFT-only, on the harder tasks (direction of motion,
     counting, temporal grounding: ``--tasks``). Every arm of a seed starts from the same model:
@@ -19,8 +24,10 @@ Every run evaluates held-out accuracy (greedy) every ``--eval-every`` steps; the
 counts SFT and GRPO steps alike (a GRPO step also samples rollout.n answers per prompt, so it
 costs more). Writes ``<out>/ablations.json`` (every curve of every seed), one PNG per ablation
 (mean over seeds, band: min to max) and a markdown report (``--results``, default
-``<out>/results.md``) with the final accuracies, mean +- standard deviation over seeds. Runs
-already complete are reused (each run resumes), so an interrupted call continues.
+``<out>/results.md``) with the final accuracies, mean +- standard deviation over seeds; in a
+results file that has the BEGIN/END markers below, only the block between them is replaced, so
+a write-up around it stays. Complete runs are reused and interrupted ones resume, so a second
+call continues where the first stopped.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from evr1 import runs  # noqa: E402
 from evr1.config import Config, load_config  # noqa: E402
+from evr1.data.dataset import sample_task  # noqa: E402
 from evr1.data.schema import load_samples, write_samples  # noqa: E402
 from evr1.data.synthetic import make_synthetic  # noqa: E402
 from evr1.files import atomic_write_bytes, atomic_write_figure, atomic_write_json  # noqa: E402
@@ -46,6 +54,7 @@ from evr1.models.loading import ensure_model  # noqa: E402
 from evr1.pipeline import stages  # noqa: E402
 from evr1.train import checkpoint as ckpt  # noqa: E402
 from evr1.train.build import trainer_from_config  # noqa: E402
+from evr1.train.groups import score_responses  # noqa: E402
 from evr1.train.metrics import read_metrics  # noqa: E402
 from evr1.train.sft import SFTTrainer, sft_config  # noqa: E402
 from evr1.train.trainer import Trainer  # noqa: E402
@@ -81,10 +90,10 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path, list[str]]:
                         help="markdown report (default <out>/results.md); PNGs beside it")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["direction", "count", "when"])
-    parser.add_argument("--warm", type=int, default=40, help="cold-start SFT steps")
-    parser.add_argument("--steps", type=int, default=60, help="steps after the warm start")
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--videos", type=int, default=96)
+    parser.add_argument("--warm", type=int, default=60, help="cold-start SFT steps")
+    parser.add_argument("--steps", type=int, default=90, help="steps after the warm start")
+    parser.add_argument("--eval-every", type=int, default=30)
+    parser.add_argument("--videos", type=int, default=256)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--only", choices=["a", "b"], default=None, help="one ablation only")
     parser.add_argument("--smoke", action="store_true",
@@ -204,7 +213,8 @@ def ablation_a(s: Settings) -> dict:
     arms = {"SFT + GRPO mixing": "always", "SFT + GRPO online only": "never"}
     per_seed = {seed: arms_of_a_seed(s, seed, s.out / "a", extra, arms, tasks)
                 for seed in s.seeds}
-    return {"tasks": tasks, "arms": list(ARMS_A), "curves": _by_arm(per_seed, ARMS_A)}
+    return {"tasks": tasks, "arms": list(ARMS_A), "curves": _by_arm(per_seed, ARMS_A),
+            "constant": constant_answer(s, tasks, s.out / "data/heldout.jsonl")}
 
 
 def ablation_b(s: Settings) -> dict:
@@ -224,7 +234,32 @@ def ablation_b(s: Settings) -> dict:
                                 s.steps, "always")
             per_seed[seed][label] = {"colour": curve(sft_dir, "colour") +
                                      curve(run, "colour", offset=s.warm)[1:]}
-    return {"tasks": ["colour"], "arms": list(ARMS_B), "curves": _by_arm(per_seed, ARMS_B)}
+    return {"tasks": ["colour"], "arms": list(ARMS_B), "curves": _by_arm(per_seed, ARMS_B),
+            "constant": constant_answer(s, ["colour"], s.out / "data/heldout_video.jsonl")}
+
+
+def constant_answer(s: Settings, tasks: list[str], heldout: Path) -> dict[str, float]:
+    """Per task, the held-out accuracy of answering every question with one fixed answer: the
+    expert answer (of that task's video training questions) that scores best over those
+    training questions. What a model that ignores the video can reach; an arm at this level
+    has learned the answer format and the answers' distribution, nothing more."""
+    reward = base_config(s, s.out, 0).reward
+    train = load_samples(s.out / "data/train.jsonl", check_media=False)
+    held = load_samples(heldout, check_media=False)
+    out = {}
+    for task in tasks:
+        mine = [x for x in train if sample_task(x) == task and x.data_type == "video"]
+        theirs = [x for x in held if sample_task(x) == task and x.data_type == "video"]
+        if not mine or not theirs:
+            continue
+
+        def mean(samples: list, text: str) -> float:
+            scores = score_responses(samples, [text] * len(samples), reward).accuracy.tolist()
+            return sum(scores) / len(scores)
+
+        best = max(sorted({x.offline_output for x in mine}), key=lambda text: mean(mine, text))
+        out[task] = mean(theirs, best)
+    return out
 
 
 def _by_arm(per_seed: dict[int, dict], arms) -> dict:
@@ -263,6 +298,9 @@ def plot(result: dict, title: str, png: Path) -> Path:
             line, = ax.plot(xs, [statistics.mean(v) for _, v in keep], marker="o", label=arm)
             ax.fill_between(xs, [min(v) for _, v in keep], [max(v) for _, v in keep],
                             color=line.get_color(), alpha=0.15)
+        if task in result["constant"]:
+            ax.axhline(result["constant"][task], color="grey", linestyle="--", linewidth=1,
+                       label="one fixed answer")
         ax.set(title=f"{title}: held-out {task}", xlabel="step (SFT and GRPO)",
                ylabel="accuracy (greedy)", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
@@ -284,6 +322,9 @@ def table(result: dict) -> list[str]:
             cells.append(spread(values))
             per.append(f"{task} " + " / ".join(f"{v:.2f}" for v in values))
         lines.append(f"| {arm} | " + " | ".join(cells) + " | " + "; ".join(per) + " |")
+    lines.append("| one fixed answer (best on the training questions) | " + " | ".join(
+        f"{result['constant'][task]:.2f}" if task in result["constant"] else "n/a"
+        for task in result["tasks"]) + " | |")
     return lines
 
 
