@@ -91,7 +91,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path, list[str]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["direction", "count", "when"])
     parser.add_argument("--warm", type=int, default=60, help="cold-start SFT steps")
-    parser.add_argument("--steps", type=int, default=90, help="steps after the warm start")
+    parser.add_argument("--steps", type=int, default=45, help="steps after the warm start")
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--videos", type=int, default=256)
     parser.add_argument("--images", type=int, default=64)
