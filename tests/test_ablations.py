@@ -52,7 +52,10 @@ def test_ablation_smoke_writes_every_curve_table_and_plot(tmp_path):
     top = min(set(letters), key=lambda x: (-letters.count(x), x))
     held = [r["solution"] for r in rows["heldout"] if r["meta"].get("task") == "direction"]
     assert result["a"]["constant"] == {"direction": held.count(top) / len(held)}
+    assert set(result["a"]["grpo_runs"]) == set(tool.ARMS_A[1:])
+    assert set(result["b"]["grpo_runs"]) == set(tool.ARMS_B)
     text = md.read_text()
+    assert "| GRPO arm | sampled-answer accuracy, first 10 steps |" in text
     assert f"| one fixed answer (best on the training questions) | " \
         f"{held.count(top) / len(held):.2f} | |" in text
     assert "python tools/ablations.py --smoke" in text

@@ -190,9 +190,11 @@ def run_grpo_from(cfg: Config, model: Path, steps: int, mode: str) -> Path:
 
 
 def arms_of_a_seed(s: Settings, seed: int, root: Path, extra: list[str], arms: dict[str, str],
-                   tasks: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+                   tasks: list[str], grpo_runs: dict[str, dict[str, str]]
+                   ) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """The warm start (SFT, continued to warm + steps: the SFT-only arm), then one GRPO run
-    per ``arms`` entry (label -> offline mode) from the warm start's checkpoint."""
+    per ``arms`` entry (label -> offline mode) from the warm start's checkpoint; each GRPO
+    run's folder goes to ``grpo_runs[label][seed]``."""
     cfg = base_config(s, root / f"seed{seed}", seed, *extra)
     sft_dir = run_sft(cfg, s.warm + s.steps, s.warm)
     warm_model = ckpt.step_dir(sft_dir / "checkpoints", s.warm) / "model"
@@ -200,6 +202,7 @@ def arms_of_a_seed(s: Settings, seed: int, root: Path, extra: list[str], arms: d
     for label, mode in arms.items():
         run = run_grpo_from(base_config(s, root / f"seed{seed}/{mode}", seed, *extra),
                             warm_model, s.steps, mode)
+        grpo_runs.setdefault(label, {})[str(seed)] = str(run)
         # the GRPO run's step-0 evaluation is the warm start's model (whether or not the SFT
         # run evaluated at step ``warm``: eval_every need not divide it)
         curves[label] = {t: curve(sft_dir, t, upto=s.warm - 1) + curve(run, t, offset=s.warm)
@@ -211,9 +214,11 @@ def ablation_a(s: Settings) -> dict:
     tasks = list(s.tasks)
     extra = [f"data.include_tasks=[{','.join(tasks)}]"]
     arms = {"SFT + GRPO mixing": "always", "SFT + GRPO online only": "never"}
-    per_seed = {seed: arms_of_a_seed(s, seed, s.out / "a", extra, arms, tasks)
+    grpo_runs: dict[str, dict[str, str]] = {}
+    per_seed = {seed: arms_of_a_seed(s, seed, s.out / "a", extra, arms, tasks, grpo_runs)
                 for seed in s.seeds}
     return {"tasks": tasks, "arms": list(ARMS_A), "curves": _by_arm(per_seed, ARMS_A),
+            "grpo_runs": grpo_runs,
             "constant": constant_answer(s, tasks, s.out / "data/heldout.jsonl")}
 
 
@@ -221,6 +226,7 @@ def ablation_b(s: Settings) -> dict:
     """Joint vs video only on colour: SFT warm start then GRPO with mixing, per training set;
     both evaluated on the video held-out colour questions."""
     per_seed: dict[int, dict] = {}
+    grpo_runs: dict[str, dict[str, str]] = {}
     held = f"data.eval_jsonl={s.out / 'data/heldout_video.jsonl'}"
     for seed in s.seeds:
         per_seed[seed] = {}
@@ -232,9 +238,11 @@ def ablation_b(s: Settings) -> dict:
             sft_dir = run_sft(cfg, s.warm, s.warm)
             run = run_grpo_from(cfg, ckpt.step_dir(sft_dir / "checkpoints", s.warm) / "model",
                                 s.steps, "always")
+            grpo_runs.setdefault(label, {})[str(seed)] = str(run)
             per_seed[seed][label] = {"colour": curve(sft_dir, "colour") +
                                      curve(run, "colour", offset=s.warm)[1:]}
     return {"tasks": ["colour"], "arms": list(ARMS_B), "curves": _by_arm(per_seed, ARMS_B),
+            "grpo_runs": grpo_runs,
             "constant": constant_answer(s, ["colour"], s.out / "data/heldout_video.jsonl")}
 
 
@@ -345,6 +353,24 @@ def run_minutes(s: Settings, which: list[str]) -> tuple[float, int]:
     return seconds / 60, runs_found
 
 
+def grpo_lines(result: dict, window: int = 10) -> list[str]:
+    """What the GRPO runs did on their training prompts: the sampled answers' accuracy over
+    the first and the last ``window`` steps, and the share of groups whose rewards differ (a
+    learning signal), each a mean over steps, then mean ± sd over seeds."""
+    lines = [f"| GRPO arm | sampled-answer accuracy, first {window} steps | last {window} steps "
+             "| groups with a signal |", "|---|---|---|---|"]
+    for arm, by_seed in result["grpo_runs"].items():
+        first, last, signal = [], [], []
+        for folder in by_seed.values():
+            rows = read_metrics(Path(folder), "train")
+            first.append(statistics.mean(r["online_accuracy"] for r in rows[:window]))
+            last.append(statistics.mean(r["online_accuracy"] for r in rows[-window:]))
+            signal.append(statistics.mean(r["groups_with_signal"] / r["groups_drawn"]
+                                          for r in rows))
+        lines.append(f"| {arm} | {spread(first)} | {spread(last)} | {spread(signal)} |")
+    return lines
+
+
 def report_lines(s: Settings, results: dict, pngs: dict[str, Path], md: Path, command: str,
                  seconds: float, which: list[str]) -> list[str]:
     minutes, count = run_minutes(s, which)
@@ -357,7 +383,7 @@ def report_lines(s: Settings, results: dict, pngs: dict[str, Path], md: Path, co
     names = {"a": "(a) offline-online mixing vs online only vs SFT only",
              "b": "(b) joint image + video vs video only (video held-out colour questions)"}
     for key, result in results.items():
-        lines += [f"### {names[key]}", "", *table(result), "",
+        lines += [f"### {names[key]}", "", *table(result), "", *grpo_lines(result), "",
                   f"![{key}]({pngs[key].relative_to(md.parent)})", ""]
     return lines
 
