@@ -344,8 +344,12 @@ def run_minutes(s: Settings, which: list[str]) -> tuple[float, int]:
     first to its last metrics row, so a reused run counts what it took when it was made) and
     how many runs."""
     seconds, runs_found = 0.0, 0
+    # the run folders of these seeds only (another call may be training other seeds)
+    patterns = {"a": "a/seed{}/**/", "b": "b/*/seed{}/**/"}
     for key in which:
-        for folder in sorted(p.parent for p in (s.out / key).glob(f"**/{runs.METRICS}")):
+        found = {p.parent for seed in s.seeds
+                 for p in s.out.glob(patterns[key].format(seed) + runs.METRICS)}
+        for folder in sorted(found):
             times = [r["time"] for r in read_metrics(folder)]
             if times:
                 seconds += max(times) - min(times)
