@@ -290,7 +290,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
-def plot(result: dict, title: str, png: Path) -> Path:
+def plot(result: dict, title: str, png: Path, warm: int) -> Path:
     tasks = result["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -309,10 +309,12 @@ def plot(result: dict, title: str, png: Path) -> Path:
         if task in result["constant"]:
             ax.axhline(result["constant"][task], color="grey", linestyle="--", linewidth=1,
                        label="one fixed answer")
+        # before it every arm is the same warm-start SFT run (the curves lie on each other)
+        ax.axvline(warm, color="black", linestyle=":", linewidth=1, label="end of warm start")
         ax.set(title=f"{title}: held-out {task}", xlabel="step (SFT and GRPO)",
                ylabel="accuracy (greedy)", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     atomic_write_figure(png, fig, dpi=100)
     return png
@@ -378,7 +380,8 @@ def grpo_lines(result: dict, window: int = 10) -> list[str]:
 def report_lines(s: Settings, results: dict, pngs: dict[str, Path], md: Path, command: str,
                  seconds: float, which: list[str]) -> list[str]:
     minutes, count = run_minutes(s, which)
-    lines = [f"Made by `{command}` ({seconds / 60:.0f} min for this call; the {count} runs took "
+    lines = [f"Made by `{command}` ({seconds / 60:.0f} min for this call, which reuses complete "
+             f"runs; the {count} runs took "
              f"{minutes:.0f} min of training and evaluation, summed; seeds "
              f"{', '.join(map(str, s.seeds))}; {s.videos} videos, {s.images} images; "
              f"{s.warm} SFT warm-start steps, then {s.steps} steps; held-out accuracy every "
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if "b" in which:
         results["b"] = ablation_b(s)
     atomic_write_json(s.out / "ablations.json", results)
-    pngs = {k: plot(r, k, md.parent / f"ablation_{k}.png") for k, r in results.items()}
+    pngs = {k: plot(r, k, md.parent / f"ablation_{k}.png", s.warm) for k, r in results.items()}
     command = "python tools/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_report(md, report_lines(s, results, pngs, md, command, time.perf_counter() - start,
                                   which))
