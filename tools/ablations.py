@@ -5,7 +5,7 @@
     python tools/ablations.py --smoke --out /tmp/abl    # a short version of every run (CI)
 
 The full table is 21 training runs (55 min summed over runs on a 2-core box loaded by other
-jobs, 52 min of wall clock in two processes: docs/results.md). To use both cores, run
+jobs, 32 min of wall clock in two processes: docs/results.md). To use both cores, run
 disjoint parts side by side (``--only``, ``--seeds``; each call prepares the data and models
 first, so start the second once the first is training) and then the full command, which
 reuses every complete run and writes the report.
