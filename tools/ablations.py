@@ -1,8 +1,14 @@
 """The method's claims in miniature, on the synthetic tasks and the tiny model, over seeds.
 
     OMP_NUM_THREADS=1 nice -n 10 python tools/ablations.py --out runs/ablations \\
-        --results docs/results.md                       # the full table (about an hour, 2 cores)
+        --results docs/results.md                       # the full table (docs/results.md)
     python tools/ablations.py --smoke --out /tmp/abl    # a short version of every run (CI)
+
+The full table is 21 training runs (55 min summed over runs on a 2-core box loaded by other
+jobs, 32 min of wall clock in two processes: docs/results.md). To use both cores, run
+disjoint parts side by side (``--only``, ``--seeds``; each call prepares the data and models
+first, so start the second once the first is training) and then the full command, which
+reuses every complete run and writes the report.
 
 (a) Offline-online mixing vs online-only vs SFT-only, on the harder tasks (direction of motion,
     counting, temporal grounding: ``--tasks``). Every arm of a seed starts from the same model:
@@ -19,15 +25,16 @@ Every run evaluates held-out accuracy (greedy) every ``--eval-every`` steps; the
 counts SFT and GRPO steps alike (a GRPO step also samples rollout.n answers per prompt, so it
 costs more). Writes ``<out>/ablations.json`` (every curve of every seed), one PNG per ablation
 (mean over seeds, band: min to max) and a markdown report (``--results``, default
-``<out>/results.md``) with the final accuracies, mean +- standard deviation over seeds. Runs
-already complete are reused (each run resumes), so an interrupted call continues.
+``<out>/results.md``) with the final accuracies, mean +- standard deviation over seeds; in a
+results file that has the BEGIN/END markers below, only the block between them is replaced, so
+a write-up around it stays. Complete runs are reused and interrupted ones resume, so a second
+call continues where the first stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -38,15 +45,20 @@ import matplotlib
 matplotlib.use("Agg")  # no display in batch jobs
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evr1 import runs  # noqa: E402
 from evr1.config import Config, load_config  # noqa: E402
+from evr1.data.dataset import sample_task  # noqa: E402
 from evr1.data.schema import load_samples, write_samples  # noqa: E402
 from evr1.data.synthetic import make_synthetic  # noqa: E402
-from evr1.files import atomic_write_figure  # noqa: E402
+from evr1.files import atomic_write_bytes, atomic_write_figure, atomic_write_json  # noqa: E402
+from evr1.models.loading import ensure_model  # noqa: E402
 from evr1.pipeline import stages  # noqa: E402
 from evr1.train import checkpoint as ckpt  # noqa: E402
 from evr1.train.build import trainer_from_config  # noqa: E402
+from evr1.train.groups import score_responses  # noqa: E402
 from evr1.train.metrics import read_metrics  # noqa: E402
 from evr1.train.sft import SFTTrainer, sft_config  # noqa: E402
+from evr1.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # GRPO settings of the arms (the learning check's recipe, tools/learning_check.py): small
@@ -79,10 +91,10 @@ def parse(argv: list[str] | None) -> tuple[Settings, Path, list[str]]:
                         help="markdown report (default <out>/results.md); PNGs beside it")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["direction", "count", "when"])
-    parser.add_argument("--warm", type=int, default=40, help="cold-start SFT steps")
-    parser.add_argument("--steps", type=int, default=60, help="steps after the warm start")
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--videos", type=int, default=96)
+    parser.add_argument("--warm", type=int, default=60, help="cold-start SFT steps")
+    parser.add_argument("--steps", type=int, default=45, help="steps after the warm start")
+    parser.add_argument("--eval-every", type=int, default=30)
+    parser.add_argument("--videos", type=int, default=256)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--only", choices=["a", "b"], default=None, help="one ablation only")
     parser.add_argument("--smoke", action="store_true",
@@ -118,7 +130,8 @@ def base_config(s: Settings, run_dir: Path, seed: int, *extra: str) -> Config:
 
 
 def prepare(s: Settings) -> None:
-    """Synthetic data (one data seed for every run), its shards, and the video-only files."""
+    """Synthetic data (one data seed for every run), its shards, the video-only files and each
+    seed's tiny starting model."""
     cfg = base_config(s, s.out, 0)
     if not (s.out / "data/train.jsonl").exists():
         made = make_synthetic(cfg.synthetic, progress=False)
@@ -130,6 +143,11 @@ def prepare(s: Settings) -> None:
         if not target.exists():
             samples = load_samples(s.out / f"data/{split}.jsonl", check_media=False)
             write_samples(target, [x for x in samples if x.data_type == "video"])
+    # Built here, from the full train + held-out texts (the tiny tokenizer is trained on
+    # them), so that every arm of a seed starts from the same model whichever run comes first
+    # (an ablation (b) run would otherwise build it from its own video-only files).
+    for seed in s.seeds:
+        ensure_model(base_config(s, s.out, seed))
 
 
 def curve(run_dir: Path, task: str, offset: int = 0, upto: int | None = None
@@ -140,13 +158,28 @@ def curve(run_dir: Path, task: str, offset: int = 0, upto: int | None = None
             if upto is None or r["step"] <= upto]
 
 
+def complete(cfg: Config) -> bool:
+    """The run of ``cfg`` has its final checkpoint and its final held-out evaluation.
+
+    Such a run is not started again: the trainer, resumed at its last step, would evaluate
+    once more and log a second held-out row for that step (and load the model to do it)."""
+    steps = cfg.train.steps
+    return (ckpt.step_dir(cfg.checkpoint_dir, steps) / "meta.json").exists() and \
+        any(r["step"] == steps for r in read_metrics(Path(cfg.run_dir), "heldout"))
+
+
+def train(cfg: Config, trainer_class: type[Trainer] = Trainer) -> Path:
+    """Train (resume, or reuse when complete) the run of ``cfg``; its run folder."""
+    if not complete(cfg):
+        trainer_from_config(cfg, trainer_class).run()
+    return Path(cfg.run_dir)
+
+
 def run_sft(cfg: Config, steps: int, save_every: int) -> Path:
     """SFT of ``cfg`` for ``steps`` (resumes); its run folder (``<run_dir>/sft``)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sft=dataclasses.replace(
         cfg.train.sft, enabled=True, steps=steps, lr=SFT_LR, save_every=save_every)))
-    sft = sft_config(cfg)
-    trainer_from_config(sft, SFTTrainer).run()
-    return Path(sft.run_dir)
+    return train(sft_config(cfg), SFTTrainer)
 
 
 def run_grpo_from(cfg: Config, model: Path, steps: int, mode: str) -> Path:
@@ -154,14 +187,15 @@ def run_grpo_from(cfg: Config, model: Path, steps: int, mode: str) -> Path:
         cfg, model=dataclasses.replace(cfg.model, path=str(model), tiny=False),
         train=dataclasses.replace(cfg.train, steps=steps, save_every=steps,
                                   offline=dataclasses.replace(cfg.train.offline, mode=mode)))
-    trainer_from_config(cfg).run()
-    return Path(cfg.run_dir)
+    return train(cfg)
 
 
 def arms_of_a_seed(s: Settings, seed: int, root: Path, extra: list[str], arms: dict[str, str],
-                   tasks: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+                   tasks: list[str], grpo_runs: dict[str, dict[str, str]]
+                   ) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """The warm start (SFT, continued to warm + steps: the SFT-only arm), then one GRPO run
-    per ``arms`` entry (label -> offline mode) from the warm start's checkpoint."""
+    per ``arms`` entry (label -> offline mode) from the warm start's checkpoint; each GRPO
+    run's folder goes to ``grpo_runs[label][seed]``."""
     cfg = base_config(s, root / f"seed{seed}", seed, *extra)
     sft_dir = run_sft(cfg, s.warm + s.steps, s.warm)
     warm_model = ckpt.step_dir(sft_dir / "checkpoints", s.warm) / "model"
@@ -169,7 +203,10 @@ def arms_of_a_seed(s: Settings, seed: int, root: Path, extra: list[str], arms: d
     for label, mode in arms.items():
         run = run_grpo_from(base_config(s, root / f"seed{seed}/{mode}", seed, *extra),
                             warm_model, s.steps, mode)
-        curves[label] = {t: curve(sft_dir, t, upto=s.warm) + curve(run, t, offset=s.warm)[1:]
+        grpo_runs.setdefault(label, {})[str(seed)] = str(run)
+        # the GRPO run's step-0 evaluation is the warm start's model (whether or not the SFT
+        # run evaluated at step ``warm``: eval_every need not divide it)
+        curves[label] = {t: curve(sft_dir, t, upto=s.warm - 1) + curve(run, t, offset=s.warm)
                          for t in tasks}
     return curves
 
@@ -178,15 +215,19 @@ def ablation_a(s: Settings) -> dict:
     tasks = list(s.tasks)
     extra = [f"data.include_tasks=[{','.join(tasks)}]"]
     arms = {"SFT + GRPO mixing": "always", "SFT + GRPO online only": "never"}
-    per_seed = {seed: arms_of_a_seed(s, seed, s.out / "a", extra, arms, tasks)
+    grpo_runs: dict[str, dict[str, str]] = {}
+    per_seed = {seed: arms_of_a_seed(s, seed, s.out / "a", extra, arms, tasks, grpo_runs)
                 for seed in s.seeds}
-    return {"tasks": tasks, "arms": list(ARMS_A), "curves": _by_arm(per_seed, ARMS_A)}
+    return {"tasks": tasks, "arms": list(ARMS_A), "curves": _by_arm(per_seed, ARMS_A),
+            "grpo_runs": grpo_runs,
+            "constant": constant_answer(s, tasks, s.out / "data/heldout.jsonl")}
 
 
 def ablation_b(s: Settings) -> dict:
     """Joint vs video only on colour: SFT warm start then GRPO with mixing, per training set;
     both evaluated on the video held-out colour questions."""
     per_seed: dict[int, dict] = {}
+    grpo_runs: dict[str, dict[str, str]] = {}
     held = f"data.eval_jsonl={s.out / 'data/heldout_video.jsonl'}"
     for seed in s.seeds:
         per_seed[seed] = {}
@@ -198,9 +239,36 @@ def ablation_b(s: Settings) -> dict:
             sft_dir = run_sft(cfg, s.warm, s.warm)
             run = run_grpo_from(cfg, ckpt.step_dir(sft_dir / "checkpoints", s.warm) / "model",
                                 s.steps, "always")
+            grpo_runs.setdefault(label, {})[str(seed)] = str(run)
             per_seed[seed][label] = {"colour": curve(sft_dir, "colour") +
                                      curve(run, "colour", offset=s.warm)[1:]}
-    return {"tasks": ["colour"], "arms": list(ARMS_B), "curves": _by_arm(per_seed, ARMS_B)}
+    return {"tasks": ["colour"], "arms": list(ARMS_B), "curves": _by_arm(per_seed, ARMS_B),
+            "grpo_runs": grpo_runs,
+            "constant": constant_answer(s, ["colour"], s.out / "data/heldout_video.jsonl")}
+
+
+def constant_answer(s: Settings, tasks: list[str], heldout: Path) -> dict[str, float]:
+    """Per task, the held-out accuracy of answering every question with one fixed answer: the
+    expert answer (of that task's video training questions) that scores best over those
+    training questions. What a model that ignores the video can reach; an arm at this level
+    has learned the answer format and the answers' distribution, nothing more."""
+    reward = base_config(s, s.out, 0).reward
+    train = load_samples(s.out / "data/train.jsonl", check_media=False)
+    held = load_samples(heldout, check_media=False)
+    out = {}
+    for task in tasks:
+        mine = [x for x in train if sample_task(x) == task and x.data_type == "video"]
+        theirs = [x for x in held if sample_task(x) == task and x.data_type == "video"]
+        if not mine or not theirs:
+            continue
+
+        def mean(samples: list, text: str) -> float:
+            scores = score_responses(samples, [text] * len(samples), reward).accuracy.tolist()
+            return sum(scores) / len(scores)
+
+        best = max(sorted({x.offline_output for x in mine}), key=lambda text: mean(mine, text))
+        out[task] = mean(theirs, best)
+    return out
 
 
 def _by_arm(per_seed: dict[int, dict], arms) -> dict:
@@ -223,7 +291,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
-def plot(result: dict, title: str, png: Path) -> Path:
+def plot(result: dict, title: str, png: Path, warm: int) -> Path:
     tasks = result["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -239,10 +307,15 @@ def plot(result: dict, title: str, png: Path) -> Path:
             line, = ax.plot(xs, [statistics.mean(v) for _, v in keep], marker="o", label=arm)
             ax.fill_between(xs, [min(v) for _, v in keep], [max(v) for _, v in keep],
                             color=line.get_color(), alpha=0.15)
+        if task in result["constant"]:
+            ax.axhline(result["constant"][task], color="grey", linestyle="--", linewidth=1,
+                       label="one fixed answer")
+        # before it every arm is the same warm-start SFT run (the curves lie on each other)
+        ax.axvline(warm, color="black", linestyle=":", linewidth=1, label="end of warm start")
         ax.set(title=f"{title}: held-out {task}", xlabel="step (SFT and GRPO)",
                ylabel="accuracy (greedy)", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     atomic_write_figure(png, fig, dpi=100)
     return png
@@ -260,26 +333,80 @@ def table(result: dict) -> list[str]:
             cells.append(spread(values))
             per.append(f"{task} " + " / ".join(f"{v:.2f}" for v in values))
         lines.append(f"| {arm} | " + " | ".join(cells) + " | " + "; ".join(per) + " |")
+    lines.append("| one fixed answer (best on the training questions) | " + " | ".join(
+        f"{result['constant'][task]:.2f}" if task in result["constant"] else "n/a"
+        for task in result["tasks"]) + " | |")
     return lines
 
 
-def report(s: Settings, results: dict, pngs: dict[str, Path], md: Path, command: str,
-           seconds: float) -> None:
-    lines = ["# Ablations in miniature", "",
-             f"Made by `{command}` in {seconds / 60:.0f} min "
-             f"(seeds {', '.join(map(str, s.seeds))}; {s.videos} videos, {s.images} images; "
+BEGIN, END = "<!-- ablations.py: begin -->", "<!-- ablations.py: end -->"
+
+
+def run_minutes(s: Settings, which: list[str]) -> tuple[float, int]:
+    """Minutes of training and evaluation summed over the runs of ``which`` (each run: its
+    first to its last metrics row, so a reused run counts what it took when it was made) and
+    how many runs."""
+    seconds, runs_found = 0.0, 0
+    # the run folders of these seeds only (another call may be training other seeds)
+    patterns = {"a": "a/seed{}/**/", "b": "b/*/seed{}/**/"}
+    for key in which:
+        found = {p.parent for seed in s.seeds
+                 for p in s.out.glob(patterns[key].format(seed) + runs.METRICS)}
+        for folder in sorted(found):
+            times = [r["time"] for r in read_metrics(folder)]
+            if times:
+                seconds += max(times) - min(times)
+                runs_found += 1
+    return seconds / 60, runs_found
+
+
+def grpo_lines(result: dict, window: int = 10) -> list[str]:
+    """What the GRPO runs did on their training prompts: the sampled answers' accuracy over
+    the first and the last ``window`` steps, and the share of groups whose rewards differ (a
+    learning signal), each a mean over steps, then mean ± sd over seeds."""
+    lines = [f"| GRPO arm | sampled-answer accuracy, first {window} steps | last {window} steps "
+             "| groups with a signal |", "|---|---|---|---|"]
+    for arm, by_seed in result["grpo_runs"].items():
+        first, last, signal = [], [], []
+        for folder in by_seed.values():
+            rows = read_metrics(Path(folder), "train")
+            first.append(statistics.mean(r["online_accuracy"] for r in rows[:window]))
+            last.append(statistics.mean(r["online_accuracy"] for r in rows[-window:]))
+            signal.append(statistics.mean(r["groups_with_signal"] / r["groups_drawn"]
+                                          for r in rows))
+        lines.append(f"| {arm} | {spread(first)} | {spread(last)} | {spread(signal)} |")
+    return lines
+
+
+def report_lines(s: Settings, results: dict, pngs: dict[str, Path], md: Path, command: str,
+                 seconds: float, which: list[str]) -> list[str]:
+    minutes, count = run_minutes(s, which)
+    lines = [f"Made by `{command}` ({seconds / 60:.0f} min for this call, which reuses complete "
+             f"runs; the {count} runs took "
+             f"{minutes:.0f} min of training and evaluation, summed; seeds "
+             f"{', '.join(map(str, s.seeds))}; {s.videos} videos, {s.images} images; "
              f"{s.warm} SFT warm-start steps, then {s.steps} steps; held-out accuracy every "
              f"{s.eval_every} steps). Final held-out accuracy, mean ± standard deviation over "
              "seeds; the plots show the mean and, shaded, the range over seeds.", ""]
     names = {"a": "(a) offline-online mixing vs online only vs SFT only",
              "b": "(b) joint image + video vs video only (video held-out colour questions)"}
     for key, result in results.items():
-        lines += [f"## {names[key]}", "", *table(result), "",
+        lines += [f"### {names[key]}", "", *table(result), "", *grpo_lines(result), "",
                   f"![{key}]({pngs[key].relative_to(md.parent)})", ""]
-    md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(md)
+    return lines
+
+
+def write_report(md: Path, lines: list[str]) -> None:
+    """The generated lines go between the BEGIN and END markers of ``md`` when it has them
+    (the text around them, the write-up, stays); else ``md`` is (re)written with a title and
+    the marked block."""
+    block = "\n".join([BEGIN, *lines, END])
+    old = md.read_text() if md.exists() else ""
+    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
+        text = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        text = "# Ablations in miniature\n\n" + block + "\n"
+    atomic_write_bytes(md, text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,10 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         results["a"] = ablation_a(s)
     if "b" in which:
         results["b"] = ablation_b(s)
-    (s.out / "ablations.json").write_text(json.dumps(results, indent=1) + "\n")
-    pngs = {k: plot(r, k, md.parent / f"ablation_{k}.png") for k, r in results.items()}
+    atomic_write_json(s.out / "ablations.json", results)
+    pngs = {k: plot(r, k, md.parent / f"ablation_{k}.png", s.warm) for k, r in results.items()}
     command = "python tools/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report(s, results, pngs, md, command, time.perf_counter() - start)
+    write_report(md, report_lines(s, results, pngs, md, command, time.perf_counter() - start,
+                                  which))
     for result in results.values():
         print("\n".join(table(result)))
     print(f"report: {md}")
