@@ -329,6 +329,13 @@ def test_resume_after_a_crash_logs_each_redone_step_once(prepared, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if r["kind"] == "heldout"] == [0, 4]
+    # Started again, complete: no new row, and the summary reports the logged figures.
+    result = trainer_from_config(small_config(prepared, f"run_dir={tmp_path}", *common)).run()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    heldout = [r for r in rows if r["kind"] == "heldout"]
+    assert [r["step"] for r in heldout] == [0, 4]
+    logged = [{k: v for k, v in r.items() if k not in ("step", "kind", "time")} for r in heldout]
+    assert result.before and (result.before, result.after) == (logged[0], logged[1])
 
 
 @pytest.mark.parametrize("override, message", [

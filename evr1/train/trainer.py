@@ -40,7 +40,7 @@ from evr1.train.groups import (
 from evr1.train.grpo import compute_advantages, overlong_reward
 from evr1.train.heldout import evaluate_heldout
 from evr1.train.hooks import CheckpointHook, CheckpointHookFactory, NoStopSignals, StopSignals
-from evr1.train.metrics import MetricsLogger, rewind_logs
+from evr1.train.metrics import MetricsLogger, read_metrics, rewind_logs
 from evr1.train.plots import plot_runs
 from evr1.train.replicas import (
     Replicas,
@@ -139,8 +139,10 @@ class Trainer:
         self.resume()
         dump_config(self.cfg, self.run_dir / runs.CONFIG)
         result = TrainResult(steps=self.state.step)
-        if self.state.step == 0:
-            result.before = self.evaluate()
+        # A resumed run reports the figures its first start logged at step 0 and, when it was
+        # already complete, those of its last step: evaluating again would log a second row.
+        complete = self.state.step >= self.cfg.train.steps
+        result.before = self.evaluate() if self.state.step == 0 else self._logged_heldout(0)
         last = self.cfg.train.steps
         if stop_after > 0:
             last = min(last, self.state.step + stop_after)
@@ -171,7 +173,8 @@ class Trainer:
                                    result.checkpoint else None, wait=done)
             self.prune()  # now that the scores are in
         if self.state.step >= self.cfg.train.steps:
-            result.after = self.evaluate()
+            result.after = (complete and self._logged_heldout(self.state.step)) or \
+                self.evaluate()
             task = self.cfg.data.include_tasks[0] if self.cfg.data.include_tasks else ""
             if self.is_main:
                 plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / runs.LEARNING_CURVE,
@@ -346,6 +349,13 @@ class Trainer:
                                   self.cfg.rollout.max_new_tokens, self.cfg.train.eval_samples)
         self.metrics.log(self.state.step, result, kind="heldout")
         return result
+
+    def _logged_heldout(self, step: int) -> dict[str, float]:
+        """The held-out figures this run folder's metrics.jsonl holds for ``step`` ({} if none)."""
+        rows = [r for r in read_metrics(self.run_dir, kind="heldout") if r["step"] == step]
+        if not rows:
+            return {}
+        return {k: v for k, v in rows[-1].items() if k not in ("step", "kind", "time")}
 
     def save(self) -> Path:
         extra = [self.model_dir / f for f in _PROCESSOR_FILES if (self.model_dir / f).exists()]
