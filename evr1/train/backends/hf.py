@@ -102,7 +102,7 @@ class HFBackend:
     # ------------------------------------------------------------------ forward
 
     def _logits(self, model: torch.nn.Module, batch: PolicyBatch,
-                sharding: fsdp.Sharding | None) -> Tensor:
+                sharding: fsdp.Sharding | None = None) -> Tensor:
         """Logits that predict the response tokens, [B, R, V] (fp32, divided by temperature).
 
         With ``train.shared_prefix`` (default) each distinct prompt of the micro-batch runs
