@@ -173,8 +173,8 @@ class Trainer:
                                    result.checkpoint else None, wait=done)
             self.prune()  # now that the scores are in
         if self.state.step >= self.cfg.train.steps:
-            result.after = (complete and self._logged_heldout(self.state.step)) or \
-                self.evaluate()
+            logged = self._logged_heldout(self.state.step) if complete else {}
+            result.after = logged or self.evaluate()
             task = self.cfg.data.include_tasks[0] if self.cfg.data.include_tasks else ""
             if self.is_main:
                 plot_runs({self.run_dir.name: self.run_dir}, self.run_dir / runs.LEARNING_CURVE,
