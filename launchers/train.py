@@ -7,6 +7,8 @@
     python launchers/train.py --config C train.steps=20 train.resume=never
 
 Resumes from the newest complete checkpoint in <run_dir>/checkpoints (train.resume=auto).
+A stop signal (SIGTERM; SIGUSR1 outside Slurm) checkpoints after the current step and exits
+with status 3; the same command then resumes.
 ``--slurm`` submits through submitit's SlurmExecutor and waits: launch.nodes x
 launch.tasks_per_node ranks (one per GPU), each started by srun, which find each other from the
 SLURM_* variables (evr1.pipeline.rendezvous; the same rules as slurm/train_8node.sh).

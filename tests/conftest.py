@@ -1,9 +1,13 @@
-"""Shared pytest fixtures, and ``small_config`` (test modules import it from here)."""
+"""Shared pytest fixtures, ``small_config`` and ``script_module`` (test modules import them
+from here)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +25,17 @@ TINY_CORPUS = [
     "Is the square larger than the circle?",
     "<answer>B</answer>",
 ]
+
+
+def script_module(relative: str) -> ModuleType:
+    """A launcher or tool script (``launchers/pipeline.py``, ``tools/ablations.py``) loaded as
+    a module, so that a test calls its ``main`` or functions in this process."""
+    name = f"evr1_script_{Path(relative).stem}"
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses defined in the script look their module up here
+    spec.loader.exec_module(module)
+    return module
 
 
 def small_config(root: Path, *overrides: str) -> Config:

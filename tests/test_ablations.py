@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import script_module
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("ablations", ROOT / "tools/ablations.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablations"] = module
-    spec.loader.exec_module(module)
-    return module
+    return script_module("tools/ablations.py")
 
 
 @pytest.mark.slow

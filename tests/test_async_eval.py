@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_config
+from conftest import script_module, small_config
 
 from evr1 import leases
 from evr1.config import ConfigError, EvalBenchmarkConfig, load_config
@@ -237,12 +237,7 @@ def test_training_goes_on_while_checkpoints_are_evaluated(prepared, tmp_path, mo
 
 
 def launch_collect(*args: str) -> int:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("collect", ROOT / "launchers/collect.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+    return script_module("launchers/collect.py").main([str(a) for a in args])
 
 
 def test_leaderboard_of_an_empty_run_says_so(tmp_path, capsys):

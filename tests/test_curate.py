@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import script_module
 
 from evr1 import tasks
 from evr1.config import ConfigError, load_config
@@ -88,13 +89,7 @@ def run_config(tmp_path_factory) -> Path:
 
 
 def launch(config: Path, *args: str) -> int:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("curate_launcher",
-                                                  ROOT / "launchers/curate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(["--config", str(config), *args, *LOCAL])
+    return script_module("launchers/curate.py").main(["--config", str(config), *args, *LOCAL])
 
 
 def records_by_id(cfg) -> dict[str, dict]:

@@ -11,7 +11,6 @@ own answer (100) and a wrong one (0).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import script_module
 from test_eval_formats import png_bytes, touch, write_json, write_jsonl, write_parquet
 
 from evr1.config import load_config
@@ -544,9 +544,7 @@ def test_a_folder_without_the_layout_names_what_it_looked_for(tmp_path):
 def test_prepare_reports_a_failing_benchmark_and_prepares_the_others(tmp_path, capsys):
     """--prepare: the broken benchmark is named, the others are written, the exit status is 1,
     and the broken one's older prepared file is removed (nothing reads stale questions)."""
-    spec = importlib.util.spec_from_file_location("eval_launcher", ROOT / "launchers/eval.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    launcher = script_module("launchers/eval.py")
     ok = tmp_path / "dl/vsibench"
     ok.mkdir(parents=True)
     vsibench(ok)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import script_module
 from test_eval_formats import videomme_rows, write_charades, write_parquet, write_vcrbench
 from test_eval_scoring import _FakeJudge
 
@@ -86,12 +87,8 @@ def run_config(tmp_path_factory) -> Path:
 
 
 def launch(script: str, config: Path, *args: str) -> int:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(script, ROOT / "launchers" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(["--config", str(config), *args, *BASE[-2:]])
+    return script_module(f"launchers/{script}.py").main(["--config", str(config), *args,
+                                                         *BASE[-2:]])
 
 
 def results(config: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import script_module
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from evr1.models import (
@@ -200,12 +201,7 @@ def test_loader_errors_for_missing_folder_and_config(tmp_path: Path) -> None:
 
 
 def test_cli_builds_a_folder_from_jsonl(tmp_path: Path, capsys) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_model", Path(__file__).parents[1] / "tools" / "make_tiny_model.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = script_module("tools/make_tiny_model.py")
     jsonl = tmp_path / "train.jsonl"
     record = {"id": "s1", "problem_type": "multiple_choice", "problem": "Which way?",
               "options": ["A. left", "B. right"], "solution": "A", "data_type": "text"}

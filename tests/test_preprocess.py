@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import script_module
 
 from evr1.config import Config, dump_config, load_config
 from evr1.data.preprocess import collect_media, preprocess_shard
@@ -235,13 +236,7 @@ def test_inspect_shards_reports_and_catches_corruption(dataset, tmp_path, capsys
 
 def launcher_main(name: str):
     """``main`` of launchers/<name>.py, to run in this process (a refusal is a SystemExit)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_launcher",
-                                                  ROOT / "launchers" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return script_module(f"launchers/{name}.py").main
 
 
 def run_launcher(config: Path, *args: str) -> int:

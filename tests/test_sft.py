@@ -4,11 +4,13 @@ the training stage runs it before GRPO, which starts from its model."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_equal_up_to_rounding, small_config
+from conftest import assert_equal_up_to_rounding, script_module, small_config
 
 from evr1.config import ConfigError
 from evr1.data.dataset import PromptSampler
@@ -154,6 +156,52 @@ def test_training_stage_runs_sft_then_grpo_from_its_model(prepared, tmp_path):
     # a second run finds both stages complete and trains nothing more
     again = training.train_on_this_rank(cfg)
     assert again["sft"]["steps"] == 2 and again["steps"] == 1
+
+
+def signal_after_first_step(monkeypatch, cls: type[Trainer]) -> None:
+    """``cls``'s first training step ends with a SIGTERM to this process, as a ``kill`` of a
+    local pipeline would (only ``cls``'s own step: SFTTrainer overrides GRPO's)."""
+    plain = cls.train_step
+
+    def step_then_signal(self):
+        result = plain(self)
+        if self.state.step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(cls, "train_step", step_then_signal)
+
+
+def test_a_stop_signal_stops_the_local_pipeline_before_eval(prepared, tmp_path, monkeypatch,
+                                                            capsys):
+    """SIGTERM during a local pipeline's training: the step ends, a checkpoint is saved, and the
+    pipeline stops with status STOPPED rather than evaluating that checkpoint as the result.
+    A stopped SFT stage does not start GRPO. The same command then resumes and finishes."""
+    cfg = small_config(prepared, f"run_dir={tmp_path}", "train.sft.enabled=true",
+                       "train.sft.steps=2", "train.steps=2", "train.save_every=5")
+    run_stages = script_module("launchers/pipeline.py").run_stages
+
+    signal_after_first_step(monkeypatch, SFTTrainer)
+    assert run_stages(cfg, ["train", "eval"]) == training.STOPPED
+    out = capsys.readouterr().out
+    assert "stopped by a signal after SFT step 1 of 2" in out and "== eval ==" not in out
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "sft/checkpoints")] == \
+        ["step-00000001"]
+    assert not (tmp_path / "checkpoints").exists(), "GRPO started from an unfinished SFT"
+
+    monkeypatch.undo()
+    signal_after_first_step(monkeypatch, Trainer)
+    assert run_stages(cfg, ["train", "eval"]) == training.STOPPED
+    out = capsys.readouterr().out
+    assert "stopped by a signal after GRPO step 1 of 2" in out and "== eval ==" not in out
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == \
+        ["step-00000001"]
+
+    monkeypatch.undo()
+    assert training.train_and_wait(cfg) == 0  # resumes both stages' progress
+    assert "training: 2 steps" in capsys.readouterr().out
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")][-1] == \
+        "step-00000002"
 
 
 @pytest.mark.parametrize("override, message", [

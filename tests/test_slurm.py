@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import script_module
 from safetensors.torch import load_file
 
 from evr1.config import Config, dump_config, load_config
@@ -459,13 +460,7 @@ def test_pipeline_chains_all_stages_and_eval_reruns_only_a_lost_shard(slurm_clus
 
 def launcher(name: str, config: Path, *args: str) -> int:
     """launchers/<name>.py's main in this process, with ``--config config``."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_launcher",
-                                                  ROOT / "launchers" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(["--config", str(config), *args])
+    return script_module(f"launchers/{name}.py").main(["--config", str(config), *args])
 
 
 def check_chain(cfg: Config, array: str, train_id: str, eval_array: str, collect_id: str,

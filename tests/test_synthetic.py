@@ -17,6 +17,7 @@ import av
 import numpy as np
 import pytest
 import yaml
+from conftest import script_module
 from PIL import Image
 
 from evr1.config import ConfigError, SyntheticConfig
@@ -311,11 +312,7 @@ def test_bad_config_names_the_field(change: dict, field: str, tmp_path: Path) ->
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "tools" /
-                                                  "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("tools/make_synthetic.py")
 
 
 def test_cli_flags_override_the_config_file(tmp_path: Path) -> None:

@@ -161,8 +161,8 @@ def curve(run_dir: Path, task: str, offset: int = 0, upto: int | None = None
 def complete(cfg: Config) -> bool:
     """The run of ``cfg`` has its final checkpoint and its final held-out evaluation.
 
-    Such a run is not started again: the trainer, resumed at its last step, would evaluate
-    once more and log a second held-out row for that step (and load the model to do it)."""
+    Such a run is not started again: building its trainer would load the data and the model
+    only to find the run finished (the trainer then reports its logged figures)."""
     steps = cfg.train.steps
     return (ckpt.step_dir(cfg.checkpoint_dir, steps) / "meta.json").exists() and \
         any(r["step"] == steps for r in read_metrics(Path(cfg.run_dir), "heldout"))

@@ -26,6 +26,10 @@ from evr1.train.build import trainer_from_config
 from evr1.train.sft import grpo_config_after_sft, run_sft
 from evr1.train.trainer import Trainer
 
+# The exit status of a training stage that a stop signal ended before its last step (its
+# checkpoint saved): not 0, so that a local pipeline does not go on to evaluate it as final.
+STOPPED = 3
+
 
 def build_trainer(cfg: Config) -> Trainer:
     """The trainer with the configured checkpoint hook and Slurm's stop signals."""
@@ -46,13 +50,18 @@ def train_on_this_rank(cfg: Config) -> dict:
         print(budget.summary(), flush=True)
     sft = None
     if cfg.train.sft.enabled:  # cold-start SFT first; GRPO then starts from its model
-        sft = run_sft(cfg)
+        sft = run_sft(cfg, stop_signals=PreemptionWatcher)
+        sft_summary = {"steps": sft.steps, "before": sft.before, "after": sft.after,
+                       "checkpoint": sft.checkpoint}
+        if sft.steps < cfg.train.sft.steps:  # a stop signal: GRPO has no SFT model to start
+            return {"steps": 0, "total_steps": cfg.train.steps, "before": {}, "after": {},
+                    "checkpoint": None, "stopped": "sft", "sft": sft_summary}
         cfg = grpo_config_after_sft(cfg)
     result = build_trainer(cfg).run()
-    return {"steps": result.steps, "before": result.before, "after": result.after,
-            "checkpoint": result.checkpoint,
-            "sft": None if sft is None else {"steps": sft.steps, "before": sft.before,
-                                             "after": sft.after, "checkpoint": sft.checkpoint}}
+    return {"steps": result.steps, "total_steps": cfg.train.steps, "before": result.before,
+            "after": result.after, "checkpoint": result.checkpoint,
+            "stopped": "grpo" if result.steps < cfg.train.steps else None,
+            "sft": None if sft is None else sft_summary}
 
 
 def train_and_wait(cfg: Config, submit: bool = False) -> int:
@@ -71,6 +80,16 @@ def train_and_wait(cfg: Config, submit: bool = False) -> int:
         result = outcome.results[0]
     else:
         result = train_on_this_rank(cfg)
+    if result.get("stopped"):
+        # A stop signal (SIGTERM, Ctrl-C of a job step) ended training early: its checkpoint is
+        # saved, but what follows (eval of `latest`, collect) must not take it for the result.
+        if os.environ.get("RANK", "0") == "0":
+            stage = result["stopped"]
+            done = result["sft"]["steps"] if stage == "sft" else result["steps"]
+            total = cfg.train.sft.steps if stage == "sft" else result["total_steps"]
+            print(f"training stopped by a signal after {stage.upper()} step {done} of {total}; "
+                  "its checkpoint is saved: run the same command again to resume", flush=True)
+        return STOPPED
     print_training_summary(result)
     return 0
 

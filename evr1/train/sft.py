@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from evr1.train import checkpoint as ckpt
 from evr1.train.batch import make_policy_batches
 from evr1.train.build import trainer_from_config
 from evr1.train.groups import offline_response_ids
+from evr1.train.hooks import NoStopSignals, StopSignals
 from evr1.train.trainer import StepResult, Trainer, TrainerParts, TrainResult
 
 log = logging.getLogger("evr1.train.sft")
@@ -133,10 +135,13 @@ class SFTTrainer(Trainer):
                            "time_step": time.perf_counter() - t0, **update}, completions=[])
 
 
-def run_sft(cfg: Config) -> TrainResult:
+def run_sft(cfg: Config, stop_signals: Callable[[], StopSignals] = NoStopSignals
+            ) -> TrainResult:
     """Train (or resume, or find complete) the SFT stage of ``cfg``; its result's
-    ``checkpoint`` is the final checkpoint folder."""
+    ``checkpoint`` is the final checkpoint folder, or, when a stop signal ended the stage
+    early (``result.steps < train.sft.steps``), the checkpoint it saved on stopping."""
     sft_cfg = sft_config(cfg)
-    result = trainer_from_config(sft_cfg, SFTTrainer).run()
-    result.checkpoint = str(final_sft_model(cfg).parent)
+    result = trainer_from_config(sft_cfg, SFTTrainer, stop_signals=stop_signals).run()
+    if result.steps >= cfg.train.sft.steps:
+        result.checkpoint = str(final_sft_model(cfg).parent)
     return result
