@@ -20,6 +20,12 @@ after the first (warm-up). Printed side by side, with DP=1 / DP=2 as the speed-u
 sampling, cache bookkeeping) that a replica pays whatever its batch, so its rollouts split
 worse than those of a model whose per-token compute dominates, as on a GPU cluster's 7B.
 
+Before the runs, one process times the rollout engine alone on the same draw of ``--prompts``
+prompts and on its first half (the same seeded stream the trainer samples): their ratio is the
+most DP=2 can give the rollout phase with this model, since a generate call's fixed cost (the
+per-token Python of the decoding loop, the prefill call) is paid by every replica whatever its
+batch. It is printed beside the measured ratio.
+
 On a machine with fewer free cores than processes the DP=2 figures measure contention, not
 scaling: run it on an otherwise idle machine.
 """
@@ -34,9 +40,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import torch
+
+from evr1.config import load_config
+from evr1.data.dataset import PromptSampler
 from evr1.models.tiny import build_tiny_model, corpus_from_jsonl
+from evr1.rollout.base import SamplingParams
+from evr1.train.build import make_trainer_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = (("rollout", "time_rollout"), ("update", "time_update"), ("step", "time_step"))
@@ -94,6 +107,29 @@ def train(work: Path, common: list[str], backend: str, dp: int, args: argparse.N
     return out
 
 
+def rollout_bound(work: Path, common: list[str], args: argparse.Namespace) -> dict[int, float]:
+    """Seconds per ``generate`` call of one process (``--threads`` threads) on a draw of
+    ``--prompts`` prompts and on its first half: the best of 3 calls each, after a warm-up."""
+    torch.set_num_threads(args.threads)
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml", [*common, f"run_dir={work / 'bound'}",
+                                                       "train.backend=hf"])
+    parts = make_trainer_parts(cfg)
+    drawn = PromptSampler(len(parts.train_set.samples), cfg.seed).next(args.prompts)
+    prompts = [parts.train_set.prompt(i) for i in drawn]
+    params = SamplingParams(n=args.n, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, max_new_tokens=args.max_new_tokens, seed=0)
+    seconds = {}
+    for count in (args.prompts, args.prompts // 2):
+        parts.engine.generate(prompts[:count], params)  # warm-up
+        calls = []
+        for _ in range(3):
+            start = time.perf_counter()
+            parts.engine.generate(prompts[:count], params)
+            calls.append(time.perf_counter() - start)
+        seconds[count] = min(calls)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
@@ -113,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.workdir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
         common = prepare(work, sys.executable, args.hidden)
+        print("one process, rollouts only ...", flush=True)
+        bound = rollout_bound(work, common, args)
         results = {}
         for backend in args.backends.split(","):
             for dp in (1, 2):
@@ -130,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, _ in PHASES:
             print(f"| {backend} | {name} | {one[name]:.3f} | {two[name]:.3f} | "
                   f"{one[name] / two[name]:.2f}x |")
-    print("\nrollouts per replica in the last step (DP=2): " + ", ".join(
+    whole, half = bound[args.prompts], bound[args.prompts // 2]
+    print(f"\none process, the engine alone on the same {args.prompts} prompts and on "
+          f"{args.prompts // 2} of them: {whole:.3f} s / {half:.3f} s per call: DP=2 can make "
+          f"the rollout phase at most {whole / half:.2f}x faster with this model (the rest of a "
+          "call is fixed cost)")
+    print("rollouts per replica in the last step (DP=2): " + ", ".join(
         f"{b}: {results[b, 2]['per_replica']}" for b in args.backends.split(",")))
     return 0
 

@@ -86,17 +86,39 @@ def _backend(model_dir: Path, gather_for_rollouts: bool = True) -> Any:
                      gather_for_rollouts=gather_for_rollouts)
 
 
-def _rollouts(backend: Any, model_dir: Path, rank: int) -> list[list[int]]:
-    """Sampled responses to prompt ``rank`` (of a different length on each rank)."""
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+               "broadcast", "barrier")
+
+
+def _rollouts(backend: Any, model_dir: Path, rank: int) -> tuple[list[list[int]], int]:
+    """Sampled responses to prompt ``rank`` (of a different length on each rank), and the
+    number of torch.distributed collectives the generate call made."""
+    import torch.distributed as dist
+
     from evr1.models import load_processor
     from evr1.rollout.base import SamplingParams
     from evr1.rollout.hf import HFRolloutEngine
 
     engine = HFRolloutEngine(backend.model, load_processor(model_dir))
     torch.manual_seed(7)
-    out = engine.generate([_prompts(model_dir)[rank + 1]],
-                          SamplingParams(n=2, temperature=1.0, max_new_tokens=4 + 3 * rank))
-    return [list(r) for r in out.response_ids]
+    calls = []
+    plain = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counted(name):
+        def collective(*args, **kwargs):
+            calls.append(name)
+            return plain[name](*args, **kwargs)
+        return collective
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counted(name))
+    try:
+        out = engine.generate([_prompts(model_dir)[rank + 1]],
+                              SamplingParams(n=2, temperature=1.0, max_new_tokens=4 + 3 * rank))
+    finally:
+        for name, fn in plain.items():
+            setattr(dist, name, fn)
+    return [list(r) for r in out.response_ids], len(calls)
 
 
 def _state(backend: Any) -> dict[str, Any]:
@@ -240,7 +262,10 @@ def test_rollouts_from_the_gathered_model_match_one_process(runs):
     """Each rank samples its own prompt, to its own length, with no collective in generate:
     the tokens are those of the plain model (same weights, same seed)."""
     for rank in (0, 1):
-        assert runs["dp2"][rank]["rollouts"] == runs["single"]["rollouts"][rank]
+        responses, collectives = runs["dp2"][rank]["rollouts"]
+        assert responses == runs["single"]["rollouts"][rank][0]
+        # transformers' default for FSDP modules (synced_gpus) all-reduced a flag per token
+        assert collectives == 0, f"rank {rank}: {collectives} collectives in generate"
 
 
 def test_dp2_update_equals_the_single_process_update(runs):

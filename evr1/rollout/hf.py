@@ -87,10 +87,15 @@ class HFRolloutEngine:
             warpers.append(TemperatureLogitsWarper(params.temperature))
         if not greedy and params.top_p < 1.0:
             warpers.append(TopPLogitsWarper(params.top_p))
+        # synced_gpus=False: the model is whole on every rank (the hf backend keeps FSDP's
+        # weights gathered between updates), so a rank's decoding loop needs no other rank.
+        # transformers' default for an FSDP module all-reduces a "finished" flag after every
+        # token and keeps each rank decoding until the slowest is done: a barrier per token.
         return dict(do_sample=not greedy, temperature=1.0, top_p=1.0, top_k=0,
                     logits_processor=warpers, max_new_tokens=params.max_new_tokens,
                     num_return_sequences=params.n, eos_token_id=self.stop_ids,
-                    pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids)
+                    pad_token_id=self.pad_id, suppress_tokens=self.suppress_ids,
+                    synced_gpus=False)
 
     def _cut_at_stop(self, row: list[int]) -> tuple[list[int], bool]:
         """Keep tokens up to and including the first stop token (the policy learns to stop)."""
