@@ -13,7 +13,9 @@ scores and trains its half of the groups; one update over both). Every process r
 neighbours). The per-step seconds come from each run's ``metrics.jsonl``: ``time_rollout``
 (generation, the slowest replica's), ``time_update`` (the backend's forward/backward and
 optimiser step), ``time_step`` (the whole step); each figure is the median over the steps
-after the first (warm-up). Printed side by side, with DP=1 / DP=2 as the speed-up.
+after the first (warm-up). The rollout phase ends with the slowest replica; the row "rollout,
+replicas' mean" (``time_rollout/replica<i>``) shows how much of the gap is imbalance between
+the replicas' draws. Printed side by side, with DP=1 / DP=2 as the speed-up.
 
 ``--hidden`` replaces the demo's tiny model (hidden size 128) by a wider one of the same kind
 (heads of 64, MLP 4x): the demo model's decoding step is mostly fixed per-step cost (Python,
@@ -102,6 +104,10 @@ def train(work: Path, common: list[str], backend: str, dp: int, args: argparse.N
     rows = [r for r in rows if r.get("kind") == "train"]
     timed = rows[1:] if len(rows) > 1 else rows  # the first step warms caches up
     out = {name: statistics.median(r[key] for r in timed) for name, key in PHASES}
+    # The rollout phase waits for the slowest replica; their mean shows what balance would give.
+    out["rollout, replicas' mean"] = statistics.median(
+        statistics.mean(v for k, v in r.items() if k.startswith("time_rollout/replica"))
+        for r in timed)
     counts = [v for k, v in sorted(rows[-1].items()) if k.startswith("rollouts/replica")]
     out["per_replica"] = counts  # type: ignore[assignment]
     return out
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|---:|")
     for backend in args.backends.split(","):
         one, two = results[backend, 1], results[backend, 2]
-        for name, _ in PHASES:
+        for name in [name for name, _ in PHASES] + ["rollout, replicas' mean"]:
             print(f"| {backend} | {name} | {one[name]:.3f} | {two[name]:.3f} | "
                   f"{one[name] / two[name]:.2f}x |")
     whole, half = bound[args.prompts], bound[args.prompts // 2]

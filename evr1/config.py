@@ -141,6 +141,7 @@ class PreprocessConfig:
     num_tasks: int = 2
     backend: Literal["auto", "pyav", "dali"] = "auto"
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"
+    # lzf: fast; its bytes may differ between runs (same frames). none/gzip: byte-reproducible.
     compression: Literal["none", "lzf", "gzip"] = "lzf"
     verify_on_skip: bool = True  # re-hash a finished shard before trusting it on a re-run
 

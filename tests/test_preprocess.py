@@ -1,7 +1,8 @@
 """The preprocessing stage end to end: synthetic + real + corrupt media -> shards, as an array.
 
 Runs the real launcher through submitit's local executor; the kill test SIGKILLs a task
-process midway and checks that the re-run produces the same manifest as an uninterrupted run.
+process midway and checks that the re-run produces the same manifest as an uninterrupted run
+(the same frames: an LZF shard's own bytes may differ, see evr1.video.shards.ShardWriter).
 """
 
 from __future__ import annotations
@@ -96,10 +97,20 @@ def test_array_run_writes_shards_manifest_and_failures(dataset, tmp_path):
             assert t % cfg.data.temporal_patch_size == 0 and t <= budget.max_frames
 
 
+def manifest_content(cfg: Config) -> dict:
+    """The merged manifest without the shard files' checksums and sizes: every media entry
+    (with its frames' sha256), sample and setting. LZF's compressed bytes are not reproducible
+    (evr1.video.shards.ShardWriter), the frames they hold are."""
+    manifest = json.loads((cfg.shard_dir / MANIFEST).read_text())
+    for shard in manifest["shards"]:
+        del shard["shard_sha256"], shard["shard_bytes"]
+    return manifest
+
+
 def test_rerun_skips_complete_tasks_and_redoes_a_damaged_one(dataset, tmp_path):
     cfg = demo_config(dataset, tmp_path / "run")
     assert stages.preprocess_sequential(cfg) == 0
-    before = (cfg.shard_dir / MANIFEST).read_bytes()
+    before = manifest_content(cfg)
     shard1 = TaskFiles.of(cfg.shard_dir, 1, 2).shard
     mtime0 = TaskFiles.of(cfg.shard_dir, 0, 2).shard.stat().st_mtime_ns
 
@@ -109,7 +120,7 @@ def test_rerun_skips_complete_tasks_and_redoes_a_damaged_one(dataset, tmp_path):
     assert stages.preprocess_sequential(cfg) == 0
     assert TaskFiles.of(cfg.shard_dir, 0, 2).shard.stat().st_mtime_ns == mtime0, \
         "a complete task must not be redone"
-    assert (cfg.shard_dir / MANIFEST).read_bytes() == before
+    assert manifest_content(cfg) == before
 
 
 def test_killed_task_rerun_gives_the_same_manifest(dataset, tmp_path):
@@ -136,8 +147,7 @@ def test_killed_task_rerun_gives_the_same_manifest(dataset, tmp_path):
 
     assert stages.preprocess_array(cfg) == 0
     assert not list(cfg.shard_dir.glob(".*.tmp")), "the re-run must clean the killed temporaries"
-    assert (cfg.shard_dir / MANIFEST).read_text() == \
-        (reference.shard_dir / MANIFEST).read_text()
+    assert manifest_content(cfg) == manifest_content(reference)
 
 
 def test_task_slices_cover_every_media_file_once(dataset):

@@ -83,9 +83,10 @@ def test_tally_combines_means_by_weight_not_as_a_mean_of_means():
     b.slowest("time_rollout", 5.0)
     b.mean("offline_reward", torch.tensor([0.5, 1.0]))
     a.mean("online_accuracy", torch.tensor([]))  # no rows: left out, not 0/0
-    out = Tally.combine([a, b], per_replica=("rollouts",))
+    out = Tally.combine([a, b], per_replica=("rollouts", "time_rollout"))
     assert out == {"reward": 0.75, "rollouts": 4, "time_rollout": 5.0, "offline_reward": 0.75,
-                   "rollouts/replica0": 3, "rollouts/replica1": 1}
+                   "rollouts/replica0": 3, "rollouts/replica1": 1,
+                   "time_rollout/replica0": 2.0, "time_rollout/replica1": 5.0}
 
 
 def test_tally_combination_is_the_mean_over_all_rows():

@@ -167,7 +167,8 @@ class Tally:
     @staticmethod
     def combine(parts: list[Tally], per_replica: tuple[str, ...] = ()) -> dict[str, float]:
         """The step's metrics over every replica; a mean with no rows anywhere is left out.
-        Each ``per_replica`` sum is also reported per replica, as ``<name>/replica<i>``."""
+        Each ``per_replica`` sum or maximum is also reported per replica, as
+        ``<name>/replica<i>``."""
         out: dict[str, float] = {}
         weights: dict[str, list[float]] = {}
         for part in parts:
@@ -184,7 +185,7 @@ class Tally:
                 out[name] = total / weight
         for name in per_replica:
             for i, part in enumerate(parts):
-                out[f"{name}/replica{i}"] = part.sums.get(name, 0.0)
+                out[f"{name}/replica{i}"] = part.sums.get(name, part.maxima.get(name, 0.0))
         return out
 
     def gather(self, replicas: Replicas) -> list[Tally]:

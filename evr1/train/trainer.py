@@ -333,8 +333,9 @@ class Trainer:
                 tally.add(name, value)
         for name, value in times.items():  # the step waits for the slowest replica
             tally.slowest(name, value)
+        # per replica too: how many rollouts each made, and how long (a straggler shows here)
         out: dict[str, Any] = {"online_accuracy": 0.0, **Tally.combine(
-            tally.gather(self.replicas), per_replica=("rollouts",))}
+            tally.gather(self.replicas), per_replica=("rollouts", "time_rollout"))}
         out.update(data_position=self.state.data_position, **update)
         out["tokens_per_s"] = update.get("train_tokens", 0) / max(out["time_step"], 1e-9)
         return out

@@ -132,6 +132,7 @@ class ShardWriter:
     which keeps shard loading far cheaper than decoding, and it halves the size of synthetic and
     screen-like content; real camera footage barely compresses losslessly, so ``none`` costs
     little there. gzip is available for cold storage but its decompression dominates load time.
+    Byte-for-byte reproducible shards need ``none`` or ``gzip`` (see ``__init__``).
     """
 
     def __init__(self, final_path: Path, compression: str = "lzf") -> None:
@@ -142,7 +143,11 @@ class ShardWriter:
                                    suffix=".tmp")
         os.close(fd)
         self.tmp_path = Path(tmp)
-        # track_order + no timestamps: the same inputs give a byte-identical shard on a re-run.
+        # track_order + no timestamps: the same frames give the same layout on a re-run, and a
+        # byte-identical shard with compression none or gzip. Not with LZF: h5py's bundled
+        # liblzf is built without INIT_HTAB, so its compressor starts from an uninitialised
+        # hash table and may pick other (valid) matches from run to run. Such shards decompress
+        # to the same frames; compare them by their frames' sha256, not the file's.
         self._h5 = h5py.File(self.tmp_path, "w", track_order=True)
         self._frames = self._h5.create_group("frames", track_order=True)
         self._count = 0
