@@ -181,23 +181,18 @@ def test_a_stop_signal_stops_the_local_pipeline_before_eval(prepared, tmp_path, 
                        "train.sft.steps=2", "train.steps=2", "train.save_every=5")
     run_stages = script_module("launchers/pipeline.py").run_stages
 
-    signal_after_first_step(monkeypatch, SFTTrainer)
-    assert run_stages(cfg, ["train", "eval"]) == training.STOPPED
-    out = capsys.readouterr().out
-    assert "stopped by a signal after SFT step 1 of 2" in out and "== eval ==" not in out
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "sft/checkpoints")] == \
-        ["step-00000001"]
-    assert not (tmp_path / "checkpoints").exists(), "GRPO started from an unfinished SFT"
+    for cls, stage, folder in ((SFTTrainer, "SFT", "sft/checkpoints"),
+                               (Trainer, "GRPO", "checkpoints")):
+        signal_after_first_step(monkeypatch, cls)
+        assert run_stages(cfg, ["train", "eval"]) == training.STOPPED
+        out = capsys.readouterr().out
+        assert f"stopped by a signal after {stage} step 1 of 2" in out
+        assert "== eval ==" not in out
+        assert [p.name for p in ckpt.list_checkpoints(tmp_path / folder)] == ["step-00000001"]
+        if cls is SFTTrainer:
+            assert not (tmp_path / "checkpoints").exists(), "GRPO started from an unfinished SFT"
+        monkeypatch.undo()
 
-    monkeypatch.undo()
-    signal_after_first_step(monkeypatch, Trainer)
-    assert run_stages(cfg, ["train", "eval"]) == training.STOPPED
-    out = capsys.readouterr().out
-    assert "stopped by a signal after GRPO step 1 of 2" in out and "== eval ==" not in out
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == \
-        ["step-00000001"]
-
-    monkeypatch.undo()
     assert training.train_and_wait(cfg) == 0  # resumes both stages' progress
     assert "training: 2 steps" in capsys.readouterr().out
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")][-1] == \
