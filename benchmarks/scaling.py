@@ -23,10 +23,12 @@ sampling, cache bookkeeping) that a replica pays whatever its batch, so its roll
 worse than those of a model whose per-token compute dominates, as on a GPU cluster's 7B.
 
 Before the runs, one process times the rollout engine alone on the same draw of ``--prompts``
-prompts and on its first half (the same seeded stream the trainer samples): their ratio is the
-most DP=2 can give the rollout phase with this model, since a generate call's fixed cost (the
-per-token Python of the decoding loop, the prefill call) is paid by every replica whatever its
-batch. It is printed beside the measured ratio.
+prompts and on each of its halves (the same seeded stream the trainer samples): the whole over
+the slower half is about the most DP=2 can give the rollout phase with this model, since a
+generate call's fixed cost (the per-token Python of the decoding loop, the prefill call) is
+paid by every replica whatever its batch, and the phase ends with the slower replica. (About:
+the replicas draw their own prompts and sample their own responses, not these halves.) It is
+printed beside the measured ratio.
 
 On a machine with fewer free cores than processes the DP=2 figures measure contention, not
 scaling: run it on an otherwise idle machine.
@@ -113,9 +115,10 @@ def train(work: Path, common: list[str], backend: str, dp: int, args: argparse.N
     return out
 
 
-def rollout_bound(work: Path, common: list[str], args: argparse.Namespace) -> dict[int, float]:
+def rollout_bound(work: Path, common: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Seconds per ``generate`` call of one process (``--threads`` threads) on a draw of
-    ``--prompts`` prompts and on its first half: the best of 3 calls each, after a warm-up."""
+    ``--prompts`` prompts ("whole") and on each of its halves ("first", "second"): the best
+    of 3 calls each, after a warm-up."""
     torch.set_num_threads(args.threads)
     cfg = load_config(ROOT / "configs/demo_cpu.yaml", [*common, f"run_dir={work / 'bound'}",
                                                        "train.backend=hf"])
@@ -124,15 +127,17 @@ def rollout_bound(work: Path, common: list[str], args: argparse.Namespace) -> di
     prompts = [parts.train_set.prompt(i) for i in drawn]
     params = SamplingParams(n=args.n, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, max_new_tokens=args.max_new_tokens, seed=0)
+    half = args.prompts // 2
     seconds = {}
-    for count in (args.prompts, args.prompts // 2):
-        parts.engine.generate(prompts[:count], params)  # warm-up
+    for name, share in (("whole", prompts), ("first", prompts[:half]),
+                        ("second", prompts[half:])):
+        parts.engine.generate(share, params)  # warm-up
         calls = []
         for _ in range(3):
             start = time.perf_counter()
-            parts.engine.generate(prompts[:count], params)
+            parts.engine.generate(share, params)
             calls.append(time.perf_counter() - start)
-        seconds[count] = min(calls)
+        seconds[name] = min(calls)
     return seconds
 
 
@@ -174,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in [name for name, _ in PHASES] + ["rollout, replicas' mean"]:
             print(f"| {backend} | {name} | {one[name]:.3f} | {two[name]:.3f} | "
                   f"{one[name] / two[name]:.2f}x |")
-    whole, half = bound[args.prompts], bound[args.prompts // 2]
-    print(f"\none process, the engine alone on the same {args.prompts} prompts and on "
-          f"{args.prompts // 2} of them: {whole:.3f} s / {half:.3f} s per call: DP=2 can make "
-          f"the rollout phase at most {whole / half:.2f}x faster with this model (the rest of a "
-          "call is fixed cost)")
+    slower = max(bound["first"], bound["second"])
+    print(f"\none process, the engine alone on the same {args.prompts} prompts and on each half "
+          f"of them: {bound['whole']:.3f} s / {bound['first']:.3f} s and {bound['second']:.3f} s "
+          f"per call: DP=2, which waits for the slower half, can make the rollout phase at most "
+          f"about {bound['whole'] / slower:.2f}x faster with this model (the rest of a call is "
+          "fixed cost)")
     print("rollouts per replica in the last step (DP=2): " + ", ".join(
         f"{b}: {results[b, 2]['per_replica']}" for b in args.backends.split(",")))
     return 0
