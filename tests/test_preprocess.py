@@ -213,6 +213,20 @@ def test_bad_samples_stop_preprocess_and_train_before_any_work(dataset, tmp_path
     assert "data error: 2 problem(s)" in err and "colour_naming" not in err
 
 
+def test_missing_sample_files_say_how_to_make_them(tmp_path):
+    """A new checkout trains before making the demo's data: the refusal names each missing
+    file and the command that makes them."""
+    config = str(ROOT / "configs/demo_cpu.yaml")
+    missing = tmp_path / "data" / "train.jsonl"
+    with pytest.raises(SystemExit) as refused:
+        launcher_main("train")(["--config", config, f"run_dir={tmp_path}",
+                                f"data.train_jsonl={missing}", "data.eval_jsonl=",
+                                "launch.cluster=local"])
+    err = str(refused.value)
+    assert f"{missing}: cannot read: No such file or directory" in err, err
+    assert f"python launchers/pipeline.py --config {config} --stages preprocess" in err, err
+
+
 def test_training_prompt_set_refuses_a_sample_the_rewards_cannot_score(dataset, tmp_path):
     # The trainer's own load (inside a submitted job) fails before it builds a model.
     from evr1.data.dataset import PromptSet

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from evr1.config import Config, ConfigError, load_config
 from evr1.data.schema import DatasetError
@@ -47,7 +48,17 @@ def run_launcher(description: str, add_arguments: Callable[[argparse.ArgumentPar
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
     except DatasetError as exc:
-        sys.exit(f"data error: {exc}")
+        sys.exit(f"data error: {exc}{missing_data_hint(exc, args.config)}")
+
+
+def missing_data_hint(exc: DatasetError, config: str | None) -> str:
+    """How to make sample files that do not exist yet (the demo's, in a new checkout)."""
+    if not any(e.file and not Path(e.file).exists() for e in exc.errors):
+        return ""
+    with_config = f" --config {config}" if config else ""
+    return (f"\nmissing sample files: `python launchers/pipeline.py{with_config} --stages "
+            "preprocess` makes the data and shards first (with synthetic.out_dir set, the "
+            "synthetic demo data too)")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
