@@ -167,6 +167,27 @@ def test_suppression_holds_against_a_model_that_prefers_placeholders(
     assert not torch.isin(_generated_ids(model, batch, banned, runs=3), banned_t).any()
 
 
+def test_tiny_model_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """build_tiny_model saves into a hidden sibling and renames it into place: nothing is left
+    beside the folder; a second build into it (another rank of the same job) keeps the first
+    one's files; a non-empty folder without a model is refused, naming it, and left alone."""
+    corpus = ["What colour is it?"]
+    out = tmp_path / "models" / "tiny"
+    build_tiny_model(out, corpus, seed=0)
+    assert [p.name for p in out.parent.iterdir()] == ["tiny"]  # no staging folder left
+    assert "staging" not in (out / "config.json").read_text()
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    build_tiny_model(out, corpus, seed=0)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == first
+    other = tmp_path / "models" / "notes"
+    other.mkdir()
+    (other / "readme.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{other} exists and is not empty"):
+        build_tiny_model(other, corpus, seed=0)
+    assert [p.name for p in other.iterdir()] == ["readme.txt"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["notes", "tiny"]
+
+
 # --------------------------------------------------------------------------- Qwen3-VL, loader
 
 

@@ -213,18 +213,24 @@ def test_bad_samples_stop_preprocess_and_train_before_any_work(dataset, tmp_path
     assert "data error: 2 problem(s)" in err and "colour_naming" not in err
 
 
-def test_missing_sample_files_say_how_to_make_them(tmp_path):
-    """A new checkout trains before making the demo's data: the refusal names each missing
-    file and the command that makes them."""
+def test_missing_sample_files_or_shards_say_how_to_make_them(dataset, tmp_path):
+    """A new checkout trains before making the demo's data or its shards: the refusal (no
+    traceback) names what is missing and the command that makes it."""
     config = str(ROOT / "configs/demo_cpu.yaml")
     missing = tmp_path / "data" / "train.jsonl"
+    common = ["--config", config, f"run_dir={tmp_path}", "data.eval_jsonl=",
+              "launch.cluster=local"]
     with pytest.raises(SystemExit) as refused:
-        launcher_main("train")(["--config", config, f"run_dir={tmp_path}",
-                                f"data.train_jsonl={missing}", "data.eval_jsonl=",
-                                "launch.cluster=local"])
+        launcher_main("train")([*common, f"data.train_jsonl={missing}"])
     err = str(refused.value)
     assert f"{missing}: cannot read: No such file or directory" in err, err
     assert f"python launchers/pipeline.py --config {config} --stages preprocess" in err, err
+
+    with pytest.raises(SystemExit) as refused:
+        launcher_main("train")([*common, f"data.train_jsonl={dataset / 'train.jsonl'}",
+                                f"data.media_root={dataset}"])
+    err = str(refused.value)
+    assert err.startswith("shard error: ") and "manifest.json not found" in err, err
 
 
 def test_training_prompt_set_refuses_a_sample_the_rewards_cannot_score(dataset, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from evr1.config import Config, ConfigError, load_config
 from evr1.data.schema import DatasetError
+from evr1.video.shards import ShardError
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -34,9 +35,9 @@ def run_launcher(description: str, add_arguments: Callable[[argparse.ArgumentPar
     """A launcher's ``main``: parse ``argv`` (``--config``, the overrides and what
     ``add_arguments`` adds), set up logging, load the config and return ``run(cfg, args)``.
 
-    A ConfigError, from loading or from ``run`` (settings that only conflict at run time),
-    and a DatasetError (sample files checked before a stage starts) exit with their message
-    rather than a traceback.
+    A ConfigError, from loading or from ``run`` (settings that only conflict at run time), a
+    DatasetError (sample files checked before a stage starts) and a ShardError (shards missing
+    or made with other settings) exit with their message rather than a traceback.
     """
     parser = base_parser(description)
     add_arguments(parser)
@@ -49,6 +50,8 @@ def run_launcher(description: str, add_arguments: Callable[[argparse.ArgumentPar
         sys.exit(f"config error: {exc}")
     except DatasetError as exc:
         sys.exit(f"data error: {exc}{missing_data_hint(exc, args.config)}")
+    except ShardError as exc:  # e.g. no shards yet: the message says what to run
+        sys.exit(f"shard error: {exc}")
 
 
 def missing_data_hint(exc: DatasetError, config: str | None) -> str:

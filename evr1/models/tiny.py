@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,14 +238,28 @@ def build_tiny_model(out_dir: str | Path, corpus: list[str], family: Family = "q
                          f"choose one of {', '.join(FAMILIES)}")
     s = _sizes(family, sizes, shape)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(corpus, vocab_size=s.tokenizer_vocab)
-    with torch.device(device):
-        model = _build_model(family, s, tokenizer, seed)
-    model = model.to(getattr(torch, dtype))
-    processor = _build_processor(family, s, tokenizer)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)  # also writes the tokenizer and the chat template
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Saved in a sibling folder, then renamed into place: a folder with config.json is whole
+    # (a kill mid-save leaves only the hidden staging folder), and the ranks of one job that
+    # all build the same model do not write into each other's files (the first rename wins).
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        tokenizer = train_tokenizer(corpus, vocab_size=s.tokenizer_vocab)
+        with torch.device(device):
+            model = _build_model(family, s, tokenizer, seed)
+        model = model.to(getattr(torch, dtype))
+        processor = _build_processor(family, s, tokenizer)
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)  # also writes the tokenizer and the chat template
+        try:
+            staging.rename(out)  # onto a missing or empty folder
+        except OSError as exc:
+            if not (out / "config.json").is_file():
+                raise FileExistsError(f"{out} exists and is not empty, but holds no model "
+                                      "(config.json): empty it or choose another "
+                                      "folder") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
