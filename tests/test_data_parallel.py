@@ -186,3 +186,11 @@ def test_dp2_trainer_splits_the_rollouts_and_resumes_exactly(prepared, tmp_path)
     first = [r for r in records if r["step"] == 1]
     assert [r["replica"] for r in first] == [0, 1]  # one group logged per replica
     assert first[0]["sample_id"] != first[1]["sample_id"]
+    # The held-out figures before training, gathered from the replicas' shares, are those of
+    # one process evaluating the same model (greedy, the same batches: exactly).
+    from evr1.train.build import trainer_from_config
+
+    rows = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    before = next(r for r in rows if r["kind"] == "heldout" and r["step"] == 0)
+    one = trainer_from_config(small_config(prepared, f"run_dir={tmp_path / 'one'}")).evaluate()
+    assert one and {k: before[k] for k in one} == one

@@ -849,3 +849,29 @@ def test_cuda_rng_states_of_every_device_are_saved_and_restored(tmp_path, monkey
     # an explicit device list (e.g. this rank's device) maps the states in order
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), cuda_devices=[1])
     assert fake.states[1][0].item() == 1
+
+
+def test_heldout_split_over_replicas_gives_the_one_process_figures(prepared, tmp_path):
+    """Replicas answer alternate batches of the held-out set (evr1.train.heldout): together
+    they score every sample once, with the answers one process gives (the same batches), and
+    the summary of their gathered scores is the one-process summary, exactly."""
+    from evr1.train.heldout import score_heldout, summarize_heldout
+
+    trainer = trainer_from_config(small_config(prepared, f"run_dir={tmp_path}",
+                                               "train.eval_samples=0"))
+    # The training set stands in for a held-out set large enough for several batches.
+    args = (trainer.engine, trainer.train_set, trainer.cfg.reward,
+            trainer.cfg.rollout.max_new_tokens, 7)
+    assert len(trainer.train_set) >= 7
+    one = score_heldout(*args, batch_size=2)
+    assert [s.index for s in one] == list(range(7))
+    parts = [score_heldout(*args, batch_size=2, replica=r, replicas=3) for r in range(3)]
+    # batches of 2: replica 0 answers samples 0-1 and 6, replica 1 2-3, replica 2 4-5
+    assert [[s.index for s in part] for part in parts] == [[0, 1, 6], [2, 3], [4, 5]]
+    gathered = [s for part in parts for s in part]
+    assert sorted(gathered, key=lambda s: s.index) == one
+    assert summarize_heldout(gathered) == summarize_heldout(one)
+    # the trainer's own evaluation (one replica, the default batches) of its held-out set
+    held = score_heldout(trainer.engine, trainer.heldout, trainer.cfg.reward,
+                         trainer.cfg.rollout.max_new_tokens)
+    assert trainer.evaluate() == summarize_heldout(held)

@@ -38,7 +38,7 @@ from evr1.train.groups import (
     score_responses,
 )
 from evr1.train.grpo import compute_advantages, overlong_reward
-from evr1.train.heldout import evaluate_heldout
+from evr1.train.heldout import HeldoutScore, score_heldout, summarize_heldout
 from evr1.train.hooks import CheckpointHook, CheckpointHookFactory, NoStopSignals, StopSignals
 from evr1.train.metrics import MetricsLogger, read_metrics, rewind_logs
 from evr1.train.plots import plot_runs
@@ -343,11 +343,17 @@ class Trainer:
     # ------------------------------------------------------------------ eval / checkpoints
 
     def evaluate(self) -> dict[str, float]:
-        # Every rank evaluates (an engine may span a replica's ranks); rank 0 logs.
+        """Held-out accuracy: each replica answers its share of the batches (all ranks of a
+        replica alike: an engine may span them), every rank gets every score; rank 0 logs."""
         if self.heldout is None:
             return {}
-        result = evaluate_heldout(self.engine, self.heldout, self.cfg.reward,
-                                  self.cfg.rollout.max_new_tokens, self.cfg.train.eval_samples)
+        mine = score_heldout(self.engine, self.heldout, self.cfg.reward,
+                             self.cfg.rollout.max_new_tokens, self.cfg.train.eval_samples,
+                             replica=self.replicas.index, replicas=self.replicas.count)
+        scores = [HeldoutScore(**score)
+                  for part in gather_json([asdict(s) for s in mine], self.replicas)
+                  for score in part]
+        result = summarize_heldout(scores)
         self.metrics.log(self.state.step, result, kind="heldout")
         return result
 
