@@ -33,7 +33,7 @@ from evr1.config import RolloutConfig  # noqa: E402
 from evr1.models.inputs import build_prompt_messages, vision_token_ids  # noqa: E402
 from evr1.models.tokenizer import CHAT_TEMPLATE, ENDOFTEXT, IM_END, train_tokenizer  # noqa: E402
 from evr1.rollout.base import Prompt, SamplingParams  # noqa: E402
-from evr1.rollout.vllm import BAN_BIAS, make_vllm_engine  # noqa: E402
+from evr1.rollout.vllm import BAN_BIAS, make_vllm_engine, replica_engine_args  # noqa: E402
 
 CORPUS = [
     "What colour is the moving shape?",
@@ -139,6 +139,39 @@ class TrainerSide:
         loss.backward()
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
+
+
+def start_torchrun_engine(out: str, tp: int | None = None, **model_sizes: Any,
+                          ) -> tuple[int, int, Path, Any]:
+    """For the checks run under torchrun (tests/vllm_replicas_check.py,
+    tests/vllm_shard_sync_check.py): join the job's gloo world (as the trainer does), build
+    the tiny Qwen2 once (rank 0) at ``<out>.model`` and start this rank's part of its
+    replica's vLLM engine, of tensor parallelism ``tp`` (None: one engine over every rank;
+    ``external_launcher``). Returns (rank, world size, model folder, engine)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tp = tp or world
+    folder = Path(out + ".model")
+    if rank == 0:
+        build_tiny_qwen2(folder, **model_sizes)
+    dist.barrier()
+    cfg = RolloutConfig(gpu_memory_utilization=0.1, sync_bucket_mb=1)
+    engine = make_vllm_engine(folder, cfg, seed=0, dtype="float32", max_model_len=512,
+                              enforce_eager=True, kv_cache_memory_bytes=64 * 2**20,
+                              **replica_engine_args(tp, 1, world // tp, world))
+    return rank, world, folder, engine
+
+
+def finish_torchrun_check(engine: Any, out: str, rank: int, result: dict[str, Any]) -> None:
+    """Write ``<out>.rank<k>.json`` for the test, wait for every rank, and end the process."""
+    import torch.distributed as dist
+
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    engine.shutdown()
+    os._exit(0)  # vLLM's background threads can hold the interpreter at exit
 
 
 def max_diff(a: list[list[float]], b: list[torch.Tensor]) -> float:

@@ -14,23 +14,22 @@ both pass the same prompts and must get the same responses, also after a weight 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from vllm_parity_check import PROBLEMS, build_tiny_qwen2  # noqa: E402
+from vllm_parity_check import (  # noqa: E402
+    PROBLEMS,
+    finish_torchrun_check,
+    start_torchrun_engine,
+)
 
-from evr1.config import RolloutConfig  # noqa: E402
 from evr1.rollout.base import Prompt, SamplingParams  # noqa: E402
-from evr1.rollout.vllm import make_vllm_engine, replica_engine_args  # noqa: E402
 from evr1.train.replicas import step_seed  # noqa: E402
 
 
@@ -39,18 +38,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    replicas = world // args.tp
+    rank, world, folder, engine = start_torchrun_engine(args.out, args.tp)
     replica = rank // args.tp
-    folder = Path(args.out + ".model")
-    if rank == 0:
-        build_tiny_qwen2(folder)
-    dist.barrier()
-    cfg = RolloutConfig(gpu_memory_utilization=0.1, sync_bucket_mb=1)
-    engine = make_vllm_engine(folder, cfg, seed=0, dtype="float32", max_model_len=512,
-                              enforce_eager=True, kv_cache_memory_bytes=64 * 2**20,
-                              **replica_engine_args(args.tp, 1, replicas, world))
     prompts = [Prompt(f"{replica}-{i}", PROBLEMS[(i + replica) % len(PROBLEMS)], "text")
                for i in range(2)]
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=8,
@@ -71,10 +60,7 @@ def main() -> None:
     result = {"rank": rank, "replica": replica, "first": first.response_ids,
               "second": second.response_ids, "fingerprint_before": before,
               "fingerprint_after": after, "tensor_parallel": args.tp}
-    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    engine.shutdown()
-    os._exit(0)  # vLLM's background threads can hold the interpreter at exit
+    finish_torchrun_check(engine, args.out, rank, result)
 
 
 if __name__ == "__main__":

@@ -29,23 +29,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from vllm_parity_check import PROBLEMS, build_tiny_qwen2  # noqa: E402
+from vllm_parity_check import (  # noqa: E402
+    PROBLEMS,
+    finish_torchrun_check,
+    start_torchrun_engine,
+)
 
-from evr1.config import RolloutConfig  # noqa: E402
 from evr1.rollout.base import Prompt, SamplingParams, ShardedWeights  # noqa: E402
-from evr1.rollout.vllm import make_vllm_engine, replica_engine_args  # noqa: E402
 from evr1.train.backends.megatron.weights import (  # noqa: E402
     Geometry,
     HFCheckpoint,
@@ -80,18 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
-    rank, tp = dist.get_rank(), dist.get_world_size()
-    folder = Path(args.out + ".model")
-    if rank == 0:
-        build_tiny_qwen2(folder, hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS,
-                         vocab_multiple=64)
-    dist.barrier()
-    cfg = RolloutConfig(gpu_memory_utilization=0.1, sync_bucket_mb=1)
-    engine = make_vllm_engine(folder, cfg, seed=0, dtype="float32", max_model_len=512,
-                              enforce_eager=True, kv_cache_memory_bytes=64 * 2**20,
-                              **replica_engine_args(tp, 1, 1, tp))
-
+    rank, tp, folder, engine = start_torchrun_engine(  # one engine over all ranks: TP = world
+        args.out, hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS,
+        vocab_multiple=64)
     checkpoint = HFCheckpoint(folder)
     disk = checkpoint.disk_names()  # transformers' in-memory names -> this folder's (Qwen2)
     start = {name: checkpoint.get(name) for name in checkpoint.names()}
@@ -145,10 +136,7 @@ def main() -> None:
         "model_bytes": sum(t.numel() * t.element_size() for t in new.values()),
         "replicated_bytes": sum(t.numel() * t.element_size() for n, t in new.items()
                                 if "norm" in n)})
-    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    engine.shutdown()
-    os._exit(0)  # vLLM's background threads can hold the interpreter at exit
+    finish_torchrun_check(engine, args.out, rank, result)
 
 
 if __name__ == "__main__":
