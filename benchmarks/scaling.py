@@ -1,6 +1,6 @@
 """Data-parallel scaling of a GRPO step: the same global batch on 1 and 2 processes.
 
-    python benchmarks/scaling.py                         # 16 prompts x 8, 6 steps, both backends
+    python benchmarks/scaling.py                         # 16 prompts x 8, 9 steps, both backends
     python benchmarks/scaling.py --steps 2 --prompts 4   # a quick check that it runs
     python benchmarks/scaling.py --hidden 512 --backends hf  # a wider language model
 
@@ -143,7 +143,9 @@ def rollout_bound(work: Path, common: list[str], args: argparse.Namespace) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=9,
+                        help="steps per run (the first is not timed; a step's rollout time "
+                        "varies with the sampled lengths: fewer steps, noisier medians)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (global)")
     parser.add_argument("--n", type=int, default=8, help="responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=12)
